@@ -1,0 +1,5 @@
+import sys
+
+from dtr_scale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,427 @@
+"""Typed run configuration: YAML -> dataclasses, dotted overrides, validation, and the DeepSpeed JSON.
+
+One source of truth: every knob of a run lives in `RunConfig`; the DeepSpeed JSON is derived from it
+(`deepspeed_config`), and a user-supplied DeepSpeed JSON is checked against it. Unknown keys, wrong
+types and impossible combinations are errors that name the key, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and the file when there is one)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-XL/2"  # a key of dtr_scale.models.dit.DiT_models
+    # Optional overrides of the named size (None = the named model's value).
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    # None = taken from the data manifest's latent shape (C, H, W).
+    input_size: int | None = None
+    in_channels: int | None = None
+    num_classes: int | None = None  # None = number of labels in the manifest
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    mlp_ratio: float = 4.0
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class RoutingConfig:
+    enabled: bool = True
+    alpha: float = 4.0
+    beta: float = 0.8
+
+
+@dataclass
+class DiffusionConfig:
+    noise_schedule: str = "linear"
+    diffusion_steps: int = 1000
+
+
+@dataclass
+class MTLConfig:
+    method: str = "none"  # none | uw | nash | pcgrad
+    num_clusters: int = 1
+    objective: str = "timestep"  # timestep | snr | log_snr | affinity
+    clusters_file: str | None = None  # JSON written by `dtr-scale cluster` (overrides objective)
+    affinity_file: str | None = None  # .npy T x T matrix for objective=affinity
+    update_every: int | None = None  # nash: 25, pcgrad: 1 when None
+    uw_lr: float = 0.025
+
+
+@dataclass
+class DataConfig:
+    shards: str | None = None  # manifest.json path
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resampled: bool = True
+    on_error: str = "warn"  # warn | raise
+    vae: str | None = None  # local diffusers VAE dir for decoding sample grids (None: from manifest)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 400_000
+    global_batch_size: int = 256
+    micro_batch_size: int = 32
+    gradient_accumulation_steps: int | None = None  # None = derived from the world size
+    seed: int = 0
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # 0 = no clipping (reference DiT)
+    precision: str = "auto"  # auto | bf16 | fp32
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    checkpoint_every: int = 50_000
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every M-th step's checkpoint (0 = none)
+    log_every: int = 100
+    max_nonfinite_steps: int = 10  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    config_file: str | None = None  # a user's DeepSpeed JSON, checked against this config
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 200_000_000
+
+
+@dataclass
+class MonitorConfig:
+    tensorboard: bool = True
+    progress: bool = True
+    sample_every: int = 10_000  # 0 = never
+    sample_classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
+    sample_steps: int = 50  # DDIM steps for the in-loop grid
+    sample_cfg_scale: float = 4.0
+    peak_tflops: float | None = None  # per device; None = looked up from the device name
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0 = off
+    num_samples: int = 50
+    steps: int = 25  # DDIM steps
+    cfg_scale: float = 1.0
+    reference: str | None = None  # image folder / npz / ADM stats; None = the manifest's held-out split
+    inception_weights: str | None = None
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    mtl: MTLConfig = field(default_factory=MTLConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """Check (and mildly coerce: int -> float) a YAML value against a dataclass field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value or {}, key)
+        else:
+            kwargs[name] = _check_type(value, annotation, key)
+    return cls(**kwargs)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `key.sub=value` override (value parsed as YAML) to a nested dict in place."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key component")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML config (safe loader), apply dotted overrides, validate; errors name the key and file."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        cfg = _build(RunConfig, data, "")
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no world size, data or device (those come in `check_runtime`)."""
+    from dtr_scale.models.dit import DiT_models
+
+    if cfg.model.name not in DiT_models:
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r} (one of {', '.join(DiT_models)})")
+    if not 0 <= cfg.model.class_dropout_prob < 1:
+        raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {cfg.model.class_dropout_prob}")
+    if cfg.routing.enabled:
+        if not 0 < cfg.routing.beta <= 1:
+            raise ConfigError(f"routing.beta (active fraction) must be in (0, 1], got {cfg.routing.beta}")
+        if not cfg.routing.alpha > 0:
+            raise ConfigError(f"routing.alpha must be > 0, got {cfg.routing.alpha}")
+    if cfg.diffusion.noise_schedule not in ("linear", "cosine"):
+        raise ConfigError(f"diffusion.noise_schedule must be linear or cosine, got {cfg.diffusion.noise_schedule!r}")
+    if cfg.diffusion.diffusion_steps < 1:
+        raise ConfigError(f"diffusion.diffusion_steps must be >= 1, got {cfg.diffusion.diffusion_steps}")
+    m = cfg.mtl
+    if m.method not in ("none", "uw", "nash", "pcgrad"):
+        raise ConfigError(f"mtl.method must be one of none, uw, nash, pcgrad; got {m.method!r}")
+    if m.objective not in ("timestep", "snr", "log_snr", "affinity"):
+        raise ConfigError(f"mtl.objective must be timestep, snr, log_snr or affinity; got {m.objective!r}")
+    if m.num_clusters < 1 or m.num_clusters > cfg.diffusion.diffusion_steps:
+        raise ConfigError(f"mtl.num_clusters must be in [1, {cfg.diffusion.diffusion_steps}], got {m.num_clusters}")
+    if m.objective == "affinity" and not m.affinity_file and not m.clusters_file:
+        raise ConfigError("mtl.objective=affinity needs mtl.affinity_file (a T x T .npy) or mtl.clusters_file")
+    if m.update_every is not None and m.update_every < 1:
+        raise ConfigError(f"mtl.update_every must be >= 1, got {m.update_every}")
+    if m.method in ("nash", "pcgrad") and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(
+            f"mtl.method={m.method} needs whole per-cluster gradients of every parameter on each rank; "
+            "under deepspeed.zero_stage=3 parameters are partitioned and only gathered inside the engine's "
+            "own forward/backward, so the Gram matrix cannot be formed exactly. Use zero_stage 0, 1 or 2."
+        )
+    if m.method != "none" and m.num_clusters < 2:
+        raise ConfigError(f"mtl.method={m.method} balances cluster losses: set mtl.num_clusters >= 2")
+    d = cfg.data
+    if d.on_error not in ("warn", "raise"):
+        raise ConfigError(f"data.on_error must be warn or raise, got {d.on_error!r}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    t = cfg.train
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "checkpoint_every", "log_every"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps < 1:
+        raise ConfigError(f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
+    if m.method != "none" and t.micro_batch_size % m.num_clusters:
+        raise ConfigError(
+            f"train.micro_batch_size={t.micro_batch_size} must be divisible by mtl.num_clusters="
+            f"{m.num_clusters}: ANT samples an equal share of every micro-batch from each cluster"
+        )
+    if t.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if t.keep_last < 1:
+        raise ConfigError(f"train.keep_last must be >= 1, got {t.keep_last}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+
+
+def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:
+    """micro_batch x accumulation x world must equal the global batch; returns the accumulation."""
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.gradient_accumulation_steps is not None:
+        if per_step * t.gradient_accumulation_steps != t.global_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size ({t.micro_batch_size}) x train.gradient_accumulation_steps "
+                f"({t.gradient_accumulation_steps}) x world size ({world_size}) = "
+                f"{per_step * t.gradient_accumulation_steps} != train.global_batch_size ({t.global_batch_size})"
+            )
+        return t.gradient_accumulation_steps
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size "
+            f"({t.micro_batch_size}) x world size ({world_size})"
+        )
+    return t.global_batch_size // per_step
+
+
+def resolve_precision(cfg: RunConfig, device_type: str, bf16_supported: bool) -> str:
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+    if p == "bf16" and not (device_type == "cuda" and bf16_supported):
+        raise ConfigError(f"train.precision=bf16 requested but the {device_type} device here has no bf16 training support")
+    return p
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed JSON derived from the run config (the optimizer is passed as a torch object)."""
+    accumulation = gradient_accumulation(cfg, world_size)
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage > 0:
+        zero.update(
+            contiguous_gradients=True,
+            overlap_comm=bool(cfg.deepspeed.overlap_comm and device_type == "cuda"),
+            reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
+        )
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+# Keys of a user's DeepSpeed JSON that must agree with the YAML: json path -> (yaml key, derived value).
+def merge_user_deepspeed_config(path: str | Path, derived: dict[str, Any]) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        user = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config_file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config_file {path} is not valid JSON: {err}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"deepspeed.config_file {path}: expected a JSON object")
+    for section in ("optimizer", "scheduler"):
+        if section in user:
+            raise ConfigError(
+                f"{path}: '{section}' is set by dtr-scale from the YAML (train.lr, train.betas, "
+                f"train.weight_decay, train.warmup_steps); remove it from the DeepSpeed JSON"
+            )
+    checks = {
+        ("train_batch_size",): ("train.global_batch_size", derived["train_batch_size"]),
+        ("train_micro_batch_size_per_gpu",): ("train.micro_batch_size", derived["train_micro_batch_size_per_gpu"]),
+        ("gradient_accumulation_steps",): ("train.gradient_accumulation_steps", derived["gradient_accumulation_steps"]),
+        ("gradient_clipping",): ("train.grad_clip", derived["gradient_clipping"]),
+        ("zero_optimization", "stage"): ("deepspeed.zero_stage", derived["zero_optimization"]["stage"]),
+        ("bf16", "enabled"): ("train.precision", derived["bf16"]["enabled"]),
+        ("fp16", "enabled"): ("train.precision (fp16 is not supported; use bf16)", False),
+    }
+    for json_path, (yaml_key, expected) in checks.items():
+        node: Any = user
+        for part in json_path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and node != expected:
+            raise ConfigError(
+                f"{path}: {'.'.join(json_path)} = {node!r} disagrees with {yaml_key} (resolved: {expected!r})"
+            )
+    merged = json.loads(json.dumps(derived))
+    for key, value in user.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

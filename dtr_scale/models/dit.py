@@ -1,0 +1,338 @@
+"""Diffusion Transformer (Peebles & Xie, 2023) with Denoising Task Routing in every block.
+
+Architecture, initialisation and state-dict key names follow the reference DiT (facebookresearch/DiT
+models.py), so reference checkpoints load and converted checkpoints export to it. The model is plain
+PyTorch: it knows nothing of DeepSpeed, data or logging. Routing is a fixed table looked up per
+sample from the timestep, passed explicitly to each block (no module-global state), which keeps
+torch.compile, activation checkpointing and ZeRO-3 working.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dtr_scale.models.routing import DTRConfig, dtr_mask_table
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # adaLN: x (B, N, C), shift/scale (B, C)
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, N, hidden) by a patch-sized strided convolution (key `proj`)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal timestep features (256 frequencies, max period 10^4) followed by an MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding; label `num_classes` is the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through scaled_dot_product_attention (fused kernels on GPU)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block. With a DTR mask m (B, 1, C) the attention and MLP read only the active
+    channels; the inactive ones reach the output through the skip path (DTR, Sec. 3.2, as the
+    official TaskRouter implements it):
+        h = m*x; h = h + g1*attn(mod(norm1(h))); h = h + g2*mlp(mod(norm2(h))); out = h + (1-m)*x
+    The residual updates are not masked, so inactive channels still receive them. LayerNorm
+    normalises over all C channels, zeros included; the conditioning c is not masked.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = x if mask is None else mask * x
+        h = h + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift_msa, scale_msa))
+        h = h + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+        return h if mask is None else h + (1 - mask) * x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone and optional DTR routing.
+
+    routing: None (plain DiT) or a DTRConfig / dict(alpha, beta, num_tasks). beta = 1 is plain DiT.
+    guidance_channels: latent channels that classifier-free guidance applies to; None = all
+    (DTR's choice); 3 reproduces the reference DiT's sampling behaviour.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        routing: DTRConfig | dict | None = None,
+        guidance_channels: int | None = None,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if guidance_channels is not None and not 1 <= guidance_channels <= in_channels:
+            raise ValueError(
+                f"guidance_channels must be None (all) or in [1, in_channels={in_channels}], got {guidance_channels!r}"
+            )
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.input_size = input_size
+        self.num_classes = num_classes
+        self.guidance_channels = guidance_channels
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        # Fixed 2-D sin-cos position embedding; a persistent buffer keeps the reference key `pos_embed`.
+        pos = get_2d_sincos_pos_embed(hidden_size, int(num_patches**0.5))
+        self.register_buffer("pos_embed", torch.from_numpy(pos).float().unsqueeze(0), persistent=True)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+
+        if isinstance(routing, dict):
+            routing = DTRConfig(**routing)
+        self.routing = routing
+        if routing is not None and routing.beta < 1.0:
+            table = dtr_mask_table(routing.num_tasks, hidden_size, routing.alpha, routing.beta)
+            # One table shared by all blocks; not a state-dict entry (derived from the config).
+            self.register_buffer("mask_table", table, persistent=False)
+        else:
+            self.mask_table = None
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block and the final layer start as the identity / zero output.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def routing_mask(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """(B, 1, C) 0/1 mask of each sample's own timestep, or None without routing."""
+        if self.mask_table is None:
+            return None
+        index = t.round().long() if t.is_floating_point() else t.long()
+        # The range check is data-dependent: eager only, so that torch.compile traces one graph
+        # (compiled indexing keeps its own bounds assertion).
+        if not torch.compiler.is_compiling() and (index.min() < 0 or index.max() >= self.mask_table.shape[0]):
+            raise ValueError(
+                f"timestep index out of range for the DTR table with {self.mask_table.shape[0]} tasks: "
+                f"got [{int(index.min())}, {int(index.max())}] (a respaced sampler must pass original indices)"
+            )
+        return self.mask_table[index].unsqueeze(1).to(dtype)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C_out) -> (B, C_out, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) latents, t (B,) original timestep indices, y (B,) labels."""
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        mask = self.routing_mask(t, x.dtype)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, mask, use_reentrant=False)
+            else:
+                x = block(x, c, mask)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Classifier-free guidance on a batch whose second half carries the null label.
+
+        eps = eps_uncond + s * (eps_cond - eps_uncond) on the first `guidance_channels` channels
+        (all latent channels by default); the learned-variance channels pass through unguided.
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        guided = self.in_channels if self.guidance_channels is None else self.guidance_channels
+        eps, rest = model_out[:, :guided], model_out[:, guided:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+    def flops_per_sample(self) -> float:
+        """Forward matmul FLOPs of one sample (2 * MACs of linear/attention layers), for MFU."""
+        n = self.x_embedder.num_patches
+        d = self.t_embedder.mlp[2].out_features
+        mlp_hidden = self.blocks[0].mlp.fc1.out_features if len(self.blocks) else 0
+        per_block = 2 * n * (3 * d * d + d * d + 2 * d * mlp_hidden) + 2 * 2 * n * n * d + 2 * d * 6 * d
+        patch = 2 * n * d * self.in_channels * self.patch_size**2
+        final = 2 * n * d * self.patch_size**2 * self.out_channels + 2 * d * 2 * d
+        return float(len(self.blocks) * per_block + patch + final)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """(grid_size**2, embed_dim) fixed 2-D sin-cos embedding (MAE / reference DiT), float64."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.meshgrid(grid_w, grid_h)  # w goes first, as in the reference
+    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size, grid_size])
+    emb_h = _1d_sincos(embed_dim // 2, grid[0])
+    emb_w = _1d_sincos(embed_dim // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos position embedding needs an even dimension, got {embed_dim}")
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+
+
+def _factory(size: str, patch: int):
+    hidden, depth, heads = _SIZES[size]
+
+    def build(**kwargs) -> DiT:
+        # The named size is the default; explicit keyword arguments (e.g. a smaller demo) override it.
+        return DiT(**{"hidden_size": hidden, "depth": depth, "num_heads": heads, "patch_size": patch, **kwargs})
+
+    build.__name__ = f"DiT_{size}_{patch}"
+    return build
+
+
+# 'DiT-XL/2', 'DiT-L/4', ... -> constructor taking the remaining DiT keyword arguments.
+DiT_models = {f"DiT-{size}/{patch}": _factory(size, patch) for size in ("XL", "L", "B", "S") for patch in (2, 4, 8)}

@@ -1,0 +1,157 @@
+"""Sharded exponential moving average of the model weights (fp32).
+
+Each rank keeps the EMA of about P/world parameter values, so the EMA costs no communication and no
+full copy of the model per rank. What a rank owns is described by *segments* `(name, start, length)`:
+elements `[start, start + length)` of the flattened parameter `name`.
+
+- ZeRO 0/1/2: parameters are whole on every rank. The parameters (in `named_parameters` order) are
+  seen as one flat vector of P values cut into `world` contiguous ranges; rank r owns range r.
+- ZeRO-3: each parameter is partitioned by DeepSpeed; rank r holds `param.ds_tensor`, elements
+  `[r * n_part, (r + 1) * n_part)` of the flattened parameter (the last slice padded). The EMA follows
+  that partition and reads only `ds_tensor`, never a partitioned parameter as if it were whole.
+
+Under bf16 training the EMA accumulates the bf16 module weights upcast to fp32 (a documented choice:
+DeepSpeed's fp32 master copy lives in optimizer-private flat buffers whose layout changes between
+versions); with fp32 training it is the exact EMA of the reference DiT.
+
+The segments are saved with the shard, so `convert` reassembles full tensors from any number of
+rank files without knowing how they were cut.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Segment = tuple[str, int, int]
+
+
+def _is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_tensor") and hasattr(p, "ds_numel")
+
+
+def shard_segments(module: nn.Module, rank: int, world_size: int) -> list[Segment]:
+    """The (name, start, length) pieces of `module`'s parameters that `rank` owns."""
+    params = list(module.named_parameters())
+    if params and _is_zero3_param(params[0][1]):
+        segments = []
+        for name, p in params:
+            part = p.ds_tensor.numel()
+            start = rank * part
+            length = max(0, min(part, p.ds_numel - start))
+            if length:
+                segments.append((name, start, length))
+        return segments
+    total = sum(p.numel() for _, p in params)
+    per_rank = math.ceil(total / world_size) if total else 0
+    lo, hi = rank * per_rank, min(total, (rank + 1) * per_rank)
+    segments, offset = [], 0
+    for name, p in params:
+        a, b = max(lo, offset), min(hi, offset + p.numel())
+        if a < b:
+            segments.append((name, a - offset, b - a))
+        offset += p.numel()
+    return segments
+
+
+class ShardedEMA:
+    """EMA over this rank's segments of `module`'s parameters: ema = d * ema + (1 - d) * param."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.9999, warmup: bool = False, rank: int = 0, world_size: int = 1):
+        self.module = module
+        self.decay = decay
+        self.warmup = warmup
+        self.rank, self.world_size = rank, world_size
+        self.segments = shard_segments(module, rank, world_size)
+        self._params = dict(module.named_parameters())
+        self.shard = torch.zeros(sum(length for _, _, length in self.segments), dtype=torch.float32,
+                                 device=next(iter(self._params.values())).device)
+        self.num_updates = 0
+        self.copy_from_model()
+
+    def _local_values(self, name: str, start: int, length: int) -> torch.Tensor:
+        p = self._params[name]
+        if _is_zero3_param(p):
+            return p.ds_tensor.detach().view(-1)[:length]
+        return p.detach().view(-1)[start : start + length]
+
+    def _views(self):
+        offset = 0
+        for name, start, length in self.segments:
+            yield self.shard[offset : offset + length], self._local_values(name, start, length)
+            offset += length
+
+    @torch.no_grad()
+    def copy_from_model(self) -> None:
+        for ema, value in self._views():
+            ema.copy_(value.float())
+
+    def current_decay(self) -> float:
+        if self.warmup:  # optional warm-up: (1 + n) / (10 + n), capped at decay
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = self.current_decay()
+        for ema, value in self._views():
+            ema.mul_(decay).add_(value.float(), alpha=1 - decay)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "shard": self.shard.detach().cpu(),
+            "segments": [list(s) for s in self.segments],
+            "num_updates": self.num_updates,
+            "decay": self.decay,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        segments = [tuple(s) for s in state["segments"]]
+        if segments != self.segments:
+            raise ValueError(
+                "EMA shard layout in the checkpoint differs from this run's (different world size, ZeRO "
+                "stage or model); resume with the world size and zero_stage the checkpoint was written with"
+            )
+        self.shard.copy_(state["shard"].to(self.shard.device))
+        self.num_updates = int(state["num_updates"])
+
+    @torch.no_grad()
+    def gather(self, dst: int | None = 0) -> dict[str, torch.Tensor] | None:
+        """Full fp32 EMA tensors (collective); returned on `dst` (all ranks when dst is None)."""
+        shapes = {name: tuple(p.ds_shape) if _is_zero3_param(p) else tuple(p.shape) for name, p in self._params.items()}
+        full = {name: torch.zeros(math.prod(shape), dtype=torch.float32, device=self.shard.device) for name, shape in shapes.items()}
+        offset = 0
+        for name, start, length in self.segments:
+            full[name][start : start + length] = self.shard[offset : offset + length]
+            offset += length
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            for tensor in full.values():  # owned pieces are disjoint, so a sum assembles them
+                if dst is None:
+                    dist.all_reduce(tensor)
+                else:
+                    dist.reduce(tensor, dst=dst)
+            if dst is not None and dist.get_rank() != dst:
+                return None
+        return {name: full[name].view(shapes[name]) for name in shapes}
+
+
+def assemble_shards(states: list[dict], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Full tensors from every rank's saved EMA state (used by `convert`); checks full coverage."""
+    full = {name: torch.zeros(math.prod(shape), dtype=torch.float32) for name, shape in shapes.items()}
+    covered = dict.fromkeys(shapes, 0)
+    for state in states:
+        offset = 0
+        for name, start, length in state["segments"]:
+            if name not in full:
+                raise ValueError(f"EMA shard names parameter {name!r}, which the model does not have")
+            full[name][start : start + length] = state["shard"][offset : offset + length]
+            covered[name] += length
+            offset += length
+    missing = [name for name, n in covered.items() if n != full[name].numel()]
+    if missing:
+        raise ValueError(f"EMA shards do not cover parameter(s) {missing[:3]}: a rank file is missing")
+    return {name: full[name].view(shapes[name]) for name in shapes}

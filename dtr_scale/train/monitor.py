@@ -1,0 +1,161 @@
+"""What a person watching a run sees: progress bar, TensorBoard, and a metrics.jsonl (rank 0 only).
+
+Model FLOPs utilisation (MFU) = achieved model FLOP/s / (world x peak FLOP/s per device). Achieved
+FLOP/s counts 3x the forward matmul FLOPs of `DiT.flops_per_sample` per trained sample (backward is
+~2x forward; activation-checkpoint recompute not counted, as in the PaLM definition). Peak per device:
+`monitor.peak_tflops` if set, else a table of dense bf16 peaks by device name (A100 312, H100/H200
+SXM 989, H100 PCIe 756 TFLOP/s); unknown devices (this CPU included) log no MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_flops_per_device(device: torch.device, configured_tflops: float | None) -> float | None:
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {
+            "memory/allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+            "memory/max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
+    import psutil
+
+    return {"memory/rss_gib": psutil.Process().memory_info().rss / 2**30}
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with a 2-pixel border."""
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    b, c, h, w = images.shape
+    ncol = min(nrow, b)
+    nrows = math.ceil(b / ncol)
+    grid = torch.zeros(3, nrows * (h + 2) + 2, ncol * (w + 2) + 2, dtype=torch.uint8)
+    for i in range(b):
+        r, col = divmod(i, ncol)
+        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = images[i]
+    return grid.permute(1, 2, 0).numpy()
+
+
+class Monitor:
+    """Rank-0 logging; every method is a no-op on other ranks."""
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, max_steps: int, flops_per_sample: float,
+                 peak_flops: float | None, tensorboard: bool = True, progress: bool = True,
+                 start_step: int = 0, config_text: str | None = None):
+        self.active = rank == 0
+        self.world_size = world_size
+        self.flops_per_sample = flops_per_sample
+        self.peak_flops = peak_flops
+        self.writer = None
+        self.bar = None
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self._last_time = time.perf_counter()
+        self._last_step = start_step
+        if not self.active:
+            return
+        self._truncate_metrics(start_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
+            if config_text:
+                self.writer.add_text("config", "```yaml\n" + config_text + "\n```", start_step)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True, desc="train")
+
+    def _truncate_metrics(self, start_step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (the resumed run writes them again)."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def step(self, step: int, scalars: dict[str, float], samples_per_step: int) -> dict[str, float]:
+        """Log one optimizer step's scalars; adds throughput, MFU and memory figures."""
+        if not self.active:
+            return scalars
+        now = time.perf_counter()
+        steps = max(1, step - self._last_step)
+        seconds = (now - self._last_time) / steps
+        self._last_time, self._last_step = now, step
+        scalars = dict(scalars)
+        scalars["perf/step_time_s"] = seconds
+        scalars["perf/img_per_s"] = samples_per_step / seconds
+        scalars["perf/img_per_s_per_device"] = samples_per_step / seconds / self.world_size
+        if self.peak_flops:
+            achieved = 3 * self.flops_per_sample * samples_per_step / seconds
+            scalars["perf/mfu"] = achieved / (self.world_size * self.peak_flops)
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.bar is not None:
+            self.bar.n = step
+            remaining = (self.bar.total - step) * seconds
+            self.bar.set_postfix(loss=f"{scalars.get('loss/mean', float('nan')):.4f}",
+                                 it_s=f"{1 / seconds:.2f}", img_s=f"{scalars['perf/img_per_s']:.1f}",
+                                 eta=time.strftime("%H:%M:%S", time.gmtime(remaining)), refresh=False)
+            self.bar.refresh()
+        return scalars
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.active and self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def image(self, tag: str, step: int, grid: np.ndarray, png_path: Path | None = None) -> None:
+        if not self.active:
+            return
+        if self.writer is not None:
+            self.writer.add_image(tag, grid, step, dataformats="HWC")
+        if png_path is not None:
+            from PIL import Image
+
+            png_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid).save(png_path)
+
+    def message(self, text: str) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, int | float | np.floating) else v) for k, v in d.items()}

@@ -187,7 +187,7 @@ class TrainModule(nn.Module):
         self.diffusion = diffusion
         self.num_clusters = num_clusters
 
-    def forward(self, x, t, y, noise, cluster_idx, gram_hook=None) -> dict[str, torch.Tensor]:
+    def forward(self, x, t, y, noise, cluster_idx) -> dict[str, torch.Tensor]:
         from dtr_scale.mtl.cluster_losses import per_cluster_mean
 
         dtype = next(self.model.parameters()).dtype
@@ -198,8 +198,6 @@ class TrainModule(nn.Module):
         terms = self.diffusion.training_losses(model_fn, x, t, model_kwargs={"y": y}, noise=noise)
         per_sample = terms["loss"]
         means, counts = per_cluster_mean(per_sample, cluster_idx, self.num_clusters)
-        if gram_hook is not None:
-            gram_hook(means, counts)
         loss = self.balancer(means, counts)
         return {"loss": loss, "per_sample": per_sample.detach(), "mse": terms["mse"].detach()}
 
@@ -378,17 +376,37 @@ class Trainer:
             dist.all_reduce(bad)
         return bad.item() == 0
 
-    def _gram_hook(self):
-        from dtr_scale.mtl.gram import global_cluster_gram
+    def update_balancer_from_gram(self, x, t, y, noise, cluster_idx) -> None:
+        """NashMTL / PCGrad: exact Gram of the global per-cluster gradients on this micro-batch.
 
-        balancer = self.engine.module.balancer
-        params = [p for p in self.engine.module.model.parameters() if p.requires_grad]
+        Cluster i's gradient comes from a forward/backward on cluster i's samples only (about the cost
+        of one forward/backward of the micro-batch in all), reduced across ranks inside
+        `global_cluster_gram_from_fn`; only the k x k Gram is all-reduced in full (DESIGN §5).
+        """
+        from dtr_scale.mtl.gram import global_cluster_gram_from_fn
 
-        def hook(means: torch.Tensor, counts: torch.Tensor) -> None:
-            gram = global_cluster_gram(params, means, counts=counts)
-            balancer.update_from_gram(gram)
+        module = self.engine.module
+        params = [p for p in module.model.parameters() if p.requires_grad]
+        dtype = params[0].dtype
 
-        return hook
+        def model_fn(x_t, timesteps, **kwargs):
+            return module.model(x_t.to(dtype), timesteps, **kwargs).float()
+
+        def cluster_loss(i: int) -> torch.Tensor:
+            sel = cluster_idx == i
+            terms = module.diffusion.training_losses(model_fn, x[sel], t[sel], model_kwargs={"y": y[sel]}, noise=noise[sel])
+            return terms["loss"].mean()
+
+        counts = torch.bincount(cluster_idx, minlength=self.k)
+        gram = global_cluster_gram_from_fn(params, cluster_loss, self.k, counts=counts)
+        module.balancer.update_from_gram(gram)
+        if self.rank == 0 and getattr(self, "monitor", None) is not None:
+            from dtr_scale.mtl.gram import cosine_from_gram
+
+            cos = cosine_from_gram(gram).float().clamp(-1, 1)
+            image = ((cos + 1) * 127.5).round().to(torch.uint8).cpu()
+            image = image.repeat_interleave(16, 0).repeat_interleave(16, 1).unsqueeze(-1).repeat(1, 1, 3).numpy()
+            self.monitor.image("balancer/gradient_cosines", self.step + 1, image)
 
     def train_step(self, batches) -> dict[str, float] | None:
         """One optimizer step over `accumulation` micro-batches; None when skipped (non-finite loss)."""
@@ -405,8 +423,9 @@ class Trainer:
             cluster_idx = self.cluster_of.to(self.device)[t]
             noise = torch.randn(x.shape, generator=self.generator, device=self.device)
             with amp:
-                out = self.engine(x, t, y, noise, cluster_idx,
-                                  gram_hook=self._gram_hook() if update_gram and micro == 0 else None)
+                if update_gram and micro == 0:
+                    self.update_balancer_from_gram(x, t, y, noise, cluster_idx)
+                out = self.engine(x, t, y, noise, cluster_idx)
             loss = out["loss"]
             if not self._all_finite(loss):
                 if micro == 0:  # nothing accumulated yet: skip the whole optimizer step cleanly
@@ -433,14 +452,12 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
-        if self.k > 1:
-            weights = balancer.weights().detach().float().cpu() if self.cfg.deepspeed.zero_stage < 3 else None
+        if self.k > 1:  # every rank calls these: under ZeRO-3 reading UW's s is a collective gather
+            weights = balancer.weights().detach().float().cpu()
             for i in range(self.k):
                 scalars[f"cluster/loss_{i}"] = float(means[i])
-                if weights is not None:
-                    scalars[f"cluster/weight_{i}"] = float(weights[i])
-            if self.cfg.deepspeed.zero_stage < 3:
-                scalars.update(balancer.log_scalars())
+                scalars[f"cluster/weight_{i}"] = float(weights[i])
+            scalars.update(balancer.log_scalars())
         return scalars
 
     def fit(self) -> dict[str, Any]:
@@ -560,8 +577,9 @@ class Trainer:
             images = images.repeat(1, 3, 1, 1)
         array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         reference = e.reference or default_reference(self.manifest)
-        metrics = compute_metrics(array, reference, inception_weights=e.inception_weights)
-        scalars = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        result = compute_metrics(array, reference, inception_weights=e.inception_weights,
+                                 kid_subset_size=min(1000, e.num_samples))
+        scalars = {f"eval/{k}": float(v) for k, v in result["metrics"].items() if isinstance(v, int | float)}
         self.monitor.scalars(self.step, scalars)
         self.monitor.message(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
@@ -644,6 +662,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     trainer.fit()
+    if cfg.deepspeed.zero_stage < 3:  # whole parameters on every rank: they must agree exactly
+        with torch.no_grad():
+            checksum = sum(p.double().sum().item() for p in trainer.engine.module.model.parameters())
+        print(f"rank {trainer.rank}: parameter checksum {checksum!r}", flush=True)
     if trainer.rank == 0:
         print(f"done: step {trainer.step}; run dir {trainer.run_dir} (checkpoints/, tensorboard/, samples/)", flush=True)
     if dist.is_initialized():

@@ -1,0 +1,132 @@
+"""Training-step time of DiT with and without DTR routing (forward + backward, no optimizer step).
+
+Both models hold the same weights and see the same batch (mixed timesteps, so every sample picks its
+own mask row). Runs alternate between the two models round by round, in ABBA order, after a warm-up,
+so that load from other processes hits both alike. Reports the median step time of each and the
+ratio DTR / plain: of the median wall times, as the median of the per-round ratios, and of the median
+process CPU times (steadier when other processes share the cores). Prints one markdown table row
+(the header with --header).
+
+    python bench/step_time.py                       # DiT-S/2, 32x32x4 latents, batch 8, 2 threads
+    python bench/step_time.py --model DiT-B/2 --batch 4 --rounds 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dtr_scale.models.dit import DiT, DiT_models
+
+HEADER = (
+    "| model | latent | batch | threads | device | plain ms/step | DTR ms/step | DTR/plain (medians) "
+    "| DTR/plain (median of rounds) | DTR/plain (CPU time) |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="DiT-S/2", choices=sorted(DiT_models), help="DiT configuration")
+    parser.add_argument("--input-size", type=int, default=32, help="latent height and width")
+    parser.add_argument("--in-channels", type=int, default=4, help="latent channels")
+    parser.add_argument("--batch", type=int, default=8, help="samples per step")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds of both models")
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per model per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--alpha", type=float, default=4.0, help="DTR window slope")
+    parser.add_argument("--beta", type=float, default=0.8, help="DTR active channel fraction")
+    parser.add_argument("--num-tasks", type=int, default=1000, help="diffusion training timesteps")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--header", action="store_true", help="print the markdown table header first")
+    return parser.parse_args(argv)
+
+
+def build_models(args: argparse.Namespace) -> tuple[DiT, DiT]:
+    """Plain DiT and DTR DiT with identical weights."""
+    torch.manual_seed(args.seed)
+    factory = DiT_models[args.model]
+    common = dict(input_size=args.input_size, in_channels=args.in_channels)
+    plain = factory(**common)
+    routing = {"alpha": args.alpha, "beta": args.beta, "num_tasks": args.num_tasks}
+    routed = factory(routing=routing, **common)
+    routed.load_state_dict(plain.state_dict(), strict=True)
+    return plain.to(args.device).train(), routed.to(args.device).train()
+
+
+def step(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+    """One forward + backward pass with a mean-squared output as the loss."""
+    model.zero_grad(set_to_none=True)
+    model(x, t, y).square().mean().backward()
+
+
+def timed_steps(
+    model: DiT, batch: tuple[torch.Tensor, ...], iters: int, device: torch.device
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each of `iters` steps."""
+    wall, cpu = [], []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        step(model, *batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall.append(time.perf_counter() - start_wall)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    plain, routed = build_models(args)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, args.in_channels, args.input_size, args.input_size, generator=generator)
+    t = torch.randint(0, args.num_tasks, (args.batch,), generator=generator)
+    y = torch.randint(0, 1000, (args.batch,), generator=generator)
+    batch = (x.to(device), t.to(device), y.to(device))
+
+    models = {"plain": plain, "dtr": routed}
+    for model in models.values():
+        for _ in range(args.warmup):
+            step(model, *batch)
+
+    wall: dict[str, list[float]] = {"plain": [], "dtr": []}
+    cpu: dict[str, list[float]] = {"plain": [], "dtr": []}
+    round_ratios = []
+    for r in range(args.rounds):
+        order = ("plain", "dtr") if r % 2 == 0 else ("dtr", "plain")  # ABBA: no fixed first-mover bias
+        round_medians = {}
+        for name in order:
+            torch.manual_seed(args.seed + r)  # label dropout is random: same draws for both models
+            measured_wall, measured_cpu = timed_steps(models[name], batch, args.iters, device)
+            wall[name] += measured_wall
+            cpu[name] += measured_cpu
+            round_medians[name] = statistics.median(measured_wall)
+        round_ratios.append(round_medians["dtr"] / round_medians["plain"])
+
+    plain_ms = 1e3 * statistics.median(wall["plain"])
+    dtr_ms = 1e3 * statistics.median(wall["dtr"])
+    # CPU time of this process: less sensitive than wall time to other processes on a shared machine.
+    cpu_ratio = statistics.median(cpu["dtr"]) / statistics.median(cpu["plain"])
+    if args.header:
+        print(HEADER)
+    latent = f"{args.in_channels}x{args.input_size}x{args.input_size}"
+    print(
+        f"| {args.model} | {latent} | {args.batch} | {args.threads} | {device.type} | {plain_ms:.1f} | "
+        f"{dtr_ms:.1f} | {dtr_ms / plain_ms:.3f} | {statistics.median(round_ratios):.3f} | {cpu_ratio:.3f} |"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Task affinity of the denoising tasks (ANT, NeurIPS 2023, Sec. 3 / task_affinity_score): the cosine
+similarity between the loss gradients of timestep groups, measured on a trained model.
+
+For each group of G consecutive timesteps the gradient of the mean diffusion loss is taken over a few
+fixed batches, with every sample's t drawn uniformly inside the group; the result is the
+(T/G) x (T/G) matrix of cosines between the group gradients (T x T for G = 1, as in the paper). The
+same batches and the same noise are used for every group (common random numbers), so differences
+between groups come from t alone. ``dtr-scale cluster --objective affinity`` clusters it.
+
+The group gradients are held in memory (float32, ``num_groups * P`` values): restrict ``params`` or
+raise G for a large model; ``compute_affinity`` checks the size before it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dtr_scale.mtl.gram import cosine_from_gram
+
+_CHUNK = 1 << 22
+
+
+def compute_affinity(
+    model: Callable[..., torch.Tensor],
+    diffusion: Any,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    group_size: int,
+    params: Sequence[torch.Tensor] | None = None,
+    seed: int = 0,
+    max_gradient_bytes: int = 32 << 30,
+    storage_device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Cosine-similarity matrix (float64, num_groups x num_groups) of per-timestep-group loss gradients.
+
+    ``model(x, t, y)``: the denoiser (its train/eval mode is left as the caller set it; DiT's train
+    mode applies label dropout, as training does). ``diffusion``: has ``num_timesteps`` and
+    ``training_losses(model, x_start, t, model_kwargs, noise)``. ``batches``: (latents, labels) pairs
+    on the model's device, reused for every group. ``params``: the parameters whose gradient is
+    compared (default: all of ``model.parameters()`` that require grad).
+    """
+    T = int(diffusion.num_timesteps)
+    if group_size < 1 or T % group_size != 0:
+        raise ValueError(f"group_size must divide the {T} diffusion timesteps, got {group_size}")
+    if not batches:
+        raise ValueError("compute_affinity needs at least one batch")
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+    params = list(params)
+    num_groups = T // group_size
+    total = sum(p.numel() for p in params)
+    needed = num_groups * total * 4
+    if needed > max_gradient_bytes:
+        raise ValueError(
+            f"task affinity would hold {num_groups} group gradients of {total:,} parameters "
+            f"({needed / 2**30:.1f} GiB > limit {max_gradient_bytes / 2**30:.1f} GiB); raise the group size "
+            f"or compare a subset of the parameters"
+        )
+    # common random numbers: one noise tensor per batch, shared by all groups
+    noise_gen = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(x.shape, generator=noise_gen).to(x.device) for x, _ in batches]
+    t_gen = torch.Generator().manual_seed(seed + 1)
+
+    gradients = torch.empty(num_groups, total, dtype=torch.float32, device=storage_device)
+    for group in range(num_groups):
+        flat = gradients[group]
+        flat.zero_()
+        for (x, y), noise in zip(batches, noises):
+            t = group * group_size + torch.randint(0, group_size, (x.shape[0],), generator=t_gen)
+            loss = diffusion.training_losses(model, x, t.to(x.device), {"y": y}, noise)["loss"].mean()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            offset = 0
+            for p, g in zip(params, grads):
+                if g is not None:
+                    flat[offset : offset + p.numel()] += g.detach().reshape(-1).to(flat)
+                offset += p.numel()
+        flat /= len(batches)
+
+    gram = torch.zeros(num_groups, num_groups, dtype=torch.float64)
+    for lo in range(0, total, _CHUNK):
+        chunk = gradients[:, lo : lo + _CHUNK].to(torch.float64)
+        gram += (chunk @ chunk.T).cpu()
+    return cosine_from_gram(gram).numpy()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", type=Path, required=True, help="model directory written by `dtr-scale convert`"
+    )
+    parser.add_argument("--data", type=Path, required=True, help="manifest.json of latent shards")
+    parser.add_argument(
+        "--weights", choices=("ema", "model"), default="ema", help="which weights of the model dir"
+    )
+    parser.add_argument("--group-size", type=int, default=50, help="timesteps per group G (1: full T x T)")
+    parser.add_argument("--batches", type=int, default=4, help="number of batches per group gradient")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--max-memory-gb", type=float, default=32.0, help="limit on the stored group gradients"
+    )
+    parser.add_argument("--out", type=Path, default=Path("affinity.npy"), help="output .npy")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dtr_scale.data.stream import LatentStream
+    from dtr_scale.diffusion import create_diffusion
+    from dtr_scale.sample.model_dir import load_model_dir
+
+    torch.manual_seed(args.seed)  # label dropout in train mode draws from the global generator
+    model, config = load_model_dir(args.model, weights=args.weights, device=args.device)
+    model.train()  # the training objective, label dropout included, as ANT's task_affinity_score does
+    diffusion_cfg = config["diffusion"]
+    diffusion = create_diffusion(
+        "",
+        noise_schedule=diffusion_cfg["noise_schedule"],
+        learn_sigma=diffusion_cfg["learn_sigma"],
+        diffusion_steps=diffusion_cfg["diffusion_steps"],
+    )
+    stream = LatentStream(
+        args.data,
+        args.batch_size,
+        seed=args.seed,
+        rank=0,
+        world_size=1,
+        expected_latent_shape=tuple(config["data"]["latent_shape"]),
+    )
+    batches = []
+    for x, y in stream:
+        batches.append((x.to(args.device), y.to(args.device)))
+        if len(batches) == args.batches:
+            break
+    affinity = compute_affinity(
+        model,
+        diffusion,
+        batches,
+        args.group_size,
+        seed=args.seed,
+        max_gradient_bytes=int(args.max_memory_gb * 2**30),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, affinity, allow_pickle=False)
+    T = diffusion.num_timesteps
+    print(
+        f"task affinity of {affinity.shape[0]} groups of {args.group_size} timesteps "
+        f"({len(batches)} batches of {args.batch_size}) -> {args.out}"
+    )
+    print(f"cluster it: dtr-scale cluster --objective affinity --affinity {args.out} --timesteps {T} --k 5")
+    return 0

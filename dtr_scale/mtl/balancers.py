@@ -1,0 +1,395 @@
+"""Loss balancers: turn the k per-cluster losses l_k into the one scalar that is trained.
+
+One interface (``build(name, k, ...)``, names ``none``, ``uw``, ``nash``, ``pcgrad``; DESIGN §5). A
+balancer is an ``nn.Module`` that lives inside the module DeepSpeed wraps, so UW's s is a model
+parameter that DeepSpeed reduces and shards like every other one. Call the module itself,
+``balancer(cluster_means, counts)`` (the same as ``combine``), inside the wrapped forward so that
+ZeRO-3 gathers s for it.
+
+- ``none``: the count-weighted mean of the cluster means, i.e. the plain sample mean of the loss.
+- ``uw`` (Kendall et al. 2018, as used by ANT, NeurIPS 2023): learnable s in R^k, init 0,
+  L = sum_k 0.5 * (exp(-s_k) * l_k / k + s_k) over the clusters present in the micro-batch; for fixed
+  l_k its minimiser is s_k = log(l_k / k). s has its own optimizer group (lr 0.025, no weight decay).
+- ``nash`` (Navon et al. 2022, Nash-MTL) and ``pcgrad`` (Yu et al. 2020): both update directions are
+  sum_m w_m g_m for a weight vector w that depends only on the Gram matrix G of the global
+  per-cluster gradients (``gram.global_cluster_gram``). Every ``update_every`` steps the trainer
+  computes G and calls ``update_from_gram(G)``; in between w is held. The training loss is
+  (1/k) * sum_k w_k l_k: the 1/k follows the official ANT code (Nash: ``loss / len(losses)``;
+  PCGrad: each l_k divided by the number of clusters), so that w = 1 (the initial value, and
+  PCGrad's result when no gradients conflict) trains on the plain mean loss.
+
+``weights()`` is always the coefficient of l_k in the training loss (uw: 0.5 exp(-s_k) / k;
+nash/pcgrad: w_k / k; none: 1/k, exact when every cluster has the same count).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from dtr_scale.mtl.gram import cosine_from_gram
+
+BALANCERS = ("none", "uw", "nash", "pcgrad")
+
+
+# ----------------------------------------------------------------------------- weights from G
+
+
+def _gram_numpy(G: torch.Tensor | np.ndarray) -> np.ndarray:
+    G = G.detach().cpu().numpy() if isinstance(G, torch.Tensor) else np.asarray(G)
+    G = G.astype(np.float64)
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"Gram matrix must be square (k, k), got shape {G.shape}")
+    if not np.all(np.isfinite(G)):
+        raise ValueError("Gram matrix contains NaN or infinity (a per-cluster gradient overflowed?)")
+    return G
+
+
+def pcgrad_weights(
+    G: torch.Tensor | np.ndarray, order: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """PCGrad (Yu et al. 2020, Algorithm 1) as weights on the original gradients, float64 (k,).
+
+    Each projected gradient is a combination g~_i = sum_m C[i, m] g_m, starting from C = I. For j
+    in row i of ``order``: if <g~_i, g_j> < 0 then g~_i -= <g~_i, g_j> / |g_j|^2 g_j (the projection
+    onto the normal plane of g_j, Eq. 1), which on C is C[i, j] -= (C[i] @ G[:, j]) / G[j, j]. The
+    entry j = i is skipped (Algorithm 1 projects onto the other tasks only), as are zero gradients.
+    Returns w = sum_i C[i], so that sum_i g~_i = sum_m w_m g_m.
+
+    ``order``: (k, k) integers, row i a permutation of 0..k-1; None draws each row with
+    ``torch.randperm(k, generator=generator)`` (use the same seed on every rank).
+    """
+    G = _gram_numpy(G)
+    k = G.shape[0]
+    if order is None:
+        order = torch.stack([torch.randperm(k, generator=generator) for _ in range(k)])
+    order_np = np.asarray(order.cpu() if isinstance(order, torch.Tensor) else order)
+    if order_np.shape != (k, k) or any(sorted(row.tolist()) != list(range(k)) for row in order_np):
+        raise ValueError(
+            f"order must be a ({k}, {k}) integer array whose rows are permutations of 0..{k - 1}"
+        )
+    coefs = np.eye(k)
+    for i in range(k):
+        for j in order_np[i]:
+            if j == i or G[j, j] <= 0.0:
+                continue
+            dot = coefs[i] @ G[:, j]
+            if dot < 0.0:
+                coefs[i, j] -= dot / G[j, j]
+    return torch.from_numpy(coefs.sum(axis=0))
+
+
+def nash_weights(
+    G: torch.Tensor | np.ndarray,
+    prev: torch.Tensor | np.ndarray | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 500,
+) -> torch.Tensor:
+    """Nash-MTL bargaining weights (Navon et al. 2022, Eq. 3 / Sec. 3.2), float64 (k,), w > 0.
+
+    Solves (G / |G|_F) w = 1 / w, G normalised by its Frobenius norm as in the paper's code. The
+    solution is the unique minimiser of the strictly convex, self-concordant
+    f(w) = 0.5 w^T Ghat w - sum_i log w_i (its gradient is Ghat w - 1/w), found by damped Newton
+    (Nesterov & Nemirovski): step 1/(1 + lambda) while the Newton decrement lambda > 1/4, which keeps
+    w > 0 without a line search, then full steps (quadratic convergence). The Hessian
+    Ghat + diag(1/w^2) is positive definite even for a singular G, so near-singular G is fine.
+    Warm-started from ``prev`` (the last weights) when given.
+
+    Degenerate inputs: clusters with a zero gradient (G[i, i] = 0) cannot satisfy the equation and
+    do not move the update; they get the mean weight of the others. If no solution exists (some
+    non-negative combination of gradients is zero, e.g. two exactly opposite gradients) the iteration
+    cannot converge and ``prev`` (or ones) is returned.
+    """
+    G = _gram_numpy(G)
+    k = G.shape[0]
+    fallback = np.ones(k) if prev is None else _as_positive(prev, k)
+    scale = np.linalg.norm(G)
+    if scale == 0.0:
+        return torch.from_numpy(fallback.copy())
+    G_hat = G / scale
+    active = np.diag(G_hat) > 1e-12
+    sub = G_hat[np.ix_(active, active)]
+    w = fallback[active].copy()
+    converged = False
+    for _ in range(max_iter):
+        grad = sub @ w - 1.0 / w
+        if np.max(np.abs(w * (sub @ w) - 1.0)) <= tol:
+            converged = True
+            break
+        try:
+            step = np.linalg.solve(sub + np.diag(1.0 / w**2), grad)
+        except np.linalg.LinAlgError:
+            break
+        decrement = float(np.sqrt(max(grad @ step, 0.0)))
+        if decrement <= 1e-7:
+            # f(w) - f* <= decrement^2 (self-concordance): optimal to rounding, which for an
+            # ill-conditioned G (large w) is above `tol` in the residual
+            converged = True
+            break
+        w = w - (step / (1.0 + decrement) if decrement > 0.25 else step)
+        if not np.all(np.isfinite(w)) or w.max() > 1e12:
+            break  # diverging along a direction with G w = 0: no solution
+    if not converged or not np.all(w > 0):
+        return torch.from_numpy(fallback.copy())
+    out = np.empty(k)
+    out[active] = w
+    out[~active] = w.mean()
+    return torch.from_numpy(out)
+
+
+def _as_positive(prev: torch.Tensor | np.ndarray, k: int) -> np.ndarray:
+    prev = np.asarray(prev.detach().cpu() if isinstance(prev, torch.Tensor) else prev, dtype=np.float64)
+    if prev.shape != (k,) or not np.all(np.isfinite(prev)) or not np.all(prev > 0):
+        return np.ones(k)
+    return prev
+
+
+# ----------------------------------------------------------------------------- balancers
+
+
+class Balancer(nn.Module):
+    """Common interface; see the module docstring. Subclasses implement ``combine`` and ``weights``."""
+
+    name = "none"
+    needs_gram = False
+    update_every = 0
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        if k < 1:
+            raise ValueError(f"number of clusters k must be >= 1, got {k}")
+        self.k = k
+
+    def forward(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return self.combine(cluster_means, counts)
+
+    def combine(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weights(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def should_update(self, step: int) -> bool:
+        """Whether the trainer must compute G and call ``update_from_gram`` at optimizer step ``step``."""
+        return self.needs_gram and step % self.update_every == 0
+
+    def update_from_gram(self, G: torch.Tensor) -> None:
+        raise RuntimeError(f"balancer {self.name!r} does not use per-cluster gradients (needs_gram is False)")
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        """Extra optimizer parameter groups (only uw has parameters)."""
+        return []
+
+    def log_scalars(self) -> dict[str, float]:
+        return {f"mtl/weight_{j}": float(w) for j, w in enumerate(self.weights())}
+
+    def _check(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> None:
+        if cluster_means.shape != (self.k,) or counts.shape != (self.k,):
+            raise ValueError(
+                f"balancer {self.name!r} expects cluster_means and counts of shape ({self.k},), got "
+                f"{tuple(cluster_means.shape)} and {tuple(counts.shape)}"
+            )
+
+
+class NoBalancer(Balancer):
+    """Plain mean loss: sum_k n_k l_k / sum_k n_k."""
+
+    name = "none"
+
+    def combine(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        self._check(cluster_means, counts)
+        counts = counts.to(cluster_means)
+        return (cluster_means * counts).sum() / counts.sum().clamp(min=1)
+
+    def weights(self) -> torch.Tensor:
+        return torch.full((self.k,), 1.0 / self.k, dtype=torch.float64)
+
+
+class UncertaintyWeighting(Balancer):
+    """ANT-UW: L = sum_k 0.5 * (exp(-s_k) * l_k / k + s_k) over present clusters (Kendall et al. 2018)."""
+
+    name = "uw"
+
+    def __init__(self, k: int, lr: float = 0.025) -> None:
+        super().__init__(k)
+        self.lr = lr
+        self.s = nn.Parameter(torch.zeros(k))
+
+    def combine(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        self._check(cluster_means, counts)
+        s = self.s.to(cluster_means.dtype)
+        terms = 0.5 * (torch.exp(-s) * cluster_means / self.k + s)
+        # an absent cluster has l_k = 0 and would only push its s_k down: leave it out
+        return torch.where(counts > 0, terms, torch.zeros_like(terms)).sum()
+
+    def weights(self) -> torch.Tensor:
+        return 0.5 * torch.exp(-self._full_s()) / self.k
+
+    def param_groups(self, base_lr: float) -> list[dict]:
+        # s gets ANT's own learning rate whatever the model's base_lr is
+        return [{"params": [self.s], "lr": self.lr, "weight_decay": 0.0}]
+
+    def log_scalars(self) -> dict[str, float]:
+        scalars = super().log_scalars()
+        scalars.update({f"mtl/uw_s_{j}": float(v) for j, v in enumerate(self._full_s())})
+        return scalars
+
+    def _full_s(self) -> torch.Tensor:
+        """s as a whole float64 CPU tensor, gathering it first if ZeRO-3 has partitioned it."""
+        if hasattr(self.s, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([self.s]):
+                return self.s.detach().to(device="cpu", dtype=torch.float64).clone()
+        return self.s.detach().to(device="cpu", dtype=torch.float64)
+
+
+class GramBalancer(Balancer):
+    """Shared state of nash/pcgrad: raw weights w (float64, init ones), the last G, update count.
+
+    The state lives outside parameters and buffers (in ``get_extra_state``) so that DeepSpeed's bf16
+    cast of the module never rounds it; it is still part of ``state_dict()`` and so of checkpoints.
+    """
+
+    needs_gram = True
+
+    def __init__(self, k: int, update_every: int) -> None:
+        super().__init__(k)
+        if update_every < 1:
+            raise ValueError(f"{self.name}: update_every must be >= 1, got {update_every}")
+        self.update_every = update_every
+        self._w = torch.ones(k, dtype=torch.float64)
+        self._gram: torch.Tensor | None = None
+        self.num_updates = 0
+        self._cached: torch.Tensor | None = None
+
+    def _solve(self, G: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update_from_gram(self, G: torch.Tensor) -> None:
+        G = torch.as_tensor(G, dtype=torch.float64).cpu()
+        if G.shape != (self.k, self.k):
+            raise ValueError(
+                f"{self.name}: Gram matrix must have shape ({self.k}, {self.k}), got {tuple(G.shape)}"
+            )
+        self._w = self._solve(G).to(torch.float64)
+        self._gram = G.clone()
+        self.num_updates += 1
+        self._cached = None
+
+    def combine(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        self._check(cluster_means, counts)
+        if (
+            self._cached is None
+            or self._cached.device != cluster_means.device
+            or self._cached.dtype != cluster_means.dtype
+        ):
+            self._cached = (self._w / self.k).to(device=cluster_means.device, dtype=cluster_means.dtype)
+        return (self._cached * cluster_means).sum()
+
+    def raw_weights(self) -> torch.Tensor:
+        """w as returned by nash_weights / pcgrad_weights (update direction sum_m w_m g_m)."""
+        return self._w.clone()
+
+    def weights(self) -> torch.Tensor:
+        return self._w / self.k
+
+    def cosine_matrix(self) -> torch.Tensor | None:
+        """Cosines of the per-cluster gradients at the last update (for a TensorBoard image)."""
+        return None if self._gram is None else cosine_from_gram(self._gram)
+
+    def log_scalars(self) -> dict[str, float]:
+        scalars = super().log_scalars()
+        scalars.update({f"mtl/{self.name}_w_{j}": float(v) for j, v in enumerate(self._w)})
+        cos = self.cosine_matrix()
+        if cos is not None:
+            for i in range(self.k):
+                for j in range(i + 1, self.k):
+                    scalars[f"mtl/grad_cos_{i}_{j}"] = float(cos[i, j])
+        return scalars
+
+    def get_extra_state(self) -> dict:
+        return {
+            "w": self._w.clone(),
+            "gram": None if self._gram is None else self._gram.clone(),
+            "num_updates": self.num_updates,
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        w = torch.as_tensor(state["w"], dtype=torch.float64)
+        if w.shape != (self.k,):
+            raise ValueError(f"{self.name} balancer state has {w.shape[0]} clusters, this run has k={self.k}")
+        self._w = w.clone()
+        self._gram = (
+            None if state["gram"] is None else torch.as_tensor(state["gram"], dtype=torch.float64).clone()
+        )
+        self.num_updates = int(state["num_updates"])
+        self._cached = None
+
+
+class NashMTL(GramBalancer):
+    """Nash-MTL weights (``nash_weights``), warm-started from the previous ones; update every 25 steps."""
+
+    name = "nash"
+
+    def __init__(self, k: int, update_every: int = 25) -> None:
+        super().__init__(k, update_every)
+
+    def _solve(self, G: torch.Tensor) -> torch.Tensor:
+        return nash_weights(G, prev=self._w if self.num_updates > 0 else None)
+
+
+class PCGrad(GramBalancer):
+    """PCGrad weights (``pcgrad_weights``) with random projection orders; update every step.
+
+    The orders come from a CPU generator seeded with ``seed`` -- the same on every rank, so every
+    rank derives the same w from the same all-reduced G. Its state is checkpointed.
+    """
+
+    name = "pcgrad"
+
+    def __init__(self, k: int, update_every: int = 1, seed: int = 0) -> None:
+        super().__init__(k, update_every)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _solve(self, G: torch.Tensor) -> torch.Tensor:
+        return pcgrad_weights(G, generator=self.generator)
+
+    def get_extra_state(self) -> dict:
+        state = super().get_extra_state()
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.generator.set_state(state["generator"])
+
+
+def build(name: str, k: int, **kwargs) -> Balancer:
+    """Balancer ``name`` (config ``mtl.method``: none|uw|nash|pcgrad) for k clusters.
+
+    kwargs: uw ``lr`` (0.025); nash ``update_every`` (25); pcgrad ``update_every`` (1), ``seed`` (0).
+    """
+    classes: dict[str, type[Balancer]] = {
+        "none": NoBalancer,
+        "uw": UncertaintyWeighting,
+        "nash": NashMTL,
+        "pcgrad": PCGrad,
+    }
+    if name not in classes:
+        raise ValueError(f"mtl.method must be one of {', '.join(BALANCERS)}, got {name!r}")
+    try:
+        return classes[name](k, **kwargs)
+    except TypeError as err:
+        raise ValueError(f"mtl.method {name!r}: bad option ({err})") from None
+
+
+def check_zero_stage(name: str, zero_stage: int) -> None:
+    """Config-time check: nash/pcgrad need whole parameters for their per-cluster gradients."""
+    if name in ("nash", "pcgrad") and zero_stage >= 3:
+        raise ValueError(
+            f"mtl.method={name!r} is not supported with deepspeed.zero_stage={zero_stage}: its per-cluster "
+            "gradients come from torch.autograd.grad, which needs whole parameters, and ZeRO-3 partitions "
+            "them across ranks. Use zero_stage 0, 1 or 2, or mtl.method uw/none."
+        )

@@ -1,0 +1,82 @@
+"""Training timesteps: uniform, or stratified over ANT's timestep clusters.
+
+Stratified sampling (ANT, NeurIPS 2023, Sec. 4.2: every cluster is a task present in every batch)
+gives each of the k clusters an equal share ``micro_batch_size / k`` of every micro-batch, with t
+uniform inside its cluster. The samples of cluster j form the j-th contiguous block of the batch.
+
+What this does to the marginal of t
+-----------------------------------
+With clusters of sizes n_1..n_k (sum T), each cluster receives 1/k of the samples whatever its width,
+so a timestep t in cluster j is drawn with probability
+
+    p(t) = 1 / (k * n_j)        instead of the uniform 1 / T.
+
+Narrow clusters are over-sampled and wide ones under-sampled by the factor T / (k * n_j). For the
+uniform clusters of the ``"timestep"`` objective with k dividing T (k = 8, T = 1000: sizes 125) the
+marginal is exactly uniform, so the plain sample mean of the loss is DiT's usual objective; when
+sizes differ by one (k = 3: 334/333/333) the bias is below 0.3%. For SNR-based clusters the bias is
+large (the linear schedule's SNR clusters at k = 8 include single-timestep clusters near t = 0, each
+receiving 1/8 of the batch): the effective training objective becomes sum_j (1/k) E_{t ~ U(cluster
+j)}[L_t], i.e. every cluster counts equally, which is ANT's intent, and any loss balancer then
+re-weights these cluster means. To train on the uniform-t objective with such clusters instead,
+weight cluster j's mean loss by k * n_j / T.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dtr_scale.mtl.clustering import Interval, validate_intervals
+
+
+class TimestepSampler:
+    """Draws (t, cluster_idx) for a micro-batch.
+
+    ``clusters=None``: t ~ U{0..T-1}, one cluster (k = 1, cluster_idx all 0). Otherwise stratified:
+    batch_size / k samples per cluster, t uniform within the cluster (see the module docstring for
+    the marginal of t).
+    """
+
+    def __init__(self, num_timesteps: int, clusters: list[Interval] | None = None) -> None:
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        self.num_timesteps = num_timesteps
+        self.stratified = clusters is not None
+        if clusters is None:
+            clusters = [(0, num_timesteps - 1)]
+        self.clusters = validate_intervals(clusters, num_timesteps, source="TimestepSampler clusters")
+        self.num_clusters = len(self.clusters)
+        self._starts = torch.tensor([left for left, _ in self.clusters], dtype=torch.long)
+        self._sizes = torch.tensor([right - left + 1 for left, right in self.clusters], dtype=torch.long)
+        # t -> index of its cluster
+        self.cluster_of = torch.repeat_interleave(torch.arange(self.num_clusters), self._sizes)
+
+    def check_batch_size(self, micro_batch_size: int) -> None:
+        """Raise a clear error (at config time, ideally) if a micro-batch cannot be split evenly."""
+        if self.stratified and micro_batch_size % self.num_clusters != 0:
+            raise ValueError(
+                f"stratified timestep sampling needs train.micro_batch_size divisible by the number of "
+                f"clusters: micro_batch_size={micro_batch_size}, k (mtl.num_clusters)={self.num_clusters}"
+            )
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, cluster_idx), both LongTensor (batch_size,) on ``device``.
+
+        Random numbers are drawn on the generator's device (CPU when no generator is given), so a
+        seeded CPU generator gives the same timesteps whatever ``device`` is.
+        """
+        self.check_batch_size(batch_size)
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        if not self.stratified:
+            t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=draw_device)
+            return t.to(device), torch.zeros(batch_size, dtype=torch.long, device=device)
+        per_cluster = batch_size // self.num_clusters
+        cluster_idx = torch.arange(self.num_clusters, device=draw_device).repeat_interleave(per_cluster)
+        # offset uniform in 0..n_j-1: floor(u * n_j), u ~ U[0, 1) in float64 (exact for any n_j <= T)
+        u = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+        sizes = self._sizes.to(draw_device)[cluster_idx]
+        offset = torch.minimum((u * sizes).long(), sizes - 1)
+        t = self._starts.to(draw_device)[cluster_idx] + offset
+        return t.to(device), cluster_idx.to(device)

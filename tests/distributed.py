@@ -1,0 +1,69 @@
+"""Launch N local ranks of a command on 127.0.0.1 (gloo), the way torchrun would, for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world_size: int, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+def run_ranks(args: list[str], world_size: int = 2, env: dict[str, str] | None = None, timeout: float = 300,
+              expect_kill: bool = False, cwd: Path | None = None) -> list[subprocess.CompletedProcess]:
+    """Run `python ARGS` as `world_size` ranks; fail with every rank's output if one fails.
+
+    expect_kill: rank 0 is expected to die by SIGKILL (fault injection); the others are then killed
+    too, as a launcher would do, and no failure is raised.
+    """
+    port = free_port()
+    procs = [
+        subprocess.Popen([sys.executable, *args], env=rank_env(r, world_size, port, env), cwd=cwd or REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for r in range(world_size)
+    ]
+    deadline = time.time() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.time() > deadline:
+                raise TimeoutError(f"ranks did not finish in {timeout} s: {args}")
+            if expect_kill and procs[0].poll() is not None:
+                for p in procs[1:]:
+                    if p.poll() is None:
+                        os.killpg(p.pid, signal.SIGKILL)
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    results = [subprocess.CompletedProcess(p.args, p.wait(), p.stdout.read(), None) for p in procs]
+    if expect_kill:
+        if results[0].returncode != -signal.SIGKILL:
+            raise AssertionError(f"rank 0 was expected to be SIGKILLed, exited {results[0].returncode}:\n{results[0].stdout}")
+        return results
+    failed = [r for r, res in enumerate(results) if res.returncode != 0]
+    if failed:
+        report = "\n".join(f"--- rank {r} exited {results[r].returncode}:\n{results[r].stdout[-4000:]}" for r in failed)
+        raise AssertionError(report)
+    return results

@@ -1,0 +1,181 @@
+"""`dtr-scale preprocess`: ImageFolder -> tiny random AutoencoderKL -> shards + manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dtr_scale.cli import main as cli_main
+from dtr_scale.data.preprocess import UnreadableImageWarning, center_crop, preprocess, shard_range
+from dtr_scale.data.shards import build_decoder, decode_sample, iter_raw_samples, load_manifest, load_vae
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+IMAGE_SIZE = 64  # tiny VAE: 4 blocks -> downsampling 8 -> 4x8x8 latents
+SIZES = {"cat": [(80, 100), (130, 64), (300, 200)], "dog": [(64, 64), (90, 70), (200, 400)]}
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dtr_scale.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=IMAGE_SIZE, scaling_factor=0.18215,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name, sizes in SIZES.items():
+        (root / name).mkdir()
+        for k, (w, h) in enumerate(sizes):
+            ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * np.ones((h, 1, 3), np.float32)
+            pixels = (0.6 * ramp + 0.4 * rng.uniform(0, 255, (h, w, 3))).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}{k}.{'png' if k % 2 else 'JPEG'}")
+    (root / "dog" / "dog9_broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (root / "dog" / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoded(image_dir: Path, vae_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("latents")
+    with pytest.warns(UnreadableImageWarning, match="dog/dog9_broken.jpg"):
+        preprocess(image_dir, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3, quiet=True)
+    return out
+
+
+def _read(out: Path) -> list:
+    manifest = load_manifest(out)
+    return [decode_sample(raw, manifest.latent_shape) for i in range(len(manifest.shards))
+            for raw in iter_raw_samples(manifest.shard_path(i))]  # fmt: skip
+
+
+def test_manifest_describes_the_shards(encoded: Path, vae_dir: Path) -> None:
+    manifest = load_manifest(encoded)
+    assert manifest.num_samples == 6 and len(manifest.shards) == 4  # 7 images, shard size 2, one unreadable
+    assert [s["num_samples"] for s in manifest.shards] == [2, 2, 2, 0]
+    assert manifest.latent_shape == (4, 8, 8) and manifest.image_size == IMAGE_SIZE
+    assert manifest.labels == ["cat", "dog"] and manifest.scaling_factor == pytest.approx(0.18215)
+    assert manifest.vae["class"] == "AutoencoderKL" and manifest.vae["path"] == str(vae_dir.resolve())
+    assert len(manifest.vae["config_sha256"]) == 64
+    assert manifest.extra["num_unreadable"] == 1
+    assert manifest.extra["unreadable_by_shard"] == {"shard-000003.tar": ["dog/dog9_broken.jpg"]}
+
+
+def test_shards_hold_the_posterior_of_both_orientations(
+    encoded: Path, image_dir: Path, vae_dir: Path
+) -> None:
+    from PIL import Image
+
+    samples = _read(encoded)
+    assert [s.key for s in samples] == [f"{n:09d}" for n in range(6)]
+    assert [s.label for s in samples] == [0, 0, 0, 1, 1, 1]
+    vae = load_vae(vae_dir).eval()
+    with Image.open(image_dir / "cat" / "cat2.JPEG") as image:
+        pixels = center_crop(image.convert("RGB"), IMAGE_SIZE)
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        plain, flipped = vae.encode(x).latent_dist, vae.encode(x.flip(-1)).latent_dist
+    sample = samples[2]
+    for k, posterior in enumerate((plain, flipped)):
+        np.testing.assert_allclose(sample.mean[k], posterior.mean[0].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(sample.std[k], posterior.std[0].numpy(), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(sample.mean[0], sample.mean[1], atol=1e-2)
+
+
+def test_center_crop_is_adm_box_then_bicubic_then_center() -> None:
+    from PIL import Image
+
+    pixels = np.zeros((200, 300, 3), np.uint8)
+    pixels[:, 150:] = 255  # left half black, right half white
+    crop = center_crop(Image.fromarray(pixels), 64)
+    assert crop.shape == (64, 64, 3)
+    assert crop[:, :20].max() == 0 and crop[:, -20:].min() == 255  # centred: the edge falls mid-crop
+
+
+def test_rerun_skips_finished_shards(encoded: Path, image_dir: Path, vae_dir: Path, capsys) -> None:
+    stamps = {p.name: p.stat().st_mtime_ns for p in encoded.glob("shard-*.tar")}
+    preprocess(image_dir, vae_dir, encoded, image_size=IMAGE_SIZE, shard_size=2, batch_size=3)
+    assert "4 of 4 shards of rank 0 already done" in capsys.readouterr().out
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in encoded.glob("shard-*.tar")}
+
+
+def test_rerun_rewrites_only_a_damaged_shard(
+    encoded: Path, image_dir: Path, vae_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(encoded, out)
+    damaged, intact = out / "shard-000001.tar", out / "shard-000000.tar"
+    good, stamp = damaged.read_bytes(), intact.stat().st_mtime_ns
+    damaged.write_bytes(good[: len(good) // 2])
+    preprocess(image_dir, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3, quiet=True)
+    assert damaged.read_bytes() == good and intact.stat().st_mtime_ns == stamp
+
+
+def test_shard_ranges_of_ranks_are_disjoint_and_complete() -> None:
+    for num_shards, world in ((10, 3), (2, 4), (7, 7)):
+        ranges = [set(shard_range(num_shards, r, world)) for r in range(world)]
+        assert sum(len(r) for r in ranges) == num_shards and set().union(*ranges) == set(range(num_shards))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_worker_processes_write_disjoint_shards_identical_to_one(
+    encoded: Path, image_dir: Path, vae_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "two"
+    code = cli_main(["preprocess", "--input", str(image_dir), "--vae", str(vae_dir), "--out", str(out),
+                     "--image-size", str(IMAGE_SIZE), "--shard-size", "2", "--workers", "2", "--quiet"])  # fmt: skip
+    assert code == 0
+    writers = {
+        json.loads(p.read_text())["name"]: json.loads(p.read_text())["rank"]
+        for p in (out / ".progress").iterdir()
+    }
+    assert writers == {
+        "shard-000000.tar": 0,
+        "shard-000001.tar": 0,
+        "shard-000002.tar": 1,
+        "shard-000003.tar": 1,
+    }
+    assert load_manifest(out).shards == load_manifest(encoded).shards  # same bytes, whoever wrote them
+
+
+def test_decoder_of_a_vae_manifest_returns_rgb_images(encoded: Path) -> None:
+    manifest = load_manifest(encoded)
+    latents = torch.from_numpy(_read(encoded)[0].mean[:1].astype(np.float32)) * manifest.scaling_factor
+    images = build_decoder(manifest)(latents)
+    assert images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and images.abs().max() <= 1
+
+
+def test_missing_vae_directory_is_a_clear_cli_error(image_dir: Path, tmp_path: Path, capsys) -> None:
+    code = cli_main(
+        ["preprocess", "--input", str(image_dir), "--vae", str(tmp_path / "no-vae"), "--out", str(tmp_path)]
+    )
+    assert code == 2
+    assert f"VAE directory {tmp_path / 'no-vae'} does not exist" in capsys.readouterr().err
+
+
+def test_a_directory_that_is_not_a_vae_is_refused(image_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(ValueError, match="_class_name is 'UNet2DModel', expected 'AutoencoderKL'"):
+        preprocess(image_dir, tmp_path / "unet", tmp_path / "out")

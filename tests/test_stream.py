@@ -1,0 +1,278 @@
+"""LatentStream: coverage, determinism, exact resume, augmentation, and error handling."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dtr_scale.data.shards import (
+    LatentSample,
+    _add_member,
+    encode_sample,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from dtr_scale.data.stream import LatentStream, ShardError, ShardWarning, emission_order
+
+SHAPE = (1, 2, 2)
+SHARD_SIZES = (5, 7, 6, 5, 8, 4)  # 35 samples, uneven on purpose
+SCALE = 0.5
+
+
+def _sample(index: int, std: float) -> LatentSample:
+    """Sample `index` has label `index`; its stored orientation is +(index + 100), its flip -(index + 100)."""
+    value = np.full(SHAPE, index + 100, dtype=np.float16)
+    return LatentSample(
+        key=f"s{index:04d}",
+        label=index,
+        mean=np.stack([value, -value]),
+        std=np.full((2, *SHAPE), std, dtype=np.float16),
+    )
+
+
+def _write_dataset(directory: Path, std: float = 0.0, sizes=SHARD_SIZES) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    shards, start = [], 0
+    for j, size in enumerate(sizes):
+        shards.append(
+            write_shard(directory / shard_name(j), [_sample(i, std) for i in range(start, start + size)])
+        )
+        start += size
+    return write_manifest(
+        directory,
+        shards,
+        latent_shape=SHAPE,
+        scaling_factor=SCALE,
+        vae={"name": "test"},
+        image_size=4,
+        labels=["x"],
+    )
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path) -> Path:
+    return _write_dataset(tmp_path / "data")
+
+
+def _take(stream: LatentStream, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for batch in stream:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def _assert_same_batches(a, b) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb)
+        assert torch.equal(xa, xb)
+
+
+def test_batches_are_scaled_float32_latents_with_int64_labels(dataset: Path) -> None:
+    stream = LatentStream(dataset, 4, seed=0, rank=0, world_size=1)
+    latents, labels = next(iter(stream))
+    assert latents.shape == (4, *SHAPE) and latents.dtype == torch.float32
+    assert labels.shape == (4,) and labels.dtype == torch.int64
+    # std = 0: each latent is +-(label + 100) times the manifest's scaling factor
+    expected = (labels.float() + 100) * SCALE
+    assert torch.equal(latents.abs().flatten(1), expected[:, None].expand(4, 4))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_epoch_mode_at_world_size_2_is_disjoint_and_complete(dataset: Path, num_workers: int) -> None:
+    seen = []
+    for rank in range(2):
+        stream = LatentStream(
+            dataset, 3, seed=5, rank=rank, world_size=2, num_workers=num_workers, resampled=False
+        )
+        seen.append(torch.cat([labels for _, labels in stream]).tolist())
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(sum(SHARD_SIZES)))
+
+
+def test_epoch_mode_next_iteration_is_a_new_shuffled_epoch(dataset: Path) -> None:
+    stream = LatentStream(dataset, 5, seed=1, rank=0, world_size=1, shuffle_buffer=8, resampled=False)
+    first = torch.cat([labels for _, labels in stream]).tolist()
+    second = torch.cat([labels for _, labels in stream]).tolist()
+    assert sorted(first) == sorted(second) == list(range(sum(SHARD_SIZES)))
+    assert first != second
+
+
+def test_stream_is_a_function_of_the_seed(dataset: Path) -> None:
+    def labels(seed: int) -> list[int]:
+        stream = LatentStream(dataset, 4, seed=seed, rank=0, world_size=1, shuffle_buffer=10)
+        return torch.cat([y for _, y in _take(stream, 6)]).tolist()
+
+    assert labels(3) == labels(3)
+    assert labels(3) != labels(4)
+
+
+def test_resampled_mode_is_infinite_and_covers_every_sample(dataset: Path) -> None:
+    stream = LatentStream(dataset, 4, seed=0, rank=0, world_size=1, shuffle_buffer=10)
+    labels = torch.cat([y for _, y in _take(stream, 30)])  # 120 samples > 3 passes
+    assert len(labels) == 120 and set(labels.tolist()) == set(range(sum(SHARD_SIZES)))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_with_two_workers_yields_exactly_the_uninterrupted_batches(
+    dataset: Path, world_size: int
+) -> None:
+    # 7 + 9 batches of 3 per rank span several per-worker epochs at world size 1 and 2.
+    for rank in range(world_size):
+        kwargs = dict(seed=11, rank=rank, world_size=world_size, num_workers=2, shuffle_buffer=6)
+        reference = _take(LatentStream(dataset, 3, **kwargs), 16)
+        interrupted = LatentStream(dataset, 3, **kwargs)
+        assert len(_take(interrupted, 7)) == 7
+        state = json.loads(json.dumps(interrupted.state_dict()))  # plain data, as in a checkpoint
+        resumed = LatentStream(dataset, 3, **kwargs)
+        resumed.load_state_dict(state)
+        _assert_same_batches(_take(resumed, 9), reference[7:])
+
+
+def test_resume_in_process_matches_at_odd_positions(dataset: Path) -> None:
+    kwargs = dict(seed=2, rank=0, world_size=1, shuffle_buffer=5)
+    reference = _take(LatentStream(dataset, 4, **kwargs), 20)
+    for stop in (1, 8, 9, 13):  # 35 samples: batch 9 straddles the first epoch's end
+        first = LatentStream(dataset, 4, **kwargs)
+        _take(first, stop)
+        resumed = LatentStream(dataset, 4, **kwargs)
+        resumed.load_state_dict(first.state_dict())
+        _assert_same_batches(_take(resumed, 20 - stop), reference[stop:])
+
+
+def test_resume_mid_epoch_in_epoch_mode_finishes_the_same_pass(dataset: Path) -> None:
+    kwargs = dict(seed=4, rank=0, world_size=1, num_workers=2, shuffle_buffer=4, resampled=False)
+    reference = list(LatentStream(dataset, 3, **kwargs))
+    first = LatentStream(dataset, 3, **kwargs)
+    _take(first, 5)
+    resumed = LatentStream(dataset, 3, **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    _assert_same_batches(list(resumed), reference[5:])
+
+
+def test_state_with_a_different_world_size_is_refused(dataset: Path) -> None:
+    state = LatentStream(dataset, 4, seed=0, rank=0, world_size=1).state_dict()
+    other = LatentStream(dataset, 4, seed=0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="world_size was 1 when saved but is 2"):
+        other.load_state_dict(state)
+
+
+def test_flips_and_posterior_noise_vary_per_sample_and_epoch(tmp_path: Path) -> None:
+    manifest = _write_dataset(tmp_path / "noisy", std=0.25)
+    stream = LatentStream(manifest, 5, seed=0, rank=0, world_size=1, shuffle_buffer=4)
+    flips: dict[int, set[bool]] = {}
+    residuals = []
+    for latents, labels in _take(stream, 35):  # 5 passes over 35 samples
+        for z, label in zip(latents / SCALE, labels.tolist()):
+            flipped = bool(z.mean() < 0)
+            flips.setdefault(label, set()).add(flipped)
+            mean = -(label + 100) if flipped else label + 100
+            residuals.append((z - mean).flatten())
+    residuals = torch.stack(residuals) / 0.25  # should be standard normal draws
+    assert sum(len(f) == 2 for f in flips.values()) >= 25  # most samples were seen both ways
+    assert abs(residuals.mean()) < 0.1 and 0.85 < residuals.std() < 1.15
+    assert len({tuple(r.tolist()) for r in residuals}) == len(residuals)  # never the same draw twice
+
+
+def test_augmentation_does_not_depend_on_world_size_or_workers(dataset: Path) -> None:
+    manifest = _write_dataset(dataset.parent / "noisy", std=1.0)
+
+    def by_label(**kwargs) -> dict[int, torch.Tensor]:
+        out = {}
+        for rank in range(kwargs.pop("world_size")):
+            stream = LatentStream(manifest, 4, seed=9, rank=rank, world_size=2, resampled=False, **kwargs)
+            out.update({int(y): x for xs, ys in stream for x, y in zip(xs, ys)})
+        return out
+
+    a, b = by_label(world_size=2), by_label(world_size=2, num_workers=2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+
+def _truncate(path: Path, keep_fraction: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+
+
+def test_truncated_shard_is_named_counted_and_its_readable_samples_kept(dataset: Path) -> None:
+    _truncate(dataset.parent / shard_name(4), 0.5)  # shard 4 holds labels 23..30
+    stream = LatentStream(dataset, 4, seed=0, rank=0, world_size=1, resampled=False)
+    with pytest.warns(ShardWarning, match=shard_name(4)):
+        labels = torch.cat([y for _, y in stream]).tolist()
+    assert stream.stats["errors"] == {shard_name(4): 1}
+    lost = set(range(23, 31)) - set(labels)
+    assert 0 < len(lost) < 8  # the first samples of the shard were read before the cut
+    assert sorted(labels + sorted(lost)) == list(range(35))
+    assert stream.stats["samples"] == len(labels)
+
+
+def test_corrupt_member_is_named_counted_and_skipped(dataset: Path) -> None:
+    path = dataset.parent / shard_name(0)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(5):
+            members = encode_sample(_sample(i, 0.0))
+            if i == 2:
+                members["mean.npy"] = b"\x93NUMPY garbage"
+            for ext, data in members.items():
+                _add_member(tar, f"s{i:04d}.{ext}", data)
+    stream = LatentStream(dataset, 4, seed=0, rank=0, world_size=1, resampled=False)
+    with pytest.warns(ShardWarning, match=r"s0002\.mean\.npy: not a valid \.npy"):
+        labels = torch.cat([y for _, y in stream]).tolist()
+    assert sorted(labels) == [i for i in range(35) if i != 2]
+    assert stream.stats["errors"] == {shard_name(0): 1}
+
+
+def test_on_error_raise_stops_at_a_truncated_shard(dataset: Path) -> None:
+    _truncate(dataset.parent / shard_name(1), 0.3)
+    stream = LatentStream(dataset, 4, seed=0, rank=0, world_size=1, resampled=False, on_error="raise")
+    with pytest.raises(ShardError, match=shard_name(1)):
+        list(stream)
+
+
+def test_missing_shard_raises_before_training_when_asked(dataset: Path) -> None:
+    (dataset.parent / shard_name(3)).unlink()
+    with pytest.raises(ShardError, match=f"{shard_name(3)}: file is missing"):
+        LatentStream(dataset, 4, seed=0, rank=0, world_size=1, on_error="raise")
+
+
+def test_missing_shard_is_warned_counted_and_skipped(dataset: Path) -> None:
+    (dataset.parent / shard_name(3)).unlink()  # labels 18..22
+    with pytest.warns(ShardWarning, match=shard_name(3)):
+        stream = LatentStream(dataset, 4, seed=0, rank=0, world_size=1, resampled=False)
+        labels = torch.cat([y for _, y in stream]).tolist()
+    assert sorted(labels) == [i for i in range(35) if not 18 <= i <= 22]
+    assert stream.stats["errors"][shard_name(3)] >= 1
+
+
+def test_latent_shape_mismatch_is_an_error_naming_the_manifest(dataset: Path) -> None:
+    with pytest.raises(
+        ValueError, match=rf"{dataset}: latent_shape \[1, 2, 2\] does not match .*\[4, 32, 32\]"
+    ):
+        LatentStream(dataset, 4, seed=0, rank=0, world_size=1, expected_latent_shape=(4, 32, 32))
+
+
+def test_too_few_shards_for_the_ranks_in_epoch_mode_is_an_error(tmp_path: Path) -> None:
+    manifest = _write_dataset(tmp_path / "one", sizes=(6,))
+    with pytest.raises(ValueError, match="1 shards cannot give each of 2 ranks"):
+        LatentStream(manifest, 2, seed=0, rank=0, world_size=2, resampled=False)
+    # resampled mode shares the shard instead
+    batches = _take(LatentStream(manifest, 2, seed=0, rank=1, world_size=2), 4)
+    assert len(batches) == 4
+
+
+def test_emission_order_is_a_permutation_that_respects_the_buffer() -> None:
+    order = emission_order(50, 8, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(50))
+    # an item can only leave after it arrived: the k-th emitted item arrived among the first k + 8
+    assert all(item < k + 8 for k, item in enumerate(order.tolist()))
+    assert order.tolist() != list(range(50))

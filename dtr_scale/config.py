@@ -123,6 +123,7 @@ class EvalConfig:
     steps: int = 25  # DDIM steps
     cfg_scale: float = 1.0
     reference: str | None = None  # image folder / npz / ADM stats; None = the manifest's held-out split
+    reference_size: int = 0  # use the first N reference images (0 = all)
     inception_weights: str | None = None
 
 
@@ -144,6 +145,23 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys (plain YAML silently keeps the last one)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
@@ -232,9 +250,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
     for override in overrides:

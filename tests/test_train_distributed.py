@@ -173,3 +173,18 @@ def test_nonfinite_loss_skips_the_step_visibly_then_stops(tmp_path, builtin_data
                       "train.global_batch_size=8")
     out = run_ranks(["-c", NAN_SCRIPT, *base[4:]], world_size=1)[0].stdout
     assert "STOPPED stopping: 2 non-finite losses in a row" in out
+
+
+def test_deepspeed_launcher_module_mode_two_ranks(tmp_path, builtin_data):
+    """`deepspeed --module dtr_scale train ...` (what launch/train.sh runs) passes --local_rank first."""
+    env = rank_env(0, 1, free_port())
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key)
+    launcher = Path(sys.executable).parent / "deepspeed"
+    args = train_args(tmp_path / "run", builtin_data["train"], "train.max_steps=2", "train.checkpoint_every=2")
+    cmd = [sys.executable, str(launcher), "--num_accelerators", "2", "--master_port", str(free_port()), "--module", *args[1:]]
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sums = [line.split()[-1] for line in out.stdout.splitlines() if "parameter checksum" in line]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step00000002"

@@ -577,6 +577,8 @@ class Trainer:
             images = images.repeat(1, 3, 1, 1)
         array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         reference = e.reference or default_reference(self.manifest)
+        if e.reference_size and isinstance(reference, np.ndarray):
+            reference = reference[: e.reference_size]
         result = compute_metrics(array, reference, inception_weights=e.inception_weights,
                                  kid_subset_size=min(1000, e.num_samples))
         scalars = {f"eval/{k}": float(v) for k, v in result["metrics"].items() if isinstance(v, int | float)}

@@ -1,0 +1,148 @@
+"""Config: YAML + overrides -> typed dataclasses; errors name the key before any work starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from distributed import REPO, rank_env
+
+from dtr_scale.config import (
+    ConfigError,
+    deepspeed_config,
+    gradient_accumulation,
+    load_config,
+    merge_user_deepspeed_config,
+    resolve_precision,
+)
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+
+
+def test_paper_configs_use_the_papers_settings():
+    for name in ("dit-xl2-dtr-ant.yaml", "dit-l2-dtr-ant.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert (cfg.mtl.method, cfg.mtl.num_clusters, cfg.mtl.objective) == ("uw", 8, "timestep")
+        assert (cfg.routing.alpha, cfg.routing.beta) == (4.0, 0.8)
+        assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.global_batch_size) == (1e-4, 0.0, 256)
+        assert (cfg.train.ema_decay, cfg.train.max_steps, cfg.train.precision) == (0.9999, 400_000, "bf16")
+        assert cfg.deepspeed.zero_stage == 2 and cfg.model.class_dropout_prob == 0.1
+
+
+def test_dotted_overrides_are_parsed_as_yaml_and_typed():
+    cfg = load_config(REPO / "configs/demo-cpu.yaml", ["train.max_steps=7", "routing.beta=1", "train.betas=[0.8, 0.9]"])
+    assert cfg.train.max_steps == 7 and cfg.routing.beta == 1.0 and isinstance(cfg.routing.beta, float)
+    assert cfg.train.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("train.max_stepz=3", "train.max_stepz"),
+        ("train.max_steps=ten", "train.max_steps"),
+        ("routing.enabled=3", "routing.enabled"),
+        ("deepspeed.zero_stage=5", "deepspeed.zero_stage"),
+        ("routing.beta=1.5", "routing.beta"),
+        ("mtl.method=gradnorm", "mtl.method"),
+        ("train.micro_batch_size=6", "train.micro_batch_size"),  # 64 % 6, and 6 % 4 clusters
+        ("model.name=DiT-M/2", "model.name"),
+        ("train.precision=fp16", "train.precision"),
+        ("data.on_error=ignore_all", "data.on_error"),
+    ],
+)
+def test_bad_values_are_errors_naming_the_key(override, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config(REPO / "configs/demo-cpu.yaml", [override])
+
+
+def test_micro_batch_must_split_evenly_over_the_clusters():
+    with pytest.raises(ConfigError, match=r"divisible by mtl\.num_clusters"):
+        load_config(REPO / "configs/demo-cpu.yaml", ["train.micro_batch_size=32", "mtl.num_clusters=3",
+                                                       "train.global_batch_size=96"])
+
+
+def test_nash_and_pcgrad_are_refused_under_zero3_with_the_reason():
+    with pytest.raises(ConfigError, match="zero_stage 0, 1 or 2"):
+        load_config(REPO / "configs/demo-cpu.yaml", ["mtl.method=nash", "deepspeed.zero_stage=3"])
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  max_steps: 3\n  max_steps: 4\n")
+    with pytest.raises(ConfigError, match="duplicate key 'max_steps'"):
+        load_config(path)
+
+
+def test_batch_arithmetic_against_the_world_size():
+    cfg = load_config(REPO / "configs/demo-cpu.yaml", ["train.global_batch_size=256", "train.micro_batch_size=32"])
+    assert gradient_accumulation(cfg, 2) == 4
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        gradient_accumulation(cfg, 3)
+    cfg = load_config(REPO / "configs/demo-cpu.yaml", ["train.gradient_accumulation_steps=2",
+                                                       "train.global_batch_size=256", "train.micro_batch_size=32"])
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps \(2\) x world size \(2\) = 128 != "):
+        gradient_accumulation(cfg, 2)
+
+
+def test_bf16_is_refused_without_a_bf16_device():
+    cfg = load_config(REPO / "configs/dit-xl2-dtr-ant.yaml")
+    with pytest.raises(ConfigError, match="train.precision=bf16"):
+        resolve_precision(cfg, "cpu", False)
+    assert resolve_precision(cfg, "cuda", True) == "bf16"
+    auto = load_config(REPO / "configs/demo-cpu.yaml")
+    assert resolve_precision(auto, "cpu", False) == "fp32"
+
+
+def test_deepspeed_json_is_derived_from_the_config():
+    cfg = load_config(REPO / "configs/dit-xl2-dtr-ant.yaml")
+    ds = deepspeed_config(cfg, world_size=4, precision="bf16", device_type="cuda")
+    assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 32
+    assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] is True and "optimizer" not in ds
+
+
+def test_user_deepspeed_json_is_checked_against_the_yaml(tmp_path):
+    cfg = load_config(REPO / "configs/dit-xl2-dtr-ant.yaml")
+    derived = deepspeed_config(cfg, 8, "bf16", "cuda")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"zero_optimization": {"stage": 2, "allgather_bucket_size": 5e8}, "bf16": {"enabled": True}}))
+    merged = merge_user_deepspeed_config(good, derived)
+    assert merged["zero_optimization"]["allgather_bucket_size"] == 5e8 and merged["train_batch_size"] == 256
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match=r"zero_optimization\.stage = 3 disagrees with deepspeed\.zero_stage"):
+        merge_user_deepspeed_config(bad, derived)
+    opt = tmp_path / "opt.json"
+    opt.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="'optimizer' is set by dtr-scale"):
+        merge_user_deepspeed_config(opt, derived)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dtr_scale", *args], capture_output=True, text=True, cwd=REPO,
+                          env=rank_env(0, 1, 29999), timeout=120)
+
+
+def test_dry_run_prints_config_deepspeed_json_and_memory_estimate():
+    out = _cli("train", "--config", "configs/dit-xl2-dtr-ant.yaml", "--dry-run", "--world-size", "8",
+               "train.precision=fp32", "data.shards=")
+    assert out.returncode == 0, out.stderr
+    assert '"train_batch_size": 256' in out.stdout
+    assert "674.8M parameters" in out.stdout  # plus the fixed pos_embed buffer: the reference 675.1M
+    assert "Estimated memory needed for params, optim states and gradients" in out.stdout
+
+
+def test_latent_shape_mismatch_fails_before_training(builtin_data, tmp_path):
+    out = _cli("train", "--config", "configs/demo-cpu.yaml", f"data.shards={builtin_data['train']}",
+               f"run_dir={tmp_path}", "model.input_size=32")
+    assert out.returncode == 2
+    assert "model.input_size=32 but the data manifest's latent_shape is [4, 16, 16]" in out.stderr
+    assert not (tmp_path / "checkpoints").exists()

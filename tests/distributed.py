@@ -22,16 +22,37 @@ def free_port() -> int:
 def rank_env(rank: int, world_size: int, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1",
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
     )
     env.update(extra or {})
     return env
 
 
-def run_ranks(args: list[str], world_size: int = 2, env: dict[str, str] | None = None, timeout: float = 300,
-              expect_kill: bool = False, cwd: Path | None = None) -> list[subprocess.CompletedProcess]:
+def launcher_env() -> dict[str, str]:
+    """Environment for a launcher (torchrun, deepspeed) that sets the rank variables itself."""
+    env = rank_env(0, 1, 0)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key)
+    return env
+
+
+def run_ranks(
+    args: list[str],
+    world_size: int = 2,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    expect_kill: bool = False,
+    cwd: Path | None = None,
+) -> list[subprocess.CompletedProcess]:
     """Run `python ARGS` as `world_size` ranks; fail with every rank's output if one fails.
 
     expect_kill: rank 0 is expected to die by SIGKILL (fault injection); the others are then killed
@@ -39,8 +60,15 @@ def run_ranks(args: list[str], world_size: int = 2, env: dict[str, str] | None =
     """
     port = free_port()
     procs = [
-        subprocess.Popen([sys.executable, *args], env=rank_env(r, world_size, port, env), cwd=cwd or REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        subprocess.Popen(
+            [sys.executable, *args],
+            env=rank_env(r, world_size, port, env),
+            cwd=cwd or REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         for r in range(world_size)
     ]
     deadline = time.time() + timeout
@@ -60,10 +88,14 @@ def run_ranks(args: list[str], world_size: int = 2, env: dict[str, str] | None =
     results = [subprocess.CompletedProcess(p.args, p.wait(), p.stdout.read(), None) for p in procs]
     if expect_kill:
         if results[0].returncode != -signal.SIGKILL:
-            raise AssertionError(f"rank 0 was expected to be SIGKILLed, exited {results[0].returncode}:\n{results[0].stdout}")
+            raise AssertionError(
+                f"rank 0 was expected to be SIGKILLed, exited {results[0].returncode}:\n{results[0].stdout}"
+            )
         return results
     failed = [r for r, res in enumerate(results) if res.returncode != 0]
     if failed:
-        report = "\n".join(f"--- rank {r} exited {results[r].returncode}:\n{results[r].stdout[-4000:]}" for r in failed)
+        report = "\n".join(
+            f"--- rank {r} exited {results[r].returncode}:\n{results[r].stdout[-4000:]}" for r in failed
+        )
         raise AssertionError(report)
     return results

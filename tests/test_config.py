@@ -38,7 +38,9 @@ def test_paper_configs_use_the_papers_settings():
 
 
 def test_dotted_overrides_are_parsed_as_yaml_and_typed():
-    cfg = load_config(REPO / "configs/demo-cpu.yaml", ["train.max_steps=7", "routing.beta=1", "train.betas=[0.8, 0.9]"])
+    cfg = load_config(
+        REPO / "configs/demo-cpu.yaml", ["train.max_steps=7", "routing.beta=1", "train.betas=[0.8, 0.9]"]
+    )
     assert cfg.train.max_steps == 7 and cfg.routing.beta == 1.0 and isinstance(cfg.routing.beta, float)
     assert cfg.train.betas == [0.8, 0.9]
 
@@ -65,8 +67,10 @@ def test_bad_values_are_errors_naming_the_key(override, names):
 
 def test_micro_batch_must_split_evenly_over_the_clusters():
     with pytest.raises(ConfigError, match=r"divisible by mtl\.num_clusters"):
-        load_config(REPO / "configs/demo-cpu.yaml", ["train.micro_batch_size=32", "mtl.num_clusters=3",
-                                                       "train.global_batch_size=96"])
+        load_config(
+            REPO / "configs/demo-cpu.yaml",
+            ["train.micro_batch_size=32", "mtl.num_clusters=3", "train.global_batch_size=96"],
+        )
 
 
 def test_nash_and_pcgrad_are_refused_under_zero3_with_the_reason():
@@ -82,12 +86,16 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 
 
 def test_batch_arithmetic_against_the_world_size():
-    cfg = load_config(REPO / "configs/demo-cpu.yaml", ["train.global_batch_size=256", "train.micro_batch_size=32"])
+    cfg = load_config(
+        REPO / "configs/demo-cpu.yaml", ["train.global_batch_size=256", "train.micro_batch_size=32"]
+    )
     assert gradient_accumulation(cfg, 2) == 4
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         gradient_accumulation(cfg, 3)
-    cfg = load_config(REPO / "configs/demo-cpu.yaml", ["train.gradient_accumulation_steps=2",
-                                                       "train.global_batch_size=256", "train.micro_batch_size=32"])
+    cfg = load_config(
+        REPO / "configs/demo-cpu.yaml",
+        ["train.gradient_accumulation_steps=2", "train.global_batch_size=256", "train.micro_batch_size=32"],
+    )
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps \(2\) x world size \(2\) = 128 != "):
         gradient_accumulation(cfg, 2)
 
@@ -113,12 +121,18 @@ def test_user_deepspeed_json_is_checked_against_the_yaml(tmp_path):
     cfg = load_config(REPO / "configs/dit-xl2-dtr-ant.yaml")
     derived = deepspeed_config(cfg, 8, "bf16", "cuda")
     good = tmp_path / "good.json"
-    good.write_text(json.dumps({"zero_optimization": {"stage": 2, "allgather_bucket_size": 5e8}, "bf16": {"enabled": True}}))
+    good.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 2, "allgather_bucket_size": 5e8}, "bf16": {"enabled": True}}
+        )
+    )
     merged = merge_user_deepspeed_config(good, derived)
     assert merged["zero_optimization"]["allgather_bucket_size"] == 5e8 and merged["train_batch_size"] == 256
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    with pytest.raises(ConfigError, match=r"zero_optimization\.stage = 3 disagrees with deepspeed\.zero_stage"):
+    with pytest.raises(
+        ConfigError, match=r"zero_optimization\.stage = 3 disagrees with deepspeed\.zero_stage"
+    ):
         merge_user_deepspeed_config(bad, derived)
     opt = tmp_path / "opt.json"
     opt.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
@@ -127,13 +141,27 @@ def test_user_deepspeed_json_is_checked_against_the_yaml(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dtr_scale", *args], capture_output=True, text=True, cwd=REPO,
-                          env=rank_env(0, 1, 29999), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dtr_scale", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=rank_env(0, 1, 29999),
+        timeout=120,
+    )
 
 
 def test_dry_run_prints_config_deepspeed_json_and_memory_estimate():
-    out = _cli("train", "--config", "configs/dit-xl2-dtr-ant.yaml", "--dry-run", "--world-size", "8",
-               "train.precision=fp32", "data.shards=")
+    out = _cli(
+        "train",
+        "--config",
+        "configs/dit-xl2-dtr-ant.yaml",
+        "--dry-run",
+        "--world-size",
+        "8",
+        "train.precision=fp32",
+        "data.shards=",
+    )
     assert out.returncode == 0, out.stderr
     assert '"train_batch_size": 256' in out.stdout
     assert "674.8M parameters" in out.stdout  # plus the fixed pos_embed buffer: the reference 675.1M
@@ -141,8 +169,14 @@ def test_dry_run_prints_config_deepspeed_json_and_memory_estimate():
 
 
 def test_latent_shape_mismatch_fails_before_training(builtin_data, tmp_path):
-    out = _cli("train", "--config", "configs/demo-cpu.yaml", f"data.shards={builtin_data['train']}",
-               f"run_dir={tmp_path}", "model.input_size=32")
+    out = _cli(
+        "train",
+        "--config",
+        "configs/demo-cpu.yaml",
+        f"data.shards={builtin_data['train']}",
+        f"run_dir={tmp_path}",
+        "model.input_size=32",
+    )
     assert out.returncode == 2
     assert "model.input_size=32 but the data manifest's latent_shape is [4, 16, 16]" in out.stderr
     assert not (tmp_path / "checkpoints").exists()

@@ -9,21 +9,42 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed import REPO, free_port, rank_env, run_ranks
+from distributed import REPO, free_port, launcher_env, run_ranks
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 TINY = [
-    "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "train.micro_batch_size=8",
-    "train.global_batch_size=16", "mtl.method=uw", "mtl.num_clusters=4", "monitor.sample_every=0",
-    "monitor.progress=false", "monitor.tensorboard=false", "train.log_every=1", "data.num_workers=0",
-    "data.shuffle_buffer=64", "train.ema_decay=0.9", "train.ema_warmup=false", "train.lr=0.001",
+    "model.hidden_size=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "train.micro_batch_size=8",
+    "train.global_batch_size=16",
+    "mtl.method=uw",
+    "mtl.num_clusters=4",
+    "monitor.sample_every=0",
+    "monitor.progress=false",
+    "monitor.tensorboard=false",
+    "train.log_every=1",
+    "data.num_workers=0",
+    "data.shuffle_buffer=64",
+    "train.ema_decay=0.9",
+    "train.ema_warmup=false",
+    "train.lr=0.001",
 ]
 
 
 def train_args(run_dir: Path, manifest: Path, *extra: str) -> list[str]:
-    return ["-m", "dtr_scale", "train", "--config", str(REPO / "configs/demo-cpu.yaml"), f"run_dir={run_dir}",
-            f"data.shards={manifest}", *TINY, *extra]
+    return [
+        "-m",
+        "dtr_scale",
+        "train",
+        "--config",
+        str(REPO / "configs/demo-cpu.yaml"),
+        f"run_dir={run_dir}",
+        f"data.shards={manifest}",
+        *TINY,
+        *extra,
+    ]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -46,11 +67,18 @@ def final_weights(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
 
 
-@pytest.mark.parametrize(("zero_stage", "method"), [(1, "uw"), (2, "uw"), (3, "uw"), (2, "nash"), (1, "pcgrad")])
+@pytest.mark.parametrize(
+    ("zero_stage", "method"), [(1, "uw"), (2, "uw"), (3, "uw"), (2, "nash"), (1, "pcgrad")]
+)
 def test_two_process_kill_and_resume_equals_uninterrupted(tmp_path, builtin_data, zero_stage, method):
     manifest = builtin_data["train"]
-    steps = [f"deepspeed.zero_stage={zero_stage}", "train.max_steps=6", "train.checkpoint_every=3",
-             f"mtl.method={method}", "mtl.update_every=2"]
+    steps = [
+        f"deepspeed.zero_stage={zero_stage}",
+        "train.max_steps=6",
+        "train.checkpoint_every=3",
+        f"mtl.method={method}",
+        "mtl.update_every=2",
+    ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run_ranks(train_args(straight, manifest, *steps))
     # rank 0 SIGKILLs itself after step 4 (checkpoint at 3 exists); the launcher kills rank 1.
@@ -123,15 +151,33 @@ def test_two_process_sharded_ema_equals_single_place_ema(tmp_path, builtin_data,
 
 def test_simulated_two_node_torchrun_trains_and_ranks_agree(tmp_path, builtin_data):
     port = free_port()
-    args = train_args(tmp_path / "run", builtin_data["train"], "train.max_steps=3", "train.checkpoint_every=3")
+    args = train_args(
+        tmp_path / "run", builtin_data["train"], "train.max_steps=3", "train.checkpoint_every=3"
+    )
     procs = []
     for node in range(2):
-        env = rank_env(0, 1, port)
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), *args]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = launcher_env()
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            *args,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     sums = [line.split()[-1] for out in outs for line in out.splitlines() if "parameter checksum" in line]
@@ -164,25 +210,44 @@ print("SKIPPED", tr.skipped_steps, "STEP", tr.step)
 
 
 def test_nonfinite_loss_skips_the_step_visibly_then_stops(tmp_path, builtin_data):
-    base = train_args(tmp_path / "a", builtin_data["train"], "train.max_steps=5", "train.checkpoint_every=100",
-                      "train.global_batch_size=8")
+    base = train_args(
+        tmp_path / "a",
+        builtin_data["train"],
+        "train.max_steps=5",
+        "train.checkpoint_every=100",
+        "train.global_batch_size=8",
+    )
     out = run_ranks(["-c", NAN_SCRIPT, *base[4:]], world_size=1)[0].stdout
     assert "non-finite loss on some rank, optimizer step skipped" in out
     assert "SKIPPED 2 STEP 5" in out
-    base = train_args(tmp_path / "b", builtin_data["train"], "train.max_steps=5", "train.max_nonfinite_steps=2",
-                      "train.global_batch_size=8")
+    base = train_args(
+        tmp_path / "b",
+        builtin_data["train"],
+        "train.max_steps=5",
+        "train.max_nonfinite_steps=2",
+        "train.global_batch_size=8",
+    )
     out = run_ranks(["-c", NAN_SCRIPT, *base[4:]], world_size=1)[0].stdout
     assert "STOPPED stopping: 2 non-finite losses in a row" in out
 
 
 def test_deepspeed_launcher_module_mode_two_ranks(tmp_path, builtin_data):
     """`deepspeed --module dtr_scale train ...` (what launch/train.sh runs) passes --local_rank first."""
-    env = rank_env(0, 1, free_port())
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key)
+    env = launcher_env()
     launcher = Path(sys.executable).parent / "deepspeed"
-    args = train_args(tmp_path / "run", builtin_data["train"], "train.max_steps=2", "train.checkpoint_every=2")
-    cmd = [sys.executable, str(launcher), "--num_accelerators", "2", "--master_port", str(free_port()), "--module", *args[1:]]
+    args = train_args(
+        tmp_path / "run", builtin_data["train"], "train.max_steps=2", "train.checkpoint_every=2"
+    )
+    cmd = [
+        sys.executable,
+        str(launcher),
+        "--num_accelerators",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        *args[1:],
+    ]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sums = [line.split()[-1] for line in out.stdout.splitlines() if "parameter checksum" in line]

@@ -27,7 +27,6 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -98,7 +97,9 @@ def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     return dict(module)
 
 
-def split_module_state(state: dict[str, torch.Tensor], where: Path) -> tuple[dict, dict]:
+def split_module_state(
+    state: dict[str, torch.Tensor], where: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(DiT state with the `model.` prefix stripped, balancer state) from the TrainModule's state dict."""
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     balancer_state = {k.removeprefix("balancer."): v for k, v in state.items() if k.startswith("balancer.")}
@@ -111,7 +112,9 @@ def split_module_state(state: dict[str, torch.Tensor], where: Path) -> tuple[dic
     return model_state, balancer_state
 
 
-def assembled_ema(tag_dir: Path, world_size: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def assembled_ema(
+    tag_dir: Path, world_size: int, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
     """The full fp32 EMA parameters from the shards of all `world_size` rank files."""
     from dtr_scale.train.checkpoint import read_state_file
     from dtr_scale.train.ema import assemble_shards
@@ -149,7 +152,7 @@ def balancer_weights(method: str, num_clusters: int, global_state: dict, params:
 # ------------------------------------------------------------------------------- the conversion
 
 
-def _check_reference_layout(model) -> None:
+def _check_reference_layout(model: torch.nn.Module) -> None:
     routing = model.routing
     if routing is not None and routing.beta < 1.0:
         raise ValueError(
@@ -252,6 +255,7 @@ def write_reference_checkpoint(
     path: Path, model_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> None:
     """`{"model", "ema"}` as facebookresearch/DiT's train.py saves them (minus the optimizer and args)."""
+
     def plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state.items()}
 
@@ -276,6 +280,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = convert_checkpoint(args.run_dir, args.out, args.tag, args.dtype, args.format, manifest=args.manifest)
+    out = convert_checkpoint(
+        args.run_dir, args.out, args.tag, args.dtype, args.format, manifest=args.manifest
+    )
     print(out)
     return 0

@@ -48,8 +48,12 @@ def split_state(state: Any, tensors: dict[str, torch.Tensor], prefix: str = "") 
         tensors[key] = state.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(state, dict):
-        return {"__dict__": [[k, split_state(v, tensors, f"{prefix}.{i}" if prefix else str(i))]
-                             for i, (k, v) in enumerate(state.items())]}
+        return {
+            "__dict__": [
+                [k, split_state(v, tensors, f"{prefix}.{i}" if prefix else str(i))]
+                for i, (k, v) in enumerate(state.items())
+            ]
+        }
     if isinstance(state, list | tuple):
         items = [split_state(v, tensors, f"{prefix}.{i}" if prefix else str(i)) for i, v in enumerate(state)]
         return {"__tuple__": items} if isinstance(state, tuple) else items
@@ -139,7 +143,9 @@ def check_deepspeed_files_safe(tag_dir: Path) -> None:
 class Checkpointer:
     """Owns `run_dir/checkpoints`: save, retention, and resume of DeepSpeed + dtr-scale state."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 2, keep_every: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, run_dir: str | Path, keep_last: int = 2, keep_every: int = 0, rank: int = 0, world_size: int = 1
+    ):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last, self.keep_every = keep_last, keep_every
         self.rank, self.world_size = rank, world_size
@@ -150,7 +156,9 @@ class Checkpointer:
             return None
         tag = latest.read_text().strip()
         if not (self.dir / tag / "dtr_scale" / "global.safetensors").is_file():
-            raise RuntimeError(f"{latest} names {tag!r}, but {self.dir / tag} is not a complete dtr-scale checkpoint")
+            raise RuntimeError(
+                f"{latest} names {tag!r}, but {self.dir / tag} is not a complete dtr-scale checkpoint"
+            )
         return tag
 
     def save(self, engine, step: int, global_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
@@ -158,7 +166,9 @@ class Checkpointer:
         engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
         ours = self.dir / tag / "dtr_scale"
         ours.mkdir(parents=True, exist_ok=True)
-        write_state_file(ours / f"rank{self.rank:05d}.safetensors", {"world_size": self.world_size, **rank_state})
+        write_state_file(
+            ours / f"rank{self.rank:05d}.safetensors", {"world_size": self.world_size, **rank_state}
+        )
         if self.rank == 0:
             write_state_file(ours / "global.safetensors", {"world_size": self.world_size, **global_state})
         _barrier()  # every rank has written and fsynced: only now may `latest` move
@@ -171,7 +181,9 @@ class Checkpointer:
         return tag
 
     def _prune(self, current_step: int) -> None:
-        steps = sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := TAG_RE.match(p.name)) and p.is_dir())
+        steps = sorted(
+            int(m.group(1)) for p in self.dir.iterdir() if (m := TAG_RE.match(p.name)) and p.is_dir()
+        )
         keep = set(steps[-self.keep_last :]) | {current_step}
         if self.keep_every:
             keep |= {s for s in steps if s % self.keep_every == 0}

@@ -60,15 +60,25 @@ def shard_segments(module: nn.Module, rank: int, world_size: int) -> list[Segmen
 class ShardedEMA:
     """EMA over this rank's segments of `module`'s parameters: ema = d * ema + (1 - d) * param."""
 
-    def __init__(self, module: nn.Module, decay: float = 0.9999, warmup: bool = False, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        module: nn.Module,
+        decay: float = 0.9999,
+        warmup: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.module = module
         self.decay = decay
         self.warmup = warmup
         self.rank, self.world_size = rank, world_size
         self.segments = shard_segments(module, rank, world_size)
         self._params = dict(module.named_parameters())
-        self.shard = torch.zeros(sum(length for _, _, length in self.segments), dtype=torch.float32,
-                                 device=next(iter(self._params.values())).device)
+        self.shard = torch.zeros(
+            sum(length for _, _, length in self.segments),
+            dtype=torch.float32,
+            device=next(iter(self._params.values())).device,
+        )
         self.num_updates = 0
         self.copy_from_model()
 
@@ -122,8 +132,14 @@ class ShardedEMA:
     @torch.no_grad()
     def gather(self, dst: int | None = 0) -> dict[str, torch.Tensor] | None:
         """Full fp32 EMA tensors (collective); returned on `dst` (all ranks when dst is None)."""
-        shapes = {name: tuple(p.ds_shape) if _is_zero3_param(p) else tuple(p.shape) for name, p in self._params.items()}
-        full = {name: torch.zeros(math.prod(shape), dtype=torch.float32, device=self.shard.device) for name, shape in shapes.items()}
+        shapes = {
+            name: tuple(p.ds_shape) if _is_zero3_param(p) else tuple(p.shape)
+            for name, p in self._params.items()
+        }
+        full = {
+            name: torch.zeros(math.prod(shape), dtype=torch.float32, device=self.shard.device)
+            for name, shape in shapes.items()
+        }
         offset = 0
         for name, start, length in self.segments:
             full[name][start : start + length] = self.shard[offset : offset + length]

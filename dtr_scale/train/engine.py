@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import socket
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,75 +38,10 @@ from dtr_scale.config import (
     merge_user_deepspeed_config,
     resolve_precision,
 )
+from dtr_scale.train.runtime import init_distributed, load_rng_state, rng_state, seed_everything
 
 accepts_overrides = True
 FAULT_ENV = "DTR_SCALE_FAULT_AT_STEP"  # testing aid: rank 0 SIGKILLs itself after this step
-
-
-# ------------------------------------------------------------------------------- distributed set-up
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def map_launcher_env(env: dict[str, str] | os._Environ = os.environ) -> None:
-    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* present for every way of launching.
-
-    SLURM with one task per GPU (`srun python -m dtr_scale train ...`): DeepSpeed would look for
-    mpi4py, so SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID are mapped here (MASTER_ADDR must be exported
-    by the batch script, see launch/slurm.sbatch). A bare single process gets rank 0 of 1 on a free
-    loopback port.
-    """
-    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        if "MASTER_ADDR" not in env:
-            raise RuntimeError("running under SLURM without torchrun: export MASTER_ADDR (first node's host name)")
-        env.setdefault("MASTER_PORT", "29500")
-    if "RANK" not in env:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
-    env.setdefault("LOCAL_RANK", "0")
-
-
-def init_distributed() -> DistInfo:
-    map_launcher_env()
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        # The shared-memory comm op is JIT-compiled at process-group start (~1 min); gloo suffices here.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if accelerator.device_name() == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
 
 # ------------------------------------------------------------------------------- model construction
 
@@ -121,25 +53,41 @@ def model_kwargs(cfg: RunConfig, latent_shape: tuple[int, int, int], num_labels:
         raise ConfigError(f"data.shards: latents must be square, got latent_shape {list(latent_shape)}")
     m = cfg.model
     if m.in_channels is not None and m.in_channels != channels:
-        raise ConfigError(f"model.in_channels={m.in_channels} but the data manifest's latent_shape is {list(latent_shape)}")
+        raise ConfigError(
+            f"model.in_channels={m.in_channels} but the data manifest's latent_shape is {list(latent_shape)}"
+        )
     if m.input_size is not None and m.input_size != height:
-        raise ConfigError(f"model.input_size={m.input_size} but the data manifest's latent_shape is {list(latent_shape)}")
+        raise ConfigError(
+            f"model.input_size={m.input_size} but the data manifest's latent_shape is {list(latent_shape)}"
+        )
     num_classes = m.num_classes if m.num_classes is not None else num_labels
     if num_classes < num_labels:
-        raise ConfigError(f"model.num_classes={num_classes} is smaller than the manifest's {num_labels} labels")
+        raise ConfigError(
+            f"model.num_classes={num_classes} is smaller than the manifest's {num_labels} labels"
+        )
     kwargs: dict[str, Any] = dict(
-        input_size=height, in_channels=channels, num_classes=num_classes, class_dropout_prob=m.class_dropout_prob,
-        learn_sigma=m.learn_sigma, mlp_ratio=m.mlp_ratio, grad_checkpointing=m.grad_checkpointing,
+        input_size=height,
+        in_channels=channels,
+        num_classes=num_classes,
+        class_dropout_prob=m.class_dropout_prob,
+        learn_sigma=m.learn_sigma,
+        mlp_ratio=m.mlp_ratio,
+        grad_checkpointing=m.grad_checkpointing,
     )
     patch = int(m.name.split("/")[1])
     if height % patch:
-        raise ConfigError(f"model.name={m.name}: latent size {height} is not divisible by the patch size {patch}")
+        raise ConfigError(
+            f"model.name={m.name}: latent size {height} is not divisible by the patch size {patch}"
+        )
     for key in ("hidden_size", "depth", "num_heads"):
         if getattr(m, key) is not None:
             kwargs[key] = getattr(m, key)
     if cfg.routing.enabled:
-        kwargs["routing"] = {"alpha": cfg.routing.alpha, "beta": cfg.routing.beta,
-                             "num_tasks": cfg.diffusion.diffusion_steps}
+        kwargs["routing"] = {
+            "alpha": cfg.routing.alpha,
+            "beta": cfg.routing.beta,
+            "num_tasks": cfg.diffusion.diffusion_steps,
+        }
     return kwargs
 
 
@@ -157,7 +105,9 @@ def resolve_clusters(cfg: RunConfig, alphas_cumprod: np.ndarray) -> list[tuple[i
     if m.clusters_file:
         clusters = load_clusters(m.clusters_file, steps)
         if len(clusters) != m.num_clusters:
-            raise ConfigError(f"mtl.clusters_file {m.clusters_file} has {len(clusters)} clusters, mtl.num_clusters is {m.num_clusters}")
+            raise ConfigError(
+                f"mtl.clusters_file {m.clusters_file} has {len(clusters)} clusters, mtl.num_clusters is {m.num_clusters}"
+            )
         return clusters
     if m.num_clusters == 1:
         return None
@@ -167,7 +117,9 @@ def resolve_clusters(cfg: RunConfig, alphas_cumprod: np.ndarray) -> list[tuple[i
             raise ConfigError(f"mtl.affinity_file {path} does not exist")
         values = np.load(path, allow_pickle=False)
         if values.shape != (steps, steps):
-            raise ConfigError(f"mtl.affinity_file {path}: expected a {steps}x{steps} matrix, got {values.shape}")
+            raise ConfigError(
+                f"mtl.affinity_file {path}: expected a {steps}x{steps} matrix, got {values.shape}"
+            )
     else:
         values = alphas_cumprod / (1.0 - alphas_cumprod)  # per-timestep SNR (ANT)
     return interval_clustering(values, m.num_clusters, m.objective)
@@ -202,34 +154,6 @@ class TrainModule(nn.Module):
         return {"loss": loss, "per_sample": per_sample.detach(), "mse": terms["mse"].detach()}
 
 
-# ------------------------------------------------------------------------------- RNG state
-
-
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": list(random.getstate()),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def load_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 # ------------------------------------------------------------------------------- the trainer
 
 
@@ -249,12 +173,16 @@ class Trainer:
 
         self.cfg = cfg
         if not cfg.data.shards:
-            raise ConfigError("data.shards: set it to a manifest.json (e.g. from `dtr-scale prepare-builtin`)")
+            raise ConfigError(
+                "data.shards: set it to a manifest.json (e.g. from `dtr-scale prepare-builtin`)"
+            )
         self.dist = info = init_distributed()
         self.rank, self.world = info.rank, info.world_size
         self.device = info.device
         accelerator = get_accelerator()
-        self.precision = resolve_precision(cfg, info.device.type, info.device.type == "cuda" and accelerator.is_bf16_supported())
+        self.precision = resolve_precision(
+            cfg, info.device.type, info.device.type == "cuda" and accelerator.is_bf16_supported()
+        )
         self.accumulation = gradient_accumulation(cfg, self.world)
         self.manifest = load_manifest(cfg.data.shards)
         self.run_dir = Path(cfg.run_dir)
@@ -263,8 +191,12 @@ class Trainer:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, tuple(self.manifest.latent_shape), len(self.manifest.labels))
         self.flops_per_sample = model.flops_per_sample()
-        self.diffusion = create_diffusion("", noise_schedule=cfg.diffusion.noise_schedule,
-                                          learn_sigma=cfg.model.learn_sigma, diffusion_steps=cfg.diffusion.diffusion_steps)
+        self.diffusion = create_diffusion(
+            "",
+            noise_schedule=cfg.diffusion.noise_schedule,
+            learn_sigma=cfg.model.learn_sigma,
+            diffusion_steps=cfg.diffusion.diffusion_steps,
+        )
         self.clusters = resolve_clusters(cfg, np.asarray(self.diffusion.alphas_cumprod, dtype=np.float64))
         k = 1 if self.clusters is None else len(self.clusters)
         stratified = cfg.mtl.method != "none" and self.clusters is not None
@@ -284,31 +216,54 @@ class Trainer:
         self.module = TrainModule(model, balancer, self.diffusion, k)
 
         seed_everything(cfg.train.seed * self.world + self.rank)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed * self.world + self.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(
+            cfg.train.seed * self.world + self.rank
+        )
 
         t = cfg.train
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
+        groups = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": t.weight_decay}
+        ]
         groups += balancer.param_groups(t.lr)
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                      fused=self.device.type == "cuda")
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=t.lr,
+            betas=tuple(t.betas),
+            eps=t.eps,
+            weight_decay=t.weight_decay,
+            fused=self.device.type == "cuda",
+        )
         warmup = t.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
         self.ds_config = deepspeed_config(cfg, self.world, self.precision, self.device.type)
         ds_file = user_ds_config or cfg.deepspeed.config_file
         if ds_file:
             self.ds_config = merge_user_deepspeed_config(ds_file, self.ds_config)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            dist_init_required=False)
+            model=self.module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
         if cfg.model.compile:
             self.engine.compile()
         self.ema = ShardedEMA(self.engine.module.model, t.ema_decay, t.ema_warmup, self.rank, self.world)
         self.stream = LatentStream(
-            self.manifest, t.micro_batch_size, seed=t.seed, rank=self.rank, world_size=self.world,
-            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
-            on_error=cfg.data.on_error, expected_latent_shape=tuple(self.manifest.latent_shape),
-            pin_memory=self.device.type == "cuda")
+            self.manifest,
+            t.micro_batch_size,
+            seed=t.seed,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            resampled=cfg.data.resampled,
+            on_error=cfg.data.on_error,
+            expected_latent_shape=tuple(self.manifest.latent_shape),
+            pin_memory=self.device.type == "cuda",
+        )
         self.cluster_buffer = ClusterLossBuffer(k)
         self.checkpointer = Checkpointer(self.run_dir, t.keep_last, t.keep_every, self.rank, self.world)
         self.step = 0
@@ -327,16 +282,23 @@ class Trainer:
 
     def _global_state(self) -> dict[str, Any]:
         return {
-            "step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "skipped_steps": self.skipped_steps,
             "balancer": self.engine.module.balancer.state_dict() if self.cfg.deepspeed.zero_stage < 3 else {},
             "cluster_buffer": self.cluster_buffer.state_dict(),
             "clusters": [list(c) for c in self.clusters] if self.clusters else [],
-            "config": dump_yaml(self.cfg), "version": __version__,
+            "config": dump_yaml(self.cfg),
+            "version": __version__,
         }
 
     def _rank_state(self) -> dict[str, Any]:
-        return {"ema": self.ema.state_dict(), "rng": rng_state(self.generator), "stream": self.stream.state_dict(),
-                "rank": self.rank}
+        return {
+            "ema": self.ema.state_dict(),
+            "rng": rng_state(self.generator),
+            "stream": self.stream.state_dict(),
+            "rank": self.rank,
+        }
 
     def save(self) -> str:
         tag = self.checkpointer.save(self.engine, self.step, self._global_state(), self._rank_state())
@@ -351,7 +313,9 @@ class Trainer:
         self.skipped_steps = int(global_state["skipped_steps"])
         saved_clusters = [tuple(c) for c in global_state["clusters"]]
         if saved_clusters != [tuple(c) for c in (self.clusters or [])]:
-            raise RuntimeError(f"checkpoint {tag} was trained with clusters {saved_clusters}, the config now gives {self.clusters}")
+            raise RuntimeError(
+                f"checkpoint {tag} was trained with clusters {saved_clusters}, the config now gives {self.clusters}"
+            )
         if global_state["balancer"]:
             self.engine.module.balancer.load_state_dict(global_state["balancer"])
         self.cluster_buffer.load_state_dict(global_state["cluster_buffer"])
@@ -394,7 +358,9 @@ class Trainer:
 
         def cluster_loss(i: int) -> torch.Tensor:
             sel = cluster_idx == i
-            terms = module.diffusion.training_losses(model_fn, x[sel], t[sel], model_kwargs={"y": y[sel]}, noise=noise[sel])
+            terms = module.diffusion.training_losses(
+                model_fn, x[sel], t[sel], model_kwargs={"y": y[sel]}, noise=noise[sel]
+            )
             return terms["loss"].mean()
 
         counts = torch.bincount(cluster_idx, minlength=self.k)
@@ -405,7 +371,9 @@ class Trainer:
 
             cos = cosine_from_gram(gram).float().clamp(-1, 1)
             image = ((cos + 1) * 127.5).round().to(torch.uint8).cpu()
-            image = image.repeat_interleave(16, 0).repeat_interleave(16, 1).unsqueeze(-1).repeat(1, 1, 3).numpy()
+            image = (
+                image.repeat_interleave(16, 0).repeat_interleave(16, 1).unsqueeze(-1).repeat(1, 1, 3).numpy()
+            )
             self.monitor.image("balancer/gradient_cosines", self.step + 1, image)
 
     def train_step(self, batches) -> dict[str, float] | None:
@@ -414,7 +382,7 @@ class Trainer:
         update_gram = getattr(balancer, "needs_gram", False) and self.step % balancer.update_every == 0
         objective = 0.0
         mse_sum = 0.0
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext())
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
         for micro in range(self.accumulation):
             x, y = next(batches)
             x = x.to(self.device, non_blocking=True)
@@ -433,10 +401,13 @@ class Trainer:
                 if self.cfg.deepspeed.zero_stage == 3:
                     raise FloatingPointError(
                         f"non-finite loss in micro-batch {micro} of step {self.step + 1} under ZeRO-3, where a "
-                        "partial step cannot be undone; resume from the last checkpoint")
+                        "partial step cannot be undone; resume from the last checkpoint"
+                    )
                 # Mid-accumulation: contribute exact zeros for this micro-batch, keep the others.
-                loss = sum((p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad),
-                           torch.zeros((), device=self.device))
+                loss = sum(
+                    (p.sum() * 0.0 for p in self.engine.module.parameters() if p.requires_grad),
+                    torch.zeros((), device=self.device),
+                )
                 self.monitor_message(f"step {self.step + 1}: non-finite loss in micro-batch {micro}, dropped")
             else:
                 self.cluster_buffer.add(out["per_sample"], cluster_idx)
@@ -447,8 +418,12 @@ class Trainer:
         self.ema.update()
         means, counts = self.cluster_buffer.reduce()
         total = counts.sum().clamp_min(1)
-        scalars = {"loss/mean": float((means * counts).sum() / total), "loss/objective": objective,
-                   "loss/mse_rank0": mse_sum, "lr": float(self.scheduler.get_last_lr()[0])}
+        scalars = {
+            "loss/mean": float((means * counts).sum() / total),
+            "loss/objective": objective,
+            "loss/mse_rank0": mse_sum,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+        }
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
@@ -465,9 +440,17 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         self.monitor = Monitor(
-            self.run_dir, self.rank, self.world, t.max_steps, self.flops_per_sample,
-            peak_flops_per_device(self.device, cfg.monitor.peak_tflops), tensorboard=cfg.monitor.tensorboard,
-            progress=cfg.monitor.progress, start_step=self.step, config_text=dump_yaml(cfg))
+            self.run_dir,
+            self.rank,
+            self.world,
+            t.max_steps,
+            self.flops_per_sample,
+            peak_flops_per_device(self.device, cfg.monitor.peak_tflops),
+            tensorboard=cfg.monitor.tensorboard,
+            progress=cfg.monitor.progress,
+            start_step=self.step,
+            config_text=dump_yaml(cfg),
+        )
         self.engine.train()
         batches = iter(self.stream)
         fault_step = int(os.environ.get(FAULT_ENV, "0"))
@@ -479,13 +462,16 @@ class Trainer:
             if scalars is None:
                 self.skipped_steps += 1
                 self.nonfinite_in_row += 1
-                self.monitor.message(f"step {self.step}: non-finite loss on some rank, optimizer step skipped "
-                                     f"({self.nonfinite_in_row} in a row, {self.skipped_steps} in total)")
+                self.monitor.message(
+                    f"step {self.step}: non-finite loss on some rank, optimizer step skipped "
+                    f"({self.nonfinite_in_row} in a row, {self.skipped_steps} in total)"
+                )
                 self.monitor.scalars(self.step, {"skipped_steps": self.skipped_steps})
                 if self.nonfinite_in_row >= t.max_nonfinite_steps:
                     raise FloatingPointError(
                         f"stopping: {self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps="
-                        f"{t.max_nonfinite_steps}); last complete checkpoint: {self.checkpointer.dir}/latest")
+                        f"{t.max_nonfinite_steps}); last complete checkpoint: {self.checkpointer.dir}/latest"
+                    )
             else:
                 self.nonfinite_in_row = 0
                 if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
@@ -504,96 +490,15 @@ class Trainer:
         self.monitor.close()
         return last_scalars
 
-    # -- in-loop sampling and evaluation -------------------------------------------------------------
-
-    def _ema_model(self) -> nn.Module | None:
-        """A copy of the model holding the gathered EMA weights on rank 0 (collective)."""
-        full = self.ema.gather(dst=0)
-        if self.rank != 0:
-            return None
-        model = build_model(self.cfg, tuple(self.manifest.latent_shape), len(self.manifest.labels)).to(self.device)
-        missing, unexpected = model.load_state_dict(full, strict=False)
-        if unexpected or any(k != "pos_embed" for k in missing):
-            raise RuntimeError(f"EMA weights do not match the model: missing {missing}, unexpected {unexpected}")
-        return model.eval()
-
-    @torch.no_grad()
-    def _sample_latents(self, model: nn.Module, labels: torch.Tensor, steps: int, cfg_scale: float, seed: int):
-        from dtr_scale.diffusion import create_diffusion
-
-        diffusion = create_diffusion(f"ddim{steps}", noise_schedule=self.cfg.diffusion.noise_schedule,
-                                     learn_sigma=self.cfg.model.learn_sigma, diffusion_steps=self.cfg.diffusion.diffusion_steps)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        shape = (len(labels), *self.manifest.latent_shape)
-        z = torch.randn(shape, generator=generator, device=self.device)
-        if cfg_scale > 1.0:
-            null = torch.full_like(labels, model.num_classes)
-            z = torch.cat([z, z])
-            kwargs = {"y": torch.cat([labels, null]), "cfg_scale": cfg_scale}
-            out = diffusion.ddim_sample_loop(model.forward_with_cfg, z.shape, noise=z, model_kwargs=kwargs,
-                                             device=self.device, generator=generator)
-            return out[: len(labels)]
-        return diffusion.ddim_sample_loop(model, shape, noise=z, model_kwargs={"y": labels}, device=self.device,
-                                          generator=generator)
-
     def sample_grid(self) -> None:
-        """EMA samples for fixed classes and noise, decoded and logged as an image grid (rank 0)."""
-        from dtr_scale.data.shards import build_decoder
-        from dtr_scale.train.monitor import image_grid
+        from dtr_scale.train.inloop import sample_grid
 
-        model = self._ema_model()
-        if model is None:
-            return
-        num_classes = len(self.manifest.labels)
-        labels = torch.tensor([c % num_classes for c in self.cfg.monitor.sample_classes], device=self.device)
-        latents = self._sample_latents(model, labels, self.cfg.monitor.sample_steps, self.cfg.monitor.sample_cfg_scale,
-                                       seed=self.cfg.train.seed)
-        decoder = build_decoder(self.manifest, self.cfg.data.vae, device=self.device)
-        grid = image_grid(decoder(latents))
-        path = self.run_dir / "samples" / f"step{self.step:08d}.png"
-        self.monitor.image("samples/ema", self.step, grid, png_path=path)
-        self.monitor.message(f"sample grid: {path}")
+        sample_grid(self)
 
     def evaluate_in_loop(self) -> None:
-        """KID/FID of EMA samples against the held-out reference (rank 0), logged to TensorBoard."""
-        from dtr_scale.sample.evaluate import compute_metrics
+        from dtr_scale.train.inloop import evaluate_in_loop
 
-        model = self._ema_model()
-        if model is None:
-            return
-        from dtr_scale.data.shards import build_decoder
-
-        e = self.cfg.eval
-        num_classes = len(self.manifest.labels)
-        gen = torch.Generator().manual_seed(self.cfg.train.seed + 1)
-        labels = torch.randint(0, num_classes, (e.num_samples,), generator=gen).to(self.device)
-        decoder = build_decoder(self.manifest, self.cfg.data.vae, device=self.device)
-        images = []
-        for start in range(0, e.num_samples, 64):
-            z = self._sample_latents(model, labels[start : start + 64], e.steps, e.cfg_scale, seed=self.cfg.train.seed + start)
-            images.append(decoder(z).float().cpu())
-        images = torch.cat(images)
-        if images.shape[1] == 1:
-            images = images.repeat(1, 3, 1, 1)
-        array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        reference = e.reference or default_reference(self.manifest)
-        if e.reference_size and isinstance(reference, np.ndarray):
-            reference = reference[: e.reference_size]
-        result = compute_metrics(array, reference, inception_weights=e.inception_weights,
-                                 kid_subset_size=min(1000, e.num_samples))
-        scalars = {f"eval/{k}": float(v) for k, v in result["metrics"].items() if isinstance(v, int | float)}
-        self.monitor.scalars(self.step, scalars)
-        self.monitor.message(f"step {self.step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-
-
-def default_reference(manifest) -> np.ndarray:
-    """The held-out split beside a built-in training split, as uint8 RGB images (NHWC)."""
-    from dtr_scale.data.builtin import heldout_images
-
-    heldout = Path(manifest.path).parent.parent / "heldout"
-    if not heldout.is_dir():
-        raise ConfigError(f"eval.reference is not set and {heldout} (built-in held-out split) does not exist")
-    return heldout_images(heldout, rgb=True)
+        evaluate_in_loop(self)
 
 
 # ------------------------------------------------------------------------------- dry run and CLI
@@ -629,27 +534,39 @@ def dry_run(cfg: RunConfig, world_size: int, user_ds_config: str | None) -> str:
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         if cfg.deepspeed.zero_stage == 3:
-            estimate_zero3_model_states_mem_needs_all_cold(total, largest, num_gpus_per_node=gpus, num_nodes=nodes)
+            estimate_zero3_model_states_mem_needs_all_cold(
+                total, largest, num_gpus_per_node=gpus, num_nodes=nodes
+            )
         else:
             estimate_zero2_model_states_mem_needs_all_cold(total, num_gpus_per_node=gpus, num_nodes=nodes)
-    return "\n".join([
-        "# resolved config", dump_yaml(cfg),
-        f"# DeepSpeed JSON (world size {world_size}, precision {precision})", json.dumps(ds, indent=2),
-        f"# model: {cfg.model.name}, {total / 1e6:.1f}M parameters, latent {list(latent_shape)}",
-        "# DeepSpeed memory estimate (model states; ZeRO-3 estimator at stage 3, else ZeRO-2's)",
-        buffer.getvalue().strip(),
-    ])
+    return "\n".join(
+        [
+            "# resolved config",
+            dump_yaml(cfg),
+            f"# DeepSpeed JSON (world size {world_size}, precision {precision})",
+            json.dumps(ds, indent=2),
+            f"# model: {cfg.model.name}, {total / 1e6:.1f}M parameters, latent {list(latent_shape)}",
+            "# DeepSpeed memory estimate (model states; ZeRO-3 estimator at stage 3, else ZeRO-2's)",
+            buffer.getvalue().strip(),
+        ]
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=1000")
-    parser.add_argument("--deepspeed-config", default=None, help="your DeepSpeed JSON, checked against the YAML")
+    parser.add_argument(
+        "--deepspeed-config", default=None, help="your DeepSpeed JSON, checked against the YAML"
+    )
     parser.add_argument("--resume", default=None, help="checkpoint tag to resume from (default: latest)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print resolved config, DeepSpeed JSON and memory estimate, then exit")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="world size for --dry-run (default: WORLD_SIZE or 1)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print resolved config, DeepSpeed JSON and memory estimate, then exit",
+    )
+    parser.add_argument(
+        "--world-size", type=int, default=None, help="world size for --dry-run (default: WORLD_SIZE or 1)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -669,7 +586,10 @@ def run(args: argparse.Namespace) -> int:
             checksum = sum(p.double().sum().item() for p in trainer.engine.module.model.parameters())
         print(f"rank {trainer.rank}: parameter checksum {checksum!r}", flush=True)
     if trainer.rank == 0:
-        print(f"done: step {trainer.step}; run dir {trainer.run_dir} (checkpoints/, tensorboard/, samples/)", flush=True)
+        print(
+            f"done: step {trainer.step}; run dir {trainer.run_dir} (checkpoints/, tensorboard/, samples/)",
+            flush=True,
+        )
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

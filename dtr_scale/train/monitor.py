@@ -62,9 +62,19 @@ def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
 class Monitor:
     """Rank-0 logging; every method is a no-op on other ranks."""
 
-    def __init__(self, run_dir: Path, rank: int, world_size: int, max_steps: int, flops_per_sample: float,
-                 peak_flops: float | None, tensorboard: bool = True, progress: bool = True,
-                 start_step: int = 0, config_text: str | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        world_size: int,
+        max_steps: int,
+        flops_per_sample: float,
+        peak_flops: float | None,
+        tensorboard: bool = True,
+        progress: bool = True,
+        start_step: int = 0,
+        config_text: str | None = None,
+    ):
         self.active = rank == 0
         self.world_size = world_size
         self.flops_per_sample = flops_per_sample
@@ -92,8 +102,11 @@ class Monitor:
         """On resume, drop lines logged after the checkpoint (the resumed run writes them again)."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= start_step]
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= start_step
+        ]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def step(self, step: int, scalars: dict[str, float], samples_per_step: int) -> dict[str, float]:
@@ -119,9 +132,13 @@ class Monitor:
         if self.bar is not None:
             self.bar.n = step
             remaining = (self.bar.total - step) * seconds
-            self.bar.set_postfix(loss=f"{scalars.get('loss/mean', float('nan')):.4f}",
-                                 it_s=f"{1 / seconds:.2f}", img_s=f"{scalars['perf/img_per_s']:.1f}",
-                                 eta=time.strftime("%H:%M:%S", time.gmtime(remaining)), refresh=False)
+            self.bar.set_postfix(
+                loss=f"{scalars.get('loss/mean', float('nan')):.4f}",
+                it_s=f"{1 / seconds:.2f}",
+                img_s=f"{scalars['perf/img_per_s']:.1f}",
+                eta=time.strftime("%H:%M:%S", time.gmtime(remaining)),
+                refresh=False,
+            )
             self.bar.refresh()
         return scalars
 

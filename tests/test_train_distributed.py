@@ -253,3 +253,22 @@ def test_deepspeed_launcher_module_mode_two_ranks(tmp_path, builtin_data):
     sums = [line.split()[-1] for line in out.stdout.splitlines() if "parameter checksum" in line]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step00000002"
+
+
+def test_single_process_run_logs_cluster_curves_sample_grids_and_in_loop_kid(tmp_path, builtin_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    args = train_args(run_dir, builtin_data["train"], "train.max_steps=2", "train.checkpoint_every=2",
+                      "train.global_batch_size=8", "monitor.tensorboard=true", "monitor.sample_every=2",
+                      "monitor.sample_steps=3", "eval.every=2", "eval.num_samples=8", "eval.steps=3",
+                      "eval.reference_size=16")
+    run_ranks(args, world_size=1)
+    assert (run_dir / "samples/step00000002.png").is_file()
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss/mean", "cluster/loss_0", "cluster/weight_3", "mtl/uw_s_0", "lr", "grad_norm"} <= scalars
+    assert {"perf/img_per_s", "perf/step_time_s", "eval/kernel_inception_distance_mean"} <= scalars
+    assert "samples/ema" in events.Tags()["images"]
+    assert (run_dir / "config.yaml").read_text().startswith("run_dir:")

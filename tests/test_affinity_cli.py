@@ -20,7 +20,9 @@ def test_affinity_matrix_from_a_model_dir_clusters_into_contiguous_intervals(tmp
     for p in model.parameters():  # leave adaLN-Zero so every group has a gradient
         torch.nn.init.normal_(p, std=0.05)
     data = data_section(load_manifest(builtin_data["train"]))
-    model_dir = save_model_dir(tmp_path / "model", model.state_dict(), model.state_dict(), make_config(model, data))
+    model_dir = save_model_dir(
+        tmp_path / "model", model.state_dict(), model.state_dict(), make_config(model, data)
+    )
 
     affinity = tmp_path / "affinity.npy"
     assert main(["affinity", "--model", str(model_dir), "--data", str(builtin_data["train"]), "--group-size", "250",

@@ -259,10 +259,20 @@ def test_single_process_run_logs_cluster_curves_sample_grids_and_in_loop_kid(tmp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    args = train_args(run_dir, builtin_data["train"], "train.max_steps=2", "train.checkpoint_every=2",
-                      "train.global_batch_size=8", "monitor.tensorboard=true", "monitor.sample_every=2",
-                      "monitor.sample_steps=3", "eval.every=2", "eval.num_samples=8", "eval.steps=3",
-                      "eval.reference_size=16")
+    args = train_args(
+        run_dir,
+        builtin_data["train"],
+        "train.max_steps=2",
+        "train.checkpoint_every=2",
+        "train.global_batch_size=8",
+        "monitor.tensorboard=true",
+        "monitor.sample_every=2",
+        "monitor.sample_steps=3",
+        "eval.every=2",
+        "eval.num_samples=8",
+        "eval.steps=3",
+        "eval.reference_size=16",
+    )
     run_ranks(args, world_size=1)
     assert (run_dir / "samples/step00000002.png").is_file()
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})

@@ -9,8 +9,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dtr_scale.mtl import gram as gram_module
 from dtr_scale.mtl.cluster_losses import ClusterLossBuffer, per_cluster_mean
-from dtr_scale.mtl.gram import cosine_from_gram, global_cluster_gram, global_cluster_gram_from_fn
+from dtr_scale.mtl.gram import (
+    cosine_from_gram,
+    global_cluster_gram,
+    global_cluster_gram_from_fn,
+    release_gram_workspace,
+)
 
 K = 3
 # the union batch: 12 samples; rank r of 2 takes samples r::2
@@ -33,9 +39,9 @@ def per_sample_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     return (model(x).squeeze(1) - y) ** 2
 
 
-def reference_gram(cluster_idx: torch.Tensor) -> torch.Tensor:
+def reference_gram(cluster_idx: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
     """Gram of the per-cluster gradients of the union batch, from explicit gradient vectors."""
-    model = tiny_model()
+    model = tiny_model() if model is None else model
     x, y = union_batch()
     means, _ = per_cluster_mean(per_sample_loss(model, x, y), cluster_idx, K)
     rows = []
@@ -81,6 +87,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 K,
                 counts=counts if pass_counts else None,
             )
+        # backends without reduce-scatter: all-reduce of the whole gradient, then the slice is copied
+        real_get_backend = gram_module.dist.get_backend
+        gram_module.dist.get_backend = lambda group=None: "no-reduce-scatter"
+        try:
+            idx = UNION_IDX_UNEQUAL[rank::world]
+            means, counts = per_cluster_mean(per_sample_loss(model, x, y), idx, K)
+            out["unequal_all_reduce"] = global_cluster_gram(list(model.parameters()), means, counts=counts)
+        finally:
+            gram_module.dist.get_backend = real_get_backend
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -124,6 +139,42 @@ def test_two_process_gram_from_per_cluster_forwards_equals_the_union_gram(world2
             torch.testing.assert_close(
                 world2_results[rank][f"{name}_from_fn"], expected, rtol=1e-6, atol=1e-9
             )
+
+
+@pytest.mark.multiprocess
+def test_two_process_gram_without_reduce_scatter_equals_the_union_gram(world2_results: dict) -> None:
+    expected = reference_gram(UNION_IDX_UNEQUAL)
+    for rank in (0, 1):
+        torch.testing.assert_close(world2_results[rank]["unequal_all_reduce"], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_repeated_gram_reuses_its_buffers_and_follows_a_change_of_model() -> None:
+    model = tiny_model()
+    x, y = union_batch()
+
+    def gram_of(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        means, _ = per_cluster_mean(per_sample_loss(module, inputs, y), UNION_IDX_UNEQUAL, K)
+        return global_cluster_gram(list(module.parameters()), means)
+
+    first = gram_of(model, x)
+    # a model with other shapes in between must not read the first model's cached layout
+    torch.manual_seed(3)
+    other = torch.nn.Sequential(torch.nn.Linear(5, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1))
+    other_gram = gram_of(other, x)
+    again = gram_of(model, x)
+    assert torch.equal(first, again)
+    torch.testing.assert_close(other_gram, reference_gram(UNION_IDX_UNEQUAL, other), rtol=1e-6, atol=1e-9)
+    release_gram_workspace()
+    torch.testing.assert_close(gram_of(model, x), first, rtol=0, atol=0)
+
+
+def test_scaled_bf16_gradient_is_upcast_before_scaling() -> None:
+    grad = torch.tensor([1.0 + 2**-7, 3.0, -0.3], dtype=torch.bfloat16)
+    out = torch.empty(3)
+    gram_module._write_scaled(out, grad, 1 / 3, torch.tensor(1 / 3))
+    # computed in float32, not bf16: equal to upcasting first, and not to the bf16 product
+    torch.testing.assert_close(out, grad.float() * torch.tensor(1 / 3), rtol=0, atol=0)
+    assert not torch.equal(out, (grad * torch.tensor(1 / 3)).float())
 
 
 def test_single_process_gram_from_per_cluster_forwards_equals_the_retained_graph_gram() -> None:

@@ -261,7 +261,6 @@ class Trainer:
             shuffle_buffer=cfg.data.shuffle_buffer,
             resampled=cfg.data.resampled,
             on_error=cfg.data.on_error,
-            expected_latent_shape=tuple(self.manifest.latent_shape),
             pin_memory=self.device.type == "cuda",
         )
         self.cluster_buffer = ClusterLossBuffer(k)

@@ -13,7 +13,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -172,7 +171,3 @@ class Monitor:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
-
-
-def jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (float(v) if isinstance(v, int | float | np.floating) else v) for k, v in d.items()}

@@ -92,6 +92,7 @@ def sample_grid(trainer) -> None:
 def evaluate_in_loop(trainer) -> None:
     """KID/FID of EMA samples against the held-out reference (rank 0), logged to TensorBoard."""
     from dtr_scale.sample.evaluate import compute_metrics
+    from dtr_scale.sample.sampler import to_uint8_nhwc
 
     model = ema_model(trainer)
     if model is None:
@@ -117,7 +118,7 @@ def evaluate_in_loop(trainer) -> None:
     images = torch.cat(images)
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
-    array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    array = to_uint8_nhwc(images)  # the sampler's quantisation, so in-loop and offline metrics agree
     reference = e.reference or default_reference(trainer.manifest)
     if e.reference_size and isinstance(reference, np.ndarray):
         reference = reference[: e.reference_size]

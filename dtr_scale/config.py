@@ -68,7 +68,9 @@ class MTLConfig:
 class DataConfig:
     shards: str | None = None  # manifest.json path
     num_workers: int = 2
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples per loader worker's shuffle buffer
+    interleave: int = 8  # shards each loader worker reads at once, round robin (class mixing)
+    hflip: bool | None = None  # random horizontal flip; None = the manifest's `hflip` (digits: off)
     resampled: bool = True
     on_error: str = "warn"  # warn | raise
     vae: str | None = None  # local diffusers VAE dir for decoding sample grids (None: from manifest)
@@ -320,6 +322,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.on_error must be warn or raise, got {d.on_error!r}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    if d.interleave < 1:
+        raise ConfigError(
+            f"data.interleave must be >= 1 (shards read at once per worker), got {d.interleave}"
+        )
+    if d.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
     t = cfg.train
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "checkpoint_every", "log_every"):
         if getattr(t, key) < 1:

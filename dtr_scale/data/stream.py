@@ -106,8 +106,45 @@ def emission_order(num_items: int, buffer_size: int, rng: np.random.Generator) -
 # --------------------------------------------------------------------------------------- worker side
 
 
+def interleaved_arrival(counts: np.ndarray, interleave: int) -> np.ndarray:
+    """Arrival order of items when `interleave` shards are read at once, round robin, one item each turn.
+
+    Items are numbered shard after shard (shard j holds items offsets[j] .. offsets[j+1]-1). Shards open in
+    list order; an exhausted shard's turn passes to the next unopened shard of the list, which takes its
+    place in the rotation. interleave=1 reads shard after shard. Content-independent (counts only), so the
+    order can be recomputed on resume. Returns int64 (sum(counts),), a permutation of the item numbers.
+    """
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(offsets[-1])
+    if interleave <= 1 or len(counts) <= 1:
+        return np.arange(total, dtype=np.int64)
+    out = np.empty(total, dtype=np.int64)
+    open_shards = list(range(min(interleave, len(counts))))
+    taken = dict.fromkeys(open_shards, 0)
+    next_shard, k = len(open_shards), 0
+    while open_shards:
+        still_open = []
+        for j in open_shards:
+            if taken[j] < counts[j]:
+                out[k] = offsets[j] + taken[j]
+                k += 1
+                taken[j] += 1
+            while taken.get(j, 0) >= counts[j] and next_shard < len(counts):  # refill the exhausted turn
+                j, next_shard = next_shard, next_shard + 1
+                taken[j] = 0
+            if taken[j] < counts[j]:
+                still_open.append(j)
+        open_shards = still_open
+    return out
+
+
 class _WorkerPlan:
-    """One logical worker's epoch: its shards (global slot, manifest index), item offsets, emission order."""
+    """One logical worker's epoch: its shards (global slot, manifest index), item offsets, emission order.
+
+    `order[q]` is the item number emitted q-th: `interleave` shards are read round robin (arrival order),
+    and the shuffle buffer permutes the arrivals (DESIGN §7: interleaving plus a buffer makes a micro-batch
+    close to an i.i.d. draw even from shards that are not shuffled themselves).
+    """
 
     def __init__(self, cfg: dict[str, Any], manifest: Manifest, role: int, epoch: int) -> None:
         workers = cfg["num_workers"]
@@ -119,7 +156,8 @@ class _WorkerPlan:
         counts = np.array([manifest.shards[s]["num_samples"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         rng = np.random.default_rng([cfg["seed"], epoch, cfg["rank"], cfg["world_size"], role, _TAG_SHUFFLE])
-        self.order = emission_order(int(self.offsets[-1]), cfg["shuffle_buffer"], rng)
+        arrival = interleaved_arrival(counts, cfg["interleave"])
+        self.order = arrival[emission_order(int(self.offsets[-1]), cfg["shuffle_buffer"], rng)]
         self.epoch = epoch
 
     def locate(self, item: int) -> tuple[int, int]:
@@ -129,10 +167,13 @@ class _WorkerPlan:
 
 
 class _EpochReader:
-    """Reads a worker's shards in order, keeping only samples that will still be emitted.
+    """Reads a worker's shards, each front to back, and hands out samples in the plan's emission order.
 
-    Yields (plan position, shard index, slot, member, raw sample) in emission order from `start`; records
-    (shard name, message) pairs in `errors` for shards that break and samples they lose.
+    Yields (plan position, shard index, slot, member, raw sample or None) for q = start.., where None means
+    the sample was lost with a broken shard. Several shards are open at once (interleaving); a sample read
+    before its turn waits in `store` (about the shuffle buffer's size). Samples emitted before a resume
+    (`order[:start]`) are skipped without being kept, and shards holding none still due are never opened.
+    Broken shards add (shard name, message) to `errors`.
     """
 
     def __init__(self, manifest: Manifest, plan: _WorkerPlan, start: int, errors: list) -> None:
@@ -142,42 +183,54 @@ class _EpochReader:
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int, dict | None]]:
         plan, store = self.plan, {}
-        read_upto, shard_pos, samples, member = 0, 0, None, 0
-        for q in range(self.start, len(plan.order)):
-            item = int(plan.order[q])
-            while item >= read_upto:  # read on until `item` has arrived (or is known to be lost)
-                lo, hi = int(plan.offsets[shard_pos]), int(plan.offsets[shard_pos + 1])
-                if samples is None and not self.needed[lo:hi].any():
-                    read_upto, shard_pos = hi, shard_pos + 1  # everything here was emitted before a resume
-                    continue
-                name = self.manifest.shards[int(plan.shards[shard_pos])]["name"]
-                if samples is None:
-                    samples, member = (
-                        iter_raw_samples(self.manifest.shard_path(int(plan.shards[shard_pos]))),
-                        0,
-                    )
-                try:
-                    raw = next(samples)
-                except StopIteration:
-                    raw = None
-                    if member < hi - lo:
-                        self.errors.append((name, f"ended after {member} of {hi - lo} samples (truncated?)"))
-                except ShardReadError as err:
-                    raw = None
-                    self.errors.append((name, f"{err}; lost {hi - lo - member} of {hi - lo} samples"))
-                if raw is not None and member >= hi - lo:
-                    self.errors.append((name, f"holds more than the {hi - lo} samples the manifest lists"))
-                    raw = None
-                if raw is None:  # this shard is finished
-                    samples.close()
-                    samples, read_upto, shard_pos = None, hi, shard_pos + 1
-                    continue
-                if self.needed[lo + member]:
-                    store[lo + member] = raw
-                member += 1
-                read_upto = lo + member
-            pos, index = plan.locate(item)
-            yield q, int(plan.shards[pos]), int(plan.slots[pos]), index, store.pop(item, None)
+        readers: dict[int, Any] = {}  # plan position -> open sample iterator
+        read = np.zeros(len(plan.shards), dtype=np.int64)  # members read so far, per plan position
+        lost_from = np.full(len(plan.shards), np.iinfo(np.int64).max)  # first member lost, per position
+        try:
+            for q in range(self.start, len(plan.order)):
+                item = int(plan.order[q])
+                pos, index = plan.locate(item)
+                while item not in store and index < lost_from[pos] and read[pos] <= index:
+                    self._read_one(pos, readers, read, lost_from, store)
+                yield q, int(plan.shards[pos]), int(plan.slots[pos]), index, store.pop(item, None)
+        finally:
+            for samples in readers.values():
+                samples.close()
+
+    def _read_one(
+        self, pos: int, readers: dict, read: np.ndarray, lost_from: np.ndarray, store: dict
+    ) -> None:
+        """Read the next member of the shard at plan position `pos` (opening it first if needed)."""
+        plan = self.plan
+        shard = int(plan.shards[pos])
+        name = self.manifest.shards[shard]["name"]
+        lo, hi = int(plan.offsets[pos]), int(plan.offsets[pos + 1])
+        if pos not in readers:
+            readers[pos] = iter_raw_samples(self.manifest.shard_path(shard))
+        try:
+            raw = next(readers[pos])
+        except StopIteration:
+            raw = None
+            self.errors.append((name, f"ended after {read[pos]} of {hi - lo} samples (truncated?)"))
+        except ShardReadError as err:
+            raw = None
+            self.errors.append((name, f"{err}; lost {hi - lo - read[pos]} of {hi - lo} samples"))
+        if raw is None:
+            lost_from[pos] = read[pos]
+            readers.pop(pos).close()
+            return
+        if self.needed[lo + read[pos]]:
+            store[lo + int(read[pos])] = raw
+        read[pos] += 1
+        if read[pos] == hi - lo:  # the last listed sample: the shard must end here
+            samples = readers.pop(pos)
+            try:
+                extra = next(samples, None) is not None
+            except ShardReadError:
+                extra = False  # every listed sample was read; a broken tail loses nothing
+            if extra:
+                self.errors.append((name, f"holds more than the {hi - lo} samples the manifest lists"))
+            samples.close()
 
 
 class _WorkerStream(torch.utils.data.IterableDataset):
@@ -194,6 +247,7 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         epoch, position = self.starts[physical]
         cfg, manifest = self.cfg, self.manifest
         batch_size, shape = cfg["micro_batch_size"], tuple(manifest.latent_shape)
+        num_labels = len(manifest.labels)
         latents, labels, errors = [], [], []
         empty_epochs = 0
         while True:
@@ -206,6 +260,11 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                 where = f"{manifest.root / manifest.shards[shard]['name']}"
                 try:
                     sample = decode_sample(raw, shape, where)
+                    if not 0 <= sample.label < num_labels:  # num_labels is the CFG null class: never data
+                        raise ValueError(
+                            f"{where}:{sample.key}.cls: label {sample.label} is outside the manifest's "
+                            f"{num_labels} labels (expected 0..{num_labels - 1})"
+                        )
                 except ValueError as err:
                     errors.append((manifest.shards[shard]["name"], str(err)))
                     continue
@@ -217,7 +276,8 @@ class _WorkerStream(torch.utils.data.IterableDataset):
                     if cfg["resampled"] and position == len(plan.order):
                         next_epoch, next_position = epoch + 1, 0
                     yield self._message(role, next_epoch, next_position, latents, labels, errors)
-                    latents, labels, errors = [], [], []
+                    latents, labels = [], []
+                    errors.clear()  # in place: the epoch reader appends to this very list
             if not cfg["resampled"]:
                 if latents or errors:  # the partial last batch of the pass, and late errors
                     yield self._message(role, epoch, position, latents, labels, errors)
@@ -230,10 +290,13 @@ class _WorkerStream(torch.utils.data.IterableDataset):
             epoch, position = epoch + 1, 0
 
     def _augment(self, sample, epoch: int, slot: int, member: int) -> np.ndarray:
-        # Random flip per sample, then a posterior draw z = mean + std * eps (the VAE's reparameterisation),
-        # scaled by the VAE's scaling factor (0.18215 for SD's VAE), as DiT's online encoding does.
+        # Random flip per sample (only where the data allows it: data.hflip), then a posterior draw
+        # z = mean + std * eps (the VAE's reparameterisation), scaled by the VAE's scaling factor (0.18215
+        # for SD's VAE), as DiT's online encoding does. The flip is drawn either way, so the noise of a
+        # sample does not depend on the flip setting.
         rng = np.random.default_rng([self.cfg["seed"], epoch, slot, member, _TAG_AUGMENT])
-        flip = int(rng.integers(2))
+        drawn = int(rng.integers(2))
+        flip = drawn if self.cfg["hflip"] else 0
         eps = rng.standard_normal(sample.mean.shape[1:], dtype=np.float32)
         z = sample.mean[flip].astype(np.float32) + sample.std[flip].astype(np.float32) * eps
         return z * np.float32(self.manifest.scaling_factor)
@@ -259,6 +322,9 @@ class LatentStream:
     manifest: a manifest.json path (or its directory) or a loaded Manifest. rank / world_size: the
     *global* rank and world size. resampled=True: infinite (training); False: one pass per `iter()`,
     disjoint and complete across ranks and workers, the last batch of each worker possibly short.
+    interleave: shards each loader worker reads at once (round robin), before the shuffle buffer.
+    hflip: pick the stored or the mirrored orientation at random per sample; None = the manifest's
+    `hflip` field (absent: True, natural images), False = always the stored one (digits, text).
     expected_latent_shape: (C, H, W) the model is configured for; a mismatch is an error naming the
     manifest, raised here, before training starts.
     """
@@ -273,6 +339,8 @@ class LatentStream:
         world_size: int,
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
+        interleave: int = 8,
+        hflip: bool | None = None,
         resampled: bool = True,
         on_error: str = "warn",
         expected_latent_shape: tuple[int, ...] | None = None,
@@ -286,6 +354,10 @@ class LatentStream:
             raise ValueError(f"rank must be in [0, world_size); got rank {rank}, world_size {world_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if interleave < 1:
+            raise ValueError(f"interleave must be >= 1 (shards read at once per worker), got {interleave}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
         if expected_latent_shape is not None and tuple(expected_latent_shape) != tuple(
@@ -309,6 +381,8 @@ class LatentStream:
             "num_workers": max(1, int(num_workers)),  # logical workers; 0 means one, in-process
             "micro_batch_size": int(micro_batch_size),
             "shuffle_buffer": int(shuffle_buffer),
+            "interleave": int(interleave),
+            "hflip": bool(self.manifest.extra.get("hflip", True) if hflip is None else hflip),
             "resampled": bool(resampled),
         }
         self.num_workers, self.on_error, self.pin_memory = int(num_workers), on_error, pin_memory
@@ -331,9 +405,16 @@ class LatentStream:
         if self.num_workers == 0:
             source = iter(dataset)
         else:
+            # A private generator: the DataLoader draws its workers' base seed from it instead of from the
+            # global torch RNG, which the trainer restores on resume and uses for label dropout (exact
+            # resume). The workers' randomness never matters here: every draw is keyed by (seed, epoch, ...).
             source = iter(
                 torch.utils.data.DataLoader(
-                    dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
+                    dataset,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    pin_memory=self.pin_memory,
+                    generator=torch.Generator().manual_seed(self.cfg["seed"]),
                 )
             )
         for message in source:

@@ -259,6 +259,8 @@ class Trainer:
             world_size=self.world,
             num_workers=cfg.data.num_workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
+            interleave=cfg.data.interleave,
+            hflip=cfg.data.hflip,
             resampled=cfg.data.resampled,
             on_error=cfg.data.on_error,
             pin_memory=self.device.type == "cuda",

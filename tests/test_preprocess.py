@@ -12,8 +12,21 @@ import pytest
 import torch
 
 from dtr_scale.cli import main as cli_main
-from dtr_scale.data.preprocess import UnreadableImageWarning, center_crop, preprocess, shard_range
-from dtr_scale.data.shards import build_decoder, decode_sample, iter_raw_samples, load_manifest, load_vae
+from dtr_scale.data.preprocess import (
+    UnreadableImageWarning,
+    center_crop,
+    preprocess,
+    shard_range,
+    write_order,
+)
+from dtr_scale.data.shards import (
+    build_decoder,
+    decode_sample,
+    iter_raw_samples,
+    load_manifest,
+    load_vae,
+    shard_name,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 IMAGE_SIZE = 64  # tiny VAE: 4 blocks -> downsampling 8 -> 4x8x8 latents
@@ -72,13 +85,17 @@ def _read(out: Path) -> list:
 def test_manifest_describes_the_shards(encoded: Path, vae_dir: Path) -> None:
     manifest = load_manifest(encoded)
     assert manifest.num_samples == 6 and len(manifest.shards) == 4  # 7 images, shard size 2, one unreadable
-    assert [s["num_samples"] for s in manifest.shards] == [2, 2, 2, 0]
+    broken_shard = shard_name(write_order(7, 0).index(6) // 2)  # dog9_broken.jpg is image 6 of the listing
+    assert [s["num_samples"] for s in manifest.shards] == [
+        1 if s["name"] == broken_shard else (1 if s["name"] == shard_name(3) else 2) for s in manifest.shards
+    ]
+    assert manifest.extra["shuffle_seed"] == 0 and manifest.extra["hflip"] is True
     assert manifest.latent_shape == (4, 8, 8) and manifest.image_size == IMAGE_SIZE
     assert manifest.labels == ["cat", "dog"] and manifest.scaling_factor == pytest.approx(0.18215)
     assert manifest.vae["class"] == "AutoencoderKL" and manifest.vae["path"] == str(vae_dir.resolve())
     assert len(manifest.vae["config_sha256"]) == 64
     assert manifest.extra["num_unreadable"] == 1
-    assert manifest.extra["unreadable_by_shard"] == {"shard-000003.tar": ["dog/dog9_broken.jpg"]}
+    assert manifest.extra["unreadable_by_shard"] == {broken_shard: ["dog/dog9_broken.jpg"]}
 
 
 def test_shards_hold_the_posterior_of_both_orientations(
@@ -87,15 +104,16 @@ def test_shards_hold_the_posterior_of_both_orientations(
     from PIL import Image
 
     samples = _read(encoded)
-    assert [s.key for s in samples] == [f"{n:09d}" for n in range(6)]
-    assert [s.label for s in samples] == [0, 0, 0, 1, 1, 1]
+    # Written in the seeded order; keys are the image numbers of the sorted listing (6: the broken one).
+    assert [s.key for s in samples] == [f"{n:09d}" for n in write_order(7, 0) if n != 6]
+    assert {s.key: s.label for s in samples} == {f"{n:09d}": int(n >= 3) for n in range(6)}
     vae = load_vae(vae_dir).eval()
     with Image.open(image_dir / "cat" / "cat2.JPEG") as image:
         pixels = center_crop(image.convert("RGB"), IMAGE_SIZE)
     x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         plain, flipped = vae.encode(x).latent_dist, vae.encode(x.flip(-1)).latent_dist
-    sample = samples[2]
+    sample = next(s for s in samples if s.key == f"{2:09d}")  # cat2.JPEG
     for k, posterior in enumerate((plain, flipped)):
         np.testing.assert_allclose(sample.mean[k], posterior.mean[0].numpy(), rtol=2e-3, atol=2e-3)
         np.testing.assert_allclose(sample.std[k], posterior.std[0].numpy(), rtol=2e-3, atol=2e-3)
@@ -129,6 +147,17 @@ def test_rerun_rewrites_only_a_damaged_shard(
     damaged.write_bytes(good[: len(good) // 2])
     preprocess(image_dir, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3, quiet=True)
     assert damaged.read_bytes() == good and intact.stat().st_mtime_ns == stamp
+
+
+def test_write_order_gives_every_shard_of_a_class_sorted_folder_many_classes() -> None:
+    # 10 classes x 40 images listed class after class, shards of 40: written in listing order each shard
+    # would hold exactly one class; in the seeded order each holds close to all ten.
+    labels = np.repeat(np.arange(10), 40)
+    order = write_order(400, shuffle_seed=0)
+    assert sorted(order) == list(range(400))
+    classes_per_shard = [len(set(labels[order[j : j + 40]])) for j in range(0, 400, 40)]
+    assert min(classes_per_shard) >= 7, classes_per_shard
+    assert write_order(400, 0) == order and write_order(400, 1) != order
 
 
 def test_shard_ranges_of_ranks_are_disjoint_and_complete() -> None:
@@ -179,3 +208,50 @@ def test_a_directory_that_is_not_a_vae_is_refused(image_dir: Path, tmp_path: Pat
     (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(ValueError, match="_class_name is 'UNet2DModel', expected 'AutoencoderKL'"):
         preprocess(image_dir, tmp_path / "unet", tmp_path / "out")
+
+
+def test_rerun_re_encodes_the_shard_of_an_edited_image_and_says_so(
+    encoded: Path, image_dir: Path, vae_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from PIL import Image
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(image_dir, images)
+    shutil.copytree(encoded, out)
+    edited = images / "cat" / "cat1.png"  # image number 1 of the sorted listing
+    size = edited.stat().st_size
+    with Image.open(edited) as image:
+        pixels = 255 - np.asarray(image)  # same name, same dimensions, other content
+    Image.fromarray(pixels).save(edited)
+    os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))
+    shard = shard_name(write_order(7, 0).index(1) // 2)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("shard-*.tar")}
+    preprocess(images, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3)
+    text = capsys.readouterr().out
+    assert "1 shard(s) of rank 0 were written from input images that have changed" in text, (text, size)
+    assert shard in text
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("shard-*.tar")}
+    assert after[shard][0] != before[shard][0]  # re-encoded from the new pixels
+    assert all(after[name] == before[name] for name in before if name != shard)  # the others untouched
+
+
+def test_new_vae_weights_under_the_same_config_make_every_shard_stale(
+    encoded: Path, image_dir: Path, vae_dir: Path, tmp_path: Path, capsys
+) -> None:
+    new_vae, out = tmp_path / "vae", tmp_path / "out"
+    shutil.copytree(vae_dir, new_vae)
+    shutil.copytree(encoded, out)
+    vae = load_vae(new_vae)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.mul_(1.01)
+    config_before = (new_vae / "config.json").read_text()
+    vae.save_pretrained(new_vae)
+    (new_vae / "config.json").write_text(config_before)  # new weights, config.json byte for byte unchanged
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
+    preprocess(image_dir, new_vae, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3)
+    assert "vae_weights_sha256 changed" in capsys.readouterr().out
+    after = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
+    changed = [name for name in before if after[name] != before[name]]
+    assert len(changed) >= 3  # every shard holding a sample is re-encoded with the new weights
+    assert load_manifest(out).vae["weights_sha256"] != load_manifest(encoded).vae["weights_sha256"]

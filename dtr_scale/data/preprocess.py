@@ -3,8 +3,10 @@
     dtr-scale preprocess --input /data/imagenet/train --vae /models/sd-vae-ft-ema --out /data/latents/train
 
 Input layout: `INPUT/<class name>/<image>` (ImageNet's `train/<wnid>/*.JPEG`); classes are the sorted
-folder names, images the sorted file names, so the sample order (and every shard's content) is a pure
-function of the folder. Each image is ADM-center-cropped to `--image-size`, encoded with its horizontal
+folder names, images the sorted file names, and the samples are written in the order of a permutation
+seeded by `--shuffle-seed` (recorded in the manifest), so every shard is a random sample of all classes
+(never a class-sorted run, which would put one or two classes in each micro-batch) and the order, like
+every shard's content, is a pure function of the folder and the seed. Each image is ADM-center-cropped to `--image-size`, encoded with its horizontal
 flip by a diffusers AutoencoderKL loaded from a local directory, and the posterior mean and std of both
 orientations are stored unscaled as float16 (shards.py has the format).
 
@@ -13,9 +15,11 @@ WORLD_SIZE from the environment; `--workers N` starts N local processes. The con
 workers) own disjoint, contiguous ranges of shard numbers and never write the same file. Rank 0 writes
 the manifest once every rank is done (a torch.distributed barrier, or joining the local workers).
 
-Idempotent: a shard whose file exists with the sha256 recorded for the same inputs and settings (in the
-manifest, or in the per-shard record `.progress/shard-N.json` written as each shard completes, so an
-interrupted run resumes too) is skipped; anything else is (re)written. Unreadable images are reported by
+Idempotent: a shard whose file exists with the sha256 recorded for the same settings (crop size, shard size,
+shuffle seed, VAE config *and* weights) and whose input images are unchanged (path, size and modification
+time of each: `inputs_digest`) is skipped; the record lives in the manifest and in the per-shard record
+`.progress/shard-N.json` written as each shard completes, so an interrupted run resumes too. Anything else
+is (re)written, and the run says why (which setting changed, or which shards' images changed). Unreadable images are reported by
 path, counted in the manifest (`unreadable`) and skipped; their keys (global image numbers) stay unused
 so the other samples' keys do not depend on which files happened to fail.
 """
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dtr_scale.data.images import open_rgb8
 from dtr_scale.data.shards import (
     MANIFEST_NAME,
     LatentSample,
@@ -46,6 +51,7 @@ from dtr_scale.data.shards import (
     write_shard,
 )
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
 PROGRESS_DIR = ".progress"
 
@@ -92,15 +98,19 @@ def center_crop(image, image_size: int) -> np.ndarray:
     return pixels[top : top + image_size, left : left + image_size]
 
 
-def load_image(path: Path, image_size: int) -> np.ndarray | None:
-    """Center-cropped uint8 HWC RGB image, or None if the file cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
+def load_image(path: Path, image_size: int) -> np.ndarray | str:
+    """Center-cropped uint8 HWC RGB image, or the reason (a message naming the file) it cannot be used.
+
+    Any mode Pillow opens is turned into 8-bit RGB faithfully (data/images.py: 16-bit, float, alpha, CMYK
+    ...); a file that cannot be opened or decoded for any reason Pillow or the OS gives (including Pillow's
+    decompression-bomb refusal) is returned as a reason, never raised: one image never aborts a job.
+    """
+    from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            return center_crop(image.convert("RGB"), image_size)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        return None
+        return center_crop(Image.fromarray(open_rgb8(path)), image_size)
+    except (OSError, ValueError) as err:  # UnsupportedImage is a ValueError
+        return str(err)
 
 
 class _ImageList(torch.utils.data.Dataset):
@@ -110,16 +120,23 @@ class _ImageList(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, str, int, np.ndarray | None]:
+    def __getitem__(self, i: int) -> tuple[int, str, int, np.ndarray | str]:
         number, rel, label = self.items[i]
         return number, rel, label, load_image(self.root / rel, self.image_size)
 
 
 def _collate(batch: list) -> list:
-    return batch  # images may be None (unreadable); the encoder loop sorts them out
+    return batch  # images may be reasons (str: unreadable); the encoder loop sorts them out
 
 
 # ----------------------------------------------------------------------------------------------- planning
+
+
+def write_order(num_images: int, shuffle_seed: int) -> list[int]:
+    """Image numbers (indices into the sorted listing) in the order they are written: a seeded permutation,
+    so shard j holds images order[j*S : (j+1)*S], a random sample of every class. Sample keys stay the
+    image numbers, so a key names its file whatever the seed."""
+    return np.random.default_rng(shuffle_seed).permutation(num_images).tolist()
 
 
 def shard_range(num_shards: int, rank: int, world_size: int) -> range:
@@ -135,15 +152,41 @@ def input_fingerprint(paths: list[str], classes: list[str], settings: dict[str, 
     return digest.hexdigest()
 
 
+def inputs_digest(root: Path, rels: list[str]) -> str:
+    """sha256 over (path, size, mtime_ns) of a shard's input files: changes when any of them is edited,
+    replaced or removed (size + modification time, as make and rsync judge a file; no content read)."""
+    digest = hashlib.sha256()
+    for rel in rels:
+        try:
+            st = os.stat(root / rel)
+            digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{rel}\tmissing\n".encode())
+    return digest.hexdigest()
+
+
+def vae_weights_sha256(vae_dir: Path) -> str:
+    """sha256 over the VAE directory's weight files (names and bytes): new weights under an unchanged
+    config.json are a different encoder, and shards made with the old one are stale."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in vae_dir.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    for file in files:
+        digest.update(file.name.encode() + b"\n" + sha256_file(file).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def _finished_records(out_dir: Path, fingerprint: str) -> dict[str, dict[str, Any]]:
-    """Shard name -> record of shards already written for these inputs (manifest, then per-shard records)."""
+    """Shard name -> record of shards already written with these settings (manifest, then per-shard records)."""
     records: dict[str, dict[str, Any]] = {}
     try:
         manifest = load_manifest(out_dir / MANIFEST_NAME)
         if manifest.extra.get("fingerprint") == fingerprint:
             unreadable = manifest.extra.get("unreadable_by_shard", {})
+            inputs = manifest.extra.get("inputs_by_shard", {})
             for s in manifest.shards:
-                records[s["name"]] = {**s, "unreadable": unreadable.get(s["name"], [])}
+                records[s["name"]] = {
+                    **s, "unreadable": unreadable.get(s["name"], []), "inputs_sha256": inputs.get(s["name"])
+                }  # fmt: skip
     except (OSError, ValueError):
         pass
     for file in sorted((out_dir / PROGRESS_DIR).glob("shard-*.json")):
@@ -156,9 +199,28 @@ def _finished_records(out_dir: Path, fingerprint: str) -> dict[str, dict[str, An
     return records
 
 
-def _is_finished(out_dir: Path, record: dict[str, Any] | None) -> bool:
+def _is_finished(out_dir: Path, record: dict[str, Any] | None, inputs_sha256: str) -> bool:
+    """A shard is reused only when its file has the recorded sha256 and its inputs are unchanged."""
     path = out_dir / record["name"] if record else None
-    return bool(record) and path.is_file() and sha256_file(path) == record["sha256"]
+    return (
+        bool(record)
+        and record.get("inputs_sha256") == inputs_sha256
+        and path.is_file()
+        and sha256_file(path) == record["sha256"]
+    )
+
+
+def _settings_change(out_dir: Path, settings: dict[str, Any], fingerprint: str) -> str | None:
+    """What differs between the settings an existing manifest in out_dir was written with and these."""
+    try:
+        manifest = load_manifest(out_dir / MANIFEST_NAME)
+    except (OSError, ValueError):
+        return None
+    if manifest.extra.get("fingerprint") == fingerprint:
+        return None
+    before = manifest.extra.get("settings", {})
+    changed = [k for k in sorted(settings) if before.get(k) != settings[k]]
+    return ", ".join(changed) if changed else "the input file list or class names"
 
 
 # ----------------------------------------------------------------------------------------------- encoding
@@ -205,12 +267,25 @@ def _encode_shard_range(job: dict[str, Any]) -> list[str]:
     num_shards = (len(paths) + size - 1) // size
     owned = shard_range(num_shards, rank, world)
     records = _finished_records(out_dir, job["fingerprint"])
-    todo = [j for j in owned if not _is_finished(out_dir, records.get(shard_name(j)))]
+    order = job["order"]
+    inputs = {j: inputs_digest(root, [paths[n] for n in order[j * size : (j + 1) * size]]) for j in owned}
+    todo = [j for j in owned if not _is_finished(out_dir, records.get(shard_name(j)), inputs[j])]
+    changed = [
+        shard_name(j)
+        for j in todo
+        if shard_name(j) in records and records[shard_name(j)].get("inputs_sha256") != inputs[j]
+    ]
     skipped = len(owned) - len(todo)
     show = rank == 0 and not job["quiet"]
     if show and skipped:
         print(
-            f"preprocess: {skipped} of {len(owned)} shards of rank 0 already done (sha256 verified); skipping"
+            f"preprocess: {skipped} of {len(owned)} shards of rank 0 already done (inputs unchanged, sha256 "
+            "verified); skipping"
+        )
+    if rank == 0 and changed:
+        print(
+            f"preprocess: {len(changed)} shard(s) of rank 0 were written from input images that have changed "
+            f"since (size or modification time), e.g. {changed[0]}; re-encoding them"
         )
     unreadable_all: list[str] = []
     if not todo:
@@ -224,7 +299,7 @@ def _encode_shard_range(job: dict[str, Any]) -> list[str]:
     )
     (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     for j in todo:
-        items = [(n, paths[n], labels[n]) for n in range(j * size, min((j + 1) * size, len(paths)))]
+        items = [(n, paths[n], labels[n]) for n in order[j * size : (j + 1) * size]]
         loader = torch.utils.data.DataLoader(
             _ImageList(root, items, job["image_size"]),
             batch_size=job["batch_size"],
@@ -233,19 +308,19 @@ def _encode_shard_range(job: dict[str, Any]) -> list[str]:
         )
         samples, unreadable = [], []
         for batch in loader:
-            good = [b for b in batch if b[3] is not None]
-            for _, rel, _, _ in (b for b in batch if b[3] is None):
+            good = [b for b in batch if not isinstance(b[3], str)]
+            for _, rel, _, reason in (b for b in batch if isinstance(b[3], str)):
                 unreadable.append(rel)
-                warnings.warn(
-                    f"{root / rel}: cannot decode this image; skipped", UnreadableImageWarning, stacklevel=1
-                )
+                warnings.warn(f"{reason}; skipped", UnreadableImageWarning, stacklevel=1)
             if good:
                 mean, std = encode_images(vae, np.stack([b[3] for b in good]), device, job["precision"])
                 for k, (number, _, label, _) in enumerate(good):
                     samples.append(LatentSample(key=f"{number:09d}", label=label, mean=mean[k], std=std[k]))
             bar.update(len(batch))
         record = write_shard(out_dir / shard_name(j), samples)
-        record.update(fingerprint=job["fingerprint"], unreadable=unreadable, rank=rank)
+        record.update(
+            fingerprint=job["fingerprint"], unreadable=unreadable, rank=rank, inputs_sha256=inputs[j]
+        )
         progress = out_dir / PROGRESS_DIR / f"{shard_name(j)}.json"
         progress.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
         os.replace(progress.with_suffix(".tmp"), progress)
@@ -290,8 +365,14 @@ def preprocess(
     scaling_factor: float | None = None,
     vae_name: str | None = None,
     quiet: bool = False,
+    shuffle_seed: int = 0,
+    hflip: bool = True,
 ) -> Path | None:
-    """Encode `input_dir` into shards under `out_dir`; returns the manifest path on rank 0 (None elsewhere)."""
+    """Encode `input_dir` into shards under `out_dir`; returns the manifest path on rank 0 (None elsewhere).
+
+    shuffle_seed: seeds the global order the samples are written in. hflip: recorded in the manifest as the
+    default of `data.hflip` (True for natural images; False where a mirror image is another symbol).
+    """
     input_dir, out_dir, vae_dir = Path(input_dir), Path(out_dir), Path(vae_dir)
     vae_config = (
         json.loads((vae_dir / "config.json").read_text()) if (vae_dir / "config.json").is_file() else None
@@ -302,18 +383,25 @@ def preprocess(
         raise ValueError(f"--image-size must be a multiple of 8 (the VAE's downsampling), got {image_size}")
     paths, labels, classes = list_image_folder(input_dir)
     identity = vae_identity(vae_dir, vae_config, vae_name)
+    identity["weights_sha256"] = vae_weights_sha256(vae_dir)
     settings = {
         "image_size": image_size,
         "shard_size": shard_size,
         "vae_config_sha256": identity["config_sha256"],
+        "vae_weights_sha256": identity["weights_sha256"],
+        "shuffle_seed": shuffle_seed,
     }
     fingerprint = input_fingerprint(paths, classes, settings)
+    change = _settings_change(out_dir, settings, fingerprint)
+    if change and not quiet and _env_rank()[0] == 0:
+        print(f"preprocess: {out_dir} holds shards made with other settings ({change} changed); re-encoding")
     env_rank, env_world, local_rank = _env_rank()
     workers = max(1, workers)
     world = env_world * workers
     out_dir.mkdir(parents=True, exist_ok=True)
     job = {
         "input": str(input_dir), "out": str(out_dir), "vae": str(vae_dir), "paths": paths, "labels": labels,
+        "order": write_order(len(paths), shuffle_seed),
         "fingerprint": fingerprint, "image_size": image_size, "shard_size": shard_size, "batch_size": batch_size,
         "loader_workers": loader_workers, "device": device, "precision": precision, "world_size": world,
         "quiet": quiet, "threads": 1 if workers > 1 else 0,
@@ -337,13 +425,14 @@ def preprocess(
     _barrier(env_world)
     if env_rank != 0:
         return None
+    extra = {"shuffle_seed": shuffle_seed, "hflip": hflip, "settings": settings}
     return _write_final_manifest(out_dir, fingerprint, len(paths), shard_size, classes, vae_config, identity,
-                                 image_size, scaling_factor)  # fmt: skip
+                                 image_size, scaling_factor, extra)  # fmt: skip
 
 
 def _write_final_manifest(
     out_dir: Path, fingerprint: str, num_images: int, shard_size: int, classes: list[str], vae_config: dict,
-    identity: dict, image_size: int, scaling_factor: float | None,
+    identity: dict, image_size: int, scaling_factor: float | None, extra: dict,
 ) -> Path:  # fmt: skip
     records = _finished_records(out_dir, fingerprint)
     names = [shard_name(j) for j in range((num_images + shard_size - 1) // shard_size)]
@@ -368,9 +457,11 @@ def _write_final_manifest(
         image_size=image_size,
         labels=classes,
         extra={
+            **extra,
             "fingerprint": fingerprint,
             "num_unreadable": sum(len(v) for v in unreadable.values()),
             "unreadable_by_shard": unreadable,
+            "inputs_by_shard": {name: records[name].get("inputs_sha256") for name in names},
         },
     )
     count = sum(len(v) for v in unreadable.values())
@@ -399,6 +490,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling-factor", type=float, default=None, help="override the VAE config's value")
     parser.add_argument("--vae-name", default=None, help="VAE identity for the manifest (e.g. its hub id)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--shuffle-seed", type=int, default=0, help="seed of the global order samples are written in"
+    )
+    parser.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="manifest default for data.hflip: random mirroring in training (--no-hflip for text, digits)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -407,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
             args.input, args.vae, args.out, image_size=args.image_size, shard_size=args.shard_size,
             batch_size=args.batch_size, workers=args.workers, loader_workers=args.loader_workers,
             device=args.device, precision=args.precision, scaling_factor=args.scaling_factor,
-            vae_name=args.vae_name, quiet=args.quiet,
+            vae_name=args.vae_name, quiet=args.quiet, shuffle_seed=args.shuffle_seed, hflip=args.hflip,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         print(f"dtr-scale preprocess: error: {err}", file=sys.stderr)

@@ -88,15 +88,17 @@ def _open_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _load_folder(path: Path) -> np.ndarray:
-    from PIL import Image
+    from dtr_scale.data.images import open_rgb8
 
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise ValueError(f"{path}: no {'/'.join(IMAGE_EXTENSIONS)} images in this folder")
     images = []
     for file in files:
-        with Image.open(file) as img:
-            images.append(np.asarray(img.convert("RGB")))
+        try:
+            images.append(open_rgb8(file))  # every Pillow mode to faithful 8-bit RGB (data/images.py)
+        except OSError as err:  # a metric over a folder must not silently drop a file: refuse by name
+            raise ValueError(str(err)) from err
         if images[-1].shape != images[0].shape:
             raise ValueError(
                 f"{file}: size {images[-1].shape[:2]} differs from {files[0].name}'s {images[0].shape[:2]}; "

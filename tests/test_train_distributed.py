@@ -69,9 +69,21 @@ def final_weights(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("zero_stage", "method"), [(1, "uw"), (2, "uw"), (3, "uw"), (2, "nash"), (1, "pcgrad")]
+    ("zero_stage", "method", "num_workers", "world_size"),
+    [
+        (1, "uw", 0, 2),
+        (2, "uw", 0, 2),
+        (3, "uw", 0, 2),
+        (2, "nash", 0, 2),
+        (1, "pcgrad", 0, 2),
+        # Loader workers: creating the DataLoader must not draw from the restored global RNG (label dropout).
+        (2, "uw", 2, 2),
+        (3, "uw", 2, 1),
+    ],
 )
-def test_two_process_kill_and_resume_equals_uninterrupted(tmp_path, builtin_data, zero_stage, method):
+def test_two_process_kill_and_resume_equals_uninterrupted(
+    tmp_path, builtin_data, zero_stage, method, num_workers, world_size
+):
     manifest = builtin_data["train"]
     steps = [
         f"deepspeed.zero_stage={zero_stage}",
@@ -79,13 +91,19 @@ def test_two_process_kill_and_resume_equals_uninterrupted(tmp_path, builtin_data
         "train.checkpoint_every=3",
         f"mtl.method={method}",
         "mtl.update_every=2",
+        f"data.num_workers={num_workers}",
     ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    run_ranks(train_args(straight, manifest, *steps))
+    run_ranks(train_args(straight, manifest, *steps), world_size=world_size)
     # rank 0 SIGKILLs itself after step 4 (checkpoint at 3 exists); the launcher kills rank 1.
-    run_ranks(train_args(crashed, manifest, *steps), env={"DTR_SCALE_FAULT_AT_STEP": "4"}, expect_kill=True)
+    run_ranks(
+        train_args(crashed, manifest, *steps),
+        world_size=world_size,
+        env={"DTR_SCALE_FAULT_AT_STEP": "4"},
+        expect_kill=True,
+    )
     assert (crashed / "checkpoints/latest").read_text() == "step00000003"
-    out = run_ranks(train_args(crashed, manifest, *steps))  # the same command resumes from latest
+    out = run_ranks(train_args(crashed, manifest, *steps), world_size=world_size)  # resumes from latest
     assert "resumed from" in out[0].stdout and "at step 3" in out[0].stdout
 
     a, b = read_metrics(straight), read_metrics(crashed)
@@ -105,7 +123,7 @@ def test_two_process_kill_and_resume_equals_uninterrupted(tmp_path, builtin_data
     ga = read_state_file(straight / "checkpoints/step00000006/dtr_scale/global.safetensors")
     gb = read_state_file(crashed / "checkpoints/step00000006/dtr_scale/global.safetensors")
     assert same_state(ga["balancer"], gb["balancer"])  # nash/pcgrad weights, Gram, solver/generator state
-    for rank in range(2):
+    for rank in range(world_size):
         sa = read_state_file(straight / f"checkpoints/step00000006/dtr_scale/rank{rank:05d}.safetensors")
         sb = read_state_file(crashed / f"checkpoints/step00000006/dtr_scale/rank{rank:05d}.safetensors")
         assert torch.equal(sa["ema"]["shard"], sb["ema"]["shard"])

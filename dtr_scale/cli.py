@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from dtr_scale.errors import UserError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -53,7 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(getattr(args, "overrides", []) or []) + unknown
         else:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+        if os.environ.get("DTR_SCALE_DEBUG"):
+            raise
+        # One line on rank 0 (every rank usually meets the same error); exit 2 everywhere.
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        if rank == "0":
+            print(f"dtr-scale {args.command}: error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,3 +67,67 @@ def test_resume_at_another_world_size_is_refused_with_how_to(tmp_path):
     ckpt = Checkpointer(tmp_path, rank=0, world_size=1)
     with pytest.raises(RuntimeError, match=r"written by 2 ranks, this run has 1.*relaunch with 2 processes"):
         ckpt.load(engine=None, tag="step00000030")
+
+
+DEEPSPEED_NAMES = [
+    "mp_rank_00_model_states.pt",  # ZeRO 0-2: the whole model, read by every rank
+    "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    "zero_pp_rank_11_mp_rank_00_model_states.pt",  # ZeRO-3 style partition of rank 11
+]
+
+
+class _Malicious:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_each_rank_verifies_only_the_deepspeed_files_it_loads(tmp_path):
+    from dtr_scale.train.checkpoint import check_deepspeed_files_safe, files_loaded_by_rank
+
+    for name in DEEPSPEED_NAMES:
+        torch.save({"x": torch.zeros(1)}, tmp_path / name)
+    assert [p.name for p in files_loaded_by_rank(tmp_path, 1)] == [DEEPSPEED_NAMES[2], DEEPSPEED_NAMES[0]]
+    assert [p.name for p in files_loaded_by_rank(tmp_path, 11)] == [DEEPSPEED_NAMES[0], DEEPSPEED_NAMES[3]]
+    assert len(files_loaded_by_rank(tmp_path, None)) == 4
+    torch.save({"x": _Malicious()}, tmp_path / DEEPSPEED_NAMES[2])  # rank 1's partition carries code
+    check_deepspeed_files_safe(tmp_path, rank=0)  # rank 0 never opens it
+    with pytest.raises(RuntimeError, match=r"refusing to load .*bf16_zero_pp_rank_1_mp_rank_00_optim"):
+        check_deepspeed_files_safe(tmp_path, rank=1)
+
+
+class _FakeEngine:
+    """Writes DeepSpeed-like files for one rank, the way engine.save_checkpoint lays them out."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        tag_dir = Path(save_dir) / tag
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({}, tag_dir / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt")
+        if self.rank == 0:
+            torch.save({}, tag_dir / "mp_rank_00_model_states.pt")
+
+
+def test_every_written_file_and_directory_is_fsynced_before_latest_moves(tmp_path, monkeypatch):
+    import os
+
+    from dtr_scale.train import checkpoint
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = checkpoint.fsync_path, os.replace
+    monkeypatch.setattr(checkpoint, "fsync_path", lambda p: (events.append(("fsync", p.name)), real_fsync(p)))
+    monkeypatch.setattr(
+        checkpoint.os,
+        "replace",
+        lambda a, b: (events.append(("replace", os.path.basename(b))), real_replace(a, b)),
+    )
+    ckpt = Checkpointer(tmp_path, rank=0, world_size=1)
+    ckpt.save(_FakeEngine(0), 5, {"step": 5}, {"stream": {}})
+    moved = events.index(("replace", "latest"))
+    synced_before = {name for kind, name in events[:moved] if kind == "fsync"}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt", "global.safetensors",
+            "rank00000.safetensors", "dtr_scale", "step00000005", "checkpoints", "latest.tmp"} <= synced_before  # fmt: skip
+    assert ("fsync", "checkpoints") in events[moved:]  # the rename of `latest` itself is made durable
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000005"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import warnings
 
 import numpy as np
@@ -204,3 +205,33 @@ def test_weights_with_logits_add_inception_score(inception_state, digits, tmp_pa
         "inception_score_mean",
         "inception_score_std",
     }
+
+
+@pytest.mark.parametrize(
+    ("samples", "reference", "k", "message"),
+    [
+        (1, 50, 3, "FID needs at least 2 samples, got 1"),
+        (0, 50, 3, "FID needs at least 2 samples, got 0"),
+        (50, 1, 3, "FID needs at least 2 reference images, got 1"),
+        (3, 50, 3, "precision/recall with k=3 neighbours needs at least 4 samples, got 3"),
+        (50, 2, 5, "precision/recall with k=5 neighbours needs at least 6 reference images, got 2"),
+        (50, None, 3, None),  # statistics as the reference: FID only, 50 samples are enough
+        (1, None, 3, "FID needs at least 2 samples, got 1"),
+    ],
+)
+def test_too_few_images_are_refused_with_the_count_and_the_minimum(samples, reference, k, message):
+    from dtr_scale.sample.evaluate import check_counts
+
+    if message is None:
+        check_counts(samples, reference, k)
+        return
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_counts(samples, reference, k)
+
+
+def test_compute_metrics_refuses_a_tiny_sample_set_before_any_inception_work(tmp_path):
+    images = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"needs at least 4 samples, got 3"):
+        evaluate.compute_metrics(
+            images, np.zeros((10, 16, 16, 3), dtype=np.uint8), inception_weights=tmp_path / "unused.pt"
+        )

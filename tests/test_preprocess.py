@@ -255,3 +255,30 @@ def test_new_vae_weights_under_the_same_config_make_every_shard_stale(
     changed = [name for name in before if after[name] != before[name]]
     assert len(changed) >= 3  # every shard holding a sample is re-encoded with the new weights
     assert load_manifest(out).vae["weights_sha256"] != load_manifest(encoded).vae["weights_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ranks_sync_through_shard_files_so_an_idle_rank_never_waits_on_a_busy_one(
+    encoded: Path, image_dir: Path, vae_dir: Path, tmp_path: Path
+) -> None:
+    # Rank 0 starts alone and must wait (no process group, no collective timeout) until rank 1, started
+    # later, has written its shards; rank 1 exits as soon as its own shards are done.
+    import subprocess
+    import sys
+    import time
+
+    from distributed import REPO, rank_env
+
+    out = tmp_path / "ranks"
+    args = [sys.executable, "-m", "dtr_scale", "preprocess", "--input", str(image_dir), "--vae", str(vae_dir),
+            "--out", str(out), "--image-size", str(IMAGE_SIZE), "--shard-size", "2", "--quiet"]  # fmt: skip
+    rank0 = subprocess.Popen(
+        args, env=rank_env(0, 2, 0), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    time.sleep(8)
+    assert rank0.poll() is None  # still waiting for rank 1's shards
+    rank1 = subprocess.run(args, env=rank_env(1, 2, 0), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rank1.returncode == 0, rank1.stderr
+    assert rank0.wait(timeout=120) == 0, rank0.stdout.read()
+    assert load_manifest(out).shards == load_manifest(encoded).shards

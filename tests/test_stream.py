@@ -57,7 +57,7 @@ def _write_dataset(directory: Path, std: float = 0.0, sizes=SHARD_SIZES) -> Path
         scaling_factor=SCALE,
         vae={"name": "test"},
         image_size=4,
-        labels=["x"],
+        labels=[str(i) for i in range(sum(sizes))],  # sample i has label i
     )
 
 
@@ -369,3 +369,68 @@ def test_label_outside_the_manifest_is_named_with_its_shard_and_key(tmp_path: Pa
     strict = LatentStream(manifest, 2, seed=0, rank=0, world_size=1, resampled=False, on_error="raise")
     with pytest.raises(ShardError, match="bad0.cls"):
         list(strict)
+
+
+# ------------------------------------------------------------------------------- epoch mode for training
+
+
+def test_epoch_mode_for_training_takes_equal_full_batches_and_rolls_over(tmp_path: Path) -> None:
+    # The failing input: 2 shards x 21 samples, micro-batch 16. One pass holds 42 samples = 2 full batches
+    # (the 10 left over are dropped); batches() goes on into the next, reshuffled epoch instead of ending.
+    manifest = _write_dataset(tmp_path / "d", sizes=(21, 21))
+    stream = LatentStream(manifest, 16, seed=3, rank=0, world_size=1, resampled=False, drop_last=True)
+    batches = stream.batches()
+    epochs = [[next(batches)[1].tolist() for _ in range(2)] for _ in range(3)]
+    assert all(len(b) == 16 for epoch in epochs for b in epoch)
+    for epoch in epochs:
+        flat = epoch[0] + epoch[1]
+        assert len(set(flat)) == 32 and set(flat) <= set(range(42))  # no sample twice within an epoch
+    assert epochs[0] != epochs[1]  # reshuffled
+    # world size 2: each rank holds one shard of 21 -> one full batch each, the same count on both ranks
+    for rank in range(2):
+        ranked = LatentStream(manifest, 16, seed=3, rank=rank, world_size=2, resampled=False, drop_last=True)
+        assert ranked.full_batches_per_epoch(0) == 1
+        assert [len(y) for _, y in ranked] == [16]
+
+
+def test_epoch_mode_ranks_take_the_minimum_share(tmp_path: Path) -> None:
+    # Shards of 5, 7, 6, 5, 8, 4 over 2 ranks: each rank's share depends on the epoch's shard order; the
+    # count every rank takes is the smaller floor(share / 4), computed by hand from the same order.
+    from dtr_scale.data.stream import consumer_slots, epoch_shard_list
+
+    manifest = _write_dataset(tmp_path / "d")
+    streams = [
+        LatentStream(manifest, 4, seed=1, rank=r, world_size=2, resampled=False, drop_last=True)
+        for r in range(2)
+    ]
+    for epoch in range(3):
+        order = epoch_shard_list(6, 1, epoch, 2, resampled=False)
+        shares = [sum(SHARD_SIZES[s] for s in order[consumer_slots(6, r, 2, 0, 1)]) for r in range(2)]
+        assert streams[0].full_batches_per_epoch(epoch) == min(share // 4 for share in shares)
+    counts = [len(list(s)) for s in streams]
+    assert counts[0] == counts[1] == streams[0].full_batches_per_epoch(0)
+
+
+def test_epoch_mode_resume_mid_epoch_continues_the_same_batches(tmp_path: Path) -> None:
+    manifest = _write_dataset(tmp_path / "d")
+    kwargs = dict(
+        seed=4, rank=0, world_size=1, num_workers=2, resampled=False, drop_last=True, shuffle_buffer=5
+    )
+    reference = _take_batches(LatentStream(manifest, 3, **kwargs), 20)  # ~2 epochs of 10 full batches
+    first = LatentStream(manifest, 3, **kwargs)
+    _take_batches(first, 13)
+    resumed = LatentStream(manifest, 3, **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    _assert_same_batches(_take_batches(resumed, 7), reference[13:])
+
+
+def test_epoch_mode_without_a_full_batch_is_refused_by_name(tmp_path: Path) -> None:
+    manifest = _write_dataset(tmp_path / "d", sizes=(5, 5))
+    stream = LatentStream(manifest, 8, seed=0, rank=0, world_size=2, resampled=False, drop_last=True)
+    with pytest.raises(ValueError, match=r"rank \d's shards give no loader worker a full micro-batch of 8"):
+        next(stream.batches())
+
+
+def _take_batches(stream: LatentStream, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = stream.batches()
+    return [next(batches) for _ in range(n)]

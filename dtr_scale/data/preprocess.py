@@ -13,7 +13,8 @@ orientations are stored unscaled as float16 (shards.py has the format).
 Parallelism: launched under torchrun / the deepspeed launcher, each process reads its global RANK and
 WORLD_SIZE from the environment; `--workers N` starts N local processes. The consumers (env ranks x local
 workers) own disjoint, contiguous ranges of shard numbers and never write the same file. Rank 0 writes
-the manifest once every rank is done (a torch.distributed barrier, or joining the local workers).
+the manifest once every shard is finished, watching the per-shard records on disk (no process group, so
+no collective timeout however long the other ranks take; other ranks exit when their shards are done).
 
 Idempotent: a shard whose file exists with the sha256 recorded for the same settings (crop size, shard size,
 shuffle seed, VAE config *and* weights) and whose input images are unchanged (path, size and modification
@@ -340,14 +341,31 @@ def _env_rank() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _barrier(world: int) -> None:
-    if world <= 1:
-        return
-    import torch.distributed as dist
+def wait_for_shards(
+    out_dir: Path, fingerprint: str, inputs: dict[str, str], poll_seconds: float = 2.0, quiet: bool = False
+) -> None:
+    """Rank 0: wait until every shard in `inputs` (name -> inputs digest) is finished, by any rank.
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    dist.barrier()
+    Ranks synchronise through the shard records on disk, not a process group: a rank with nothing left to
+    encode exits at once, and rank 0 waits as long as the busy ranks need (no collective timeout to run
+    into on a long ImageNet encode). A rank that fails makes the launcher stop the job.
+    """
+    import time
+
+    verified: set[str] = set()
+    last_report = time.monotonic()
+    while True:
+        records = _finished_records(out_dir, fingerprint)
+        for name, digest in inputs.items():
+            if name not in verified and _is_finished(out_dir, records.get(name), digest):
+                verified.add(name)
+        missing = [name for name in inputs if name not in verified]
+        if not missing:
+            return
+        if not quiet and time.monotonic() - last_report > 60:
+            print(f"preprocess: rank 0 waiting for {len(missing)} shard(s) of other ranks, e.g. {missing[0]}")
+            last_report = time.monotonic()
+        time.sleep(poll_seconds)
 
 
 def preprocess(
@@ -422,9 +440,13 @@ def preprocess(
             raise RuntimeError(
                 f"preprocess: {len(failed)} of {workers} worker processes failed (exit codes {failed})"
             )
-    _barrier(env_world)
     if env_rank != 0:
         return None
+    size = shard_size
+    wait_for_shards(out_dir, fingerprint, {
+        shard_name(j): inputs_digest(input_dir, [paths[n] for n in job["order"][j * size : (j + 1) * size]])
+        for j in range((len(paths) + size - 1) // size)
+    }, quiet=quiet)  # fmt: skip
     extra = {"shuffle_seed": shuffle_seed, "hflip": hflip, "settings": settings}
     return _write_final_manifest(out_dir, fingerprint, len(paths), shard_size, classes, vae_config, identity,
                                  image_size, scaling_factor, extra)  # fmt: skip

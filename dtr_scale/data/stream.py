@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from dtr_scale.data.shards import Manifest, ShardReadError, decode_sample, iter_raw_samples, load_manifest
+from dtr_scale.errors import UserError
 
 STATE_FORMAT = "dtr-scale-stream/1"
 ON_ERROR_CHOICES = ("warn", "raise", "ignore")
@@ -59,7 +60,7 @@ ON_ERROR_CHOICES = ("warn", "raise", "ignore")
 _TAG_SHARDS, _TAG_SHUFFLE, _TAG_AUGMENT = 1, 2, 3
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard or sample could not be read and the stream was told to raise (on_error="raise")."""
 
 
@@ -322,6 +323,8 @@ class LatentStream:
     manifest: a manifest.json path (or its directory) or a loaded Manifest. rank / world_size: the
     *global* rank and world size. resampled=True: infinite (training); False: one pass per `iter()`,
     disjoint and complete across ranks and workers, the last batch of each worker possibly short.
+    drop_last (epoch mode, training): only full micro-batches, the same number on every rank per epoch
+    (`full_batches_per_epoch`); `batches()` then rolls over into the next, reshuffled epoch.
     interleave: shards each loader worker reads at once (round robin), before the shuffle buffer.
     hflip: pick the stored or the mirrored orientation at random per sample; None = the manifest's
     `hflip` field (absent: True, natural images), False = always the stored one (digits, text).
@@ -342,6 +345,7 @@ class LatentStream:
         interleave: int = 8,
         hflip: bool | None = None,
         resampled: bool = True,
+        drop_last: bool = False,
         on_error: str = "warn",
         expected_latent_shape: tuple[int, ...] | None = None,
         pin_memory: bool = False,
@@ -386,6 +390,8 @@ class LatentStream:
             "resampled": bool(resampled),
         }
         self.num_workers, self.on_error, self.pin_memory = int(num_workers), on_error, pin_memory
+        self.drop_last = bool(drop_last)
+        self._epoch_batches = 0  # full micro-batches taken from the current epoch (epoch mode)
         self._workers = [[0, 0] for _ in range(self.cfg["num_workers"])]
         self._next_worker = 0
         self._batches = 0
@@ -417,7 +423,12 @@ class LatentStream:
                     generator=torch.Generator().manual_seed(self.cfg["seed"]),
                 )
             )
+        cap = None
+        if self.drop_last and not self.cfg["resampled"]:
+            cap = self.full_batches_per_epoch(max(e for e, _ in self._workers))
         for message in source:
+            if cap is not None and self._epoch_batches >= cap:
+                break  # every rank has taken its equal share of this epoch
             role = message["role"]
             self._workers[role] = [message["epoch"], message["position"]]
             self._next_worker = (role + 1) % workers
@@ -425,7 +436,10 @@ class LatentStream:
                 self._report(message["errors"])
             if message["latents"] is None:
                 continue
+            if cap is not None and len(message["labels"]) < self.cfg["micro_batch_size"]:
+                continue  # drop_last: a worker's short last batch of the pass
             self._batches += 1
+            self._epoch_batches += 1
             self.stats["batches"] = self._batches
             self.stats["samples"] += len(message["labels"])
             yield message["latents"], message["labels"]
@@ -433,6 +447,49 @@ class LatentStream:
             epoch = max(e for e, _ in self._workers) + 1
             self._workers = [[epoch, 0] for _ in range(workers)]
             self._next_worker = 0
+            self._epoch_batches = 0
+
+    def full_batches_per_epoch(self, epoch: int) -> int:
+        """Epoch mode with drop_last: the full micro-batches every rank takes from `epoch`.
+
+        Rank r's loader worker w can fill floor(n_rw / B) micro-batches from the n_rw samples of its shards
+        (the manifest's counts), so rank r can fill sum_w of that; every rank takes the minimum over ranks,
+        so all ranks make the same number of optimizer steps per epoch (no rank waits in a collective for
+        one that ran dry). Raises ValueError when that is zero.
+        """
+        cfg = self.cfg
+        workers, world, batch = cfg["num_workers"], cfg["world_size"], cfg["micro_batch_size"]
+        counts = np.array([s["num_samples"] for s in self.manifest.shards], dtype=np.int64)
+        order = epoch_shard_list(len(counts), cfg["seed"], epoch, world * workers, resampled=False)
+        per_rank = [
+            sum(int(counts[order[consumer_slots(len(order), r, world, w, workers)]].sum()) // batch
+                for w in range(workers))
+            for r in range(world)
+        ]  # fmt: skip
+        if min(per_rank) == 0:
+            rank = int(np.argmin(per_rank))
+            raise ValueError(
+                f"{self.manifest.path}: in epoch {epoch} rank {rank}'s shards give no loader worker a full "
+                f"micro-batch of {batch} samples ({world} ranks x {workers} workers over "
+                f"{len(counts)} shards); use fewer workers, smaller micro-batches, more shards, or "
+                "data.resampled=true"
+            )
+        return min(per_rank)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Micro-batches without end: the infinite stream, or epoch after epoch (each reshuffled) in epoch
+        mode. What the trainer consumes; resumable through state_dict() at any point."""
+        while True:
+            delivered = False
+            for batch in self:
+                delivered = True
+                yield batch
+            if self.cfg["resampled"]:
+                return
+            if not delivered:
+                raise ShardError(
+                    f"{self.manifest.path}: an epoch delivered no micro-batch on rank {self.cfg['rank']}"
+                )
 
     def _report(self, errors: list[tuple[str, str]], count: bool = True) -> None:
         for name, message in errors:
@@ -460,6 +517,7 @@ class LatentStream:
             "batches": self._batches,
             "next_worker": self._next_worker,
             "workers": [list(w) for w in self._workers],
+            "epoch_batches": self._epoch_batches,
             "samples": int(self.stats["samples"]),
             "errors": dict(self.stats["errors"]),
         }
@@ -483,6 +541,7 @@ class LatentStream:
         self._workers = [[int(e), int(p)] for e, p in state["workers"]]
         self._next_worker = int(state["next_worker"])
         self._batches = int(state["batches"])
+        self._epoch_batches = int(state.get("epoch_batches", 0))
         self.stats = {
             "samples": int(state["samples"]),
             "batches": self._batches,

@@ -352,6 +352,32 @@ def _statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
     return {"mu": stats["mu"].astype(np.float64), "sigma": stats["sigma"].astype(np.float64)}
 
 
+MIN_FID_IMAGES = 2  # a covariance needs two points (FID is strongly biased far above that: use >= 2k)
+MIN_KID_IMAGES = 2  # the unbiased MMD estimator needs two images per side
+
+
+def check_counts(num_samples: int, num_reference: int | None, prc_neighborhood: int = 3) -> None:
+    """Refuse, before any Inception work, image counts too small for a metric; names the count and minimum.
+
+    num_reference None: the reference is precomputed statistics (FID only).
+    """
+    if prc_neighborhood < 1:
+        raise ValueError(f"precision/recall neighbourhood k must be >= 1, got {prc_neighborhood}")
+    sides = [("samples", num_samples)] + (
+        [("reference images", num_reference)] if num_reference is not None else []
+    )
+    for side, count in sides:
+        if count < MIN_FID_IMAGES:
+            raise ValueError(f"FID needs at least {MIN_FID_IMAGES} {side}, got {count}")
+        if num_reference is not None and count < MIN_KID_IMAGES:
+            raise ValueError(f"KID needs at least {MIN_KID_IMAGES} {side}, got {count}")
+        if num_reference is not None and count <= prc_neighborhood:
+            raise ValueError(
+                f"precision/recall with k={prc_neighborhood} neighbours needs at least {prc_neighborhood + 1} "
+                f"{side}, got {count}"
+            )
+
+
 def compute_metrics(
     samples: str | os.PathLike | np.ndarray,
     reference: str | os.PathLike | np.ndarray | dict,
@@ -382,6 +408,7 @@ def compute_metrics(
     )
     sample_images, sample_identity = load_images(samples, "samples")
     ref_images, ref_stats, ref_identity = _load_reference(reference)
+    check_counts(len(sample_images), None if ref_images is None else len(ref_images), prc_neighborhood)
     state, weights_identity = load_inception_weights(inception_weights)
     has_logits = bool(state["fc.weight"].abs().sum() > 0)
     extractor = inception_extractor(state, ("2048", "logits_unbiased") if has_logits else ("2048",))
@@ -394,18 +421,11 @@ def compute_metrics(
     settings: dict[str, Any] = {"fid_reference": "statistics" if ref_stats is not None else "images"}
     if real is not None:
         subset = min(kid_subset_size, len(fake["2048"]), len(real["2048"]))
-        if subset < 2:
-            raise ValueError(f"KID needs at least 2 images on each side, got {subset}")
         metrics.update(
             kid_features_to_metric(
                 fake["2048"], real["2048"], kid_subsets=kid_subsets, kid_subset_size=subset, verbose=False
             )
         )
-        smallest = min(len(fake["2048"]), len(real["2048"]))
-        if smallest <= prc_neighborhood:
-            raise ValueError(
-                f"precision/recall with k={prc_neighborhood} needs > {prc_neighborhood} images per side"
-            )
         # torch-fidelity's convention: first argument generated, second real.
         metrics.update(
             prc_features_to_metric(

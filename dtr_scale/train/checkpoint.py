@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, safe_open, save_file
 
+from dtr_scale.errors import CheckpointError
+
 TAG_RE = re.compile(r"^step(\d{8,})$")
 
 
@@ -124,14 +126,27 @@ def _safe_globals() -> list:
     return allowed
 
 
-def check_deepspeed_files_safe(tag_dir: Path) -> None:
-    """Refuse DeepSpeed checkpoint files that would need arbitrary unpickling to load."""
+_RANK_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def files_loaded_by_rank(tag_dir: Path, rank: int | None) -> list[Path]:
+    """DeepSpeed's files in `tag_dir` that `rank` reads on resume: the shared model-states file(s) and its
+    own `*zero_pp_rank_{rank}_*` partitions (DeepSpeed reads another rank's partition only for elastic
+    checkpoints, which dtr-scale does not enable). rank None: every file (convert reads them all)."""
+    files = sorted(tag_dir.glob("*.pt"))
+    if rank is None:
+        return files
+    return [p for p in files if (m := _RANK_FILE_RE.search(p.name)) is None or int(m.group(1)) == rank]
+
+
+def check_deepspeed_files_safe(tag_dir: Path, rank: int | None = None) -> None:
+    """Refuse DeepSpeed checkpoint files that would need arbitrary unpickling to load (those `rank` loads)."""
     with torch.serialization.safe_globals(_safe_globals()):
-        for path in sorted(tag_dir.glob("*.pt")):
+        for path in files_loaded_by_rank(tag_dir, rank):
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - re-raised with the file name
-                raise RuntimeError(
+                raise CheckpointError(
                     f"refusing to load {path}: it does not load with torch.load(weights_only=True) and the "
                     f"dtr-scale allow-list ({err.__class__.__name__}: {str(err).splitlines()[0]})"
                 ) from err
@@ -156,7 +171,7 @@ class Checkpointer:
             return None
         tag = latest.read_text().strip()
         if not (self.dir / tag / "dtr_scale" / "global.safetensors").is_file():
-            raise RuntimeError(
+            raise CheckpointError(
                 f"{latest} names {tag!r}, but {self.dir / tag} is not a complete dtr-scale checkpoint"
             )
         return tag
@@ -171,11 +186,17 @@ class Checkpointer:
         )
         if self.rank == 0:
             write_state_file(ours / "global.safetensors", {"world_size": self.world_size, **global_state})
+        for path in files_written_by_rank(self.dir / tag, self.rank):
+            fsync_path(path)  # DeepSpeed does not fsync its files
         _barrier()  # every rank has written and fsynced: only now may `latest` move
         if self.rank == 0:
+            for directory in (ours, self.dir / tag, self.dir):  # the new names themselves are durable
+                fsync_path(directory)
             tmp = self.dir / "latest.tmp"
             tmp.write_text(tag)
+            fsync_path(tmp)
             os.replace(tmp, self.dir / "latest")
+            fsync_path(self.dir)
             self._prune(step)
         _barrier()
         return tag
@@ -199,19 +220,41 @@ class Checkpointer:
         global_state = read_state_file(tag_dir / "dtr_scale" / "global.safetensors")
         saved_world = int(global_state["world_size"])
         if saved_world != self.world_size:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {tag_dir} was written by {saved_world} ranks, this run has {self.world_size}. "
                 "Exact resume (EMA shards, data-stream positions, per-rank RNG) needs the same world size: "
                 f"relaunch with {saved_world} processes, or start a new run from `dtr-scale convert` weights."
             )
-        check_deepspeed_files_safe(tag_dir)
+        check_deepspeed_files_safe(tag_dir, self.rank)
         load_path, _ = engine.load_checkpoint(
             str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
         rank_state = read_state_file(tag_dir / "dtr_scale" / f"rank{self.rank:05d}.safetensors")
         return global_state, rank_state
+
+
+def files_written_by_rank(tag_dir: Path, rank: int) -> list[Path]:
+    """The files of a tag that `rank` wrote: its own partitions and state file, and on rank 0 the shared ones."""
+    own = f"rank{rank:05d}.safetensors"
+    files = [
+        p for p in tag_dir.glob("*.pt") if (m := _RANK_FILE_RE.search(p.name)) and int(m.group(1)) == rank
+    ]
+    if rank == 0:
+        files += [p for p in tag_dir.glob("*.pt") if not _RANK_FILE_RE.search(p.name)]
+        files += [tag_dir / "dtr_scale" / "global.safetensors"]
+    return files + [tag_dir / "dtr_scale" / own]
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the names it holds durable; POSIX)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _barrier() -> None:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dtr_scale.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -43,7 +45,7 @@ def map_launcher_env(env: dict[str, str] | os._Environ = os.environ) -> None:
         env["WORLD_SIZE"] = env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         if "MASTER_ADDR" not in env:
-            raise RuntimeError(
+            raise UserError(
                 "running under SLURM without torchrun: export MASTER_ADDR (first node's host name)"
             )
         env.setdefault("MASTER_PORT", "29500")

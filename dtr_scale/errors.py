@@ -1,0 +1,18 @@
+"""Errors that are the user's to fix, not the program's: the CLI prints them as one line and exits 2.
+
+`dtr-scale SUBCOMMAND` turns a `UserError` (and the standard ValueError / FileNotFoundError that library
+code raises for bad values and missing files) into `dtr-scale SUBCOMMAND: error: MESSAGE` on rank 0 only,
+with exit status 2 on every rank: a config typo on 32 GPUs is one line, not 32 tracebacks. Set
+DTR_SCALE_DEBUG=1 to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An expected failure caused by the run's inputs (config, files, data, checkpoints); the message names
+    the key, file or value and says what was expected."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be resumed as asked (incomplete, unsafe, other world size or clusters)."""

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from dtr_scale.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key (and the file when there is one)."""
 
 
@@ -51,6 +53,11 @@ class RoutingConfig:
 class DiffusionConfig:
     noise_schedule: str = "linear"
     diffusion_steps: int = 1000
+    # Per-timestep weight on the MSE term (diffusion/loss_weighting.py): none | min_snr | p2
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0  # Min-SNR-gamma (Hang et al. 2023): w_t = min(SNR, gamma) / SNR
+    p2_k: float = 1.0  # P2 (Choi et al. 2022): w_t = 1 / (k + SNR)^gamma
+    p2_gamma: float = 1.0
 
 
 @dataclass
@@ -60,6 +67,8 @@ class MTLConfig:
     objective: str = "timestep"  # timestep | snr | log_snr | affinity
     clusters_file: str | None = None  # JSON written by `dtr-scale cluster` (overrides objective)
     affinity_file: str | None = None  # .npy T x T matrix for objective=affinity
+    # Timesteps: auto = stratify only equal-size clusters, else t ~ U{0..T-1}; or stratified | uniform
+    sampling: str = "auto"
     update_every: int | None = None  # nash: 25, pcgrad: 1 when None
     uw_lr: float = 0.025
 
@@ -294,6 +303,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.diffusion.diffusion_steps < 1:
         raise ConfigError(f"diffusion.diffusion_steps must be >= 1, got {cfg.diffusion.diffusion_steps}")
+    _check_loss_weighting(cfg)
     m = cfg.mtl
     if m.method not in ("none", "uw", "nash", "pcgrad"):
         raise ConfigError(f"mtl.method must be one of none, uw, nash, pcgrad; got {m.method!r}")
@@ -341,10 +351,18 @@ def validate(cfg: RunConfig) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
-    if m.method != "none" and t.micro_batch_size % m.num_clusters:
+    if m.sampling not in ("auto", "stratified", "uniform"):
+        raise ConfigError(f"mtl.sampling must be auto, stratified or uniform, got {m.sampling!r}")
+    # Stratified sampling (auto stratifies the equal-size clusters of objective=timestep) splits every
+    # micro-batch evenly over the clusters; the trainer re-checks once the clusters are known.
+    stratifies = m.sampling == "stratified" or (
+        m.sampling == "auto" and m.objective == "timestep" and not m.clusters_file
+    )
+    if m.num_clusters > 1 and stratifies and t.micro_batch_size % m.num_clusters:
         raise ConfigError(
             f"train.micro_batch_size={t.micro_batch_size} must be divisible by mtl.num_clusters="
-            f"{m.num_clusters}: ANT samples an equal share of every micro-batch from each cluster"
+            f"{m.num_clusters}: stratified sampling (mtl.sampling={m.sampling}) gives every cluster an "
+            "equal share of every micro-batch"
         )
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
@@ -356,8 +374,78 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     if t.keep_last < 1:
         raise ConfigError(f"train.keep_last must be >= 1, got {t.keep_last}")
+    _check_ranges(cfg)
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+
+
+# Numeric keys and the range each must lie in: (key, lowest, lowest allowed?, highest or None).
+_RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
+    ("train.eps", 0.0, False, None),
+    ("train.weight_decay", 0.0, True, None),
+    ("train.warmup_steps", 0, True, None),
+    ("train.grad_clip", 0.0, True, None),
+    ("train.keep_every", 0, True, None),
+    ("train.max_nonfinite_steps", 1, True, None),
+    ("mtl.uw_lr", 0.0, False, None),
+    ("model.mlp_ratio", 0.0, False, None),
+    ("model.hidden_size", 1, True, None),
+    ("model.depth", 1, True, None),
+    ("model.num_heads", 1, True, None),
+    ("model.input_size", 1, True, None),
+    ("model.in_channels", 1, True, None),
+    ("model.num_classes", 1, True, None),
+    ("deepspeed.reduce_bucket_size", 1, True, None),
+    ("monitor.sample_every", 0, True, None),
+    ("monitor.sample_steps", 1, True, None),
+    ("monitor.sample_cfg_scale", 1.0, True, None),
+    ("monitor.peak_tflops", 0.0, False, None),
+    ("eval.every", 0, True, None),
+    ("eval.num_samples", 2, True, None),
+    ("eval.steps", 1, True, None),
+    ("eval.cfg_scale", 1.0, True, None),
+    ("eval.reference_size", 0, True, None),
+)
+
+
+def _check_loss_weighting(cfg: RunConfig) -> None:
+    d = cfg.diffusion
+    if d.loss_weighting not in ("none", "min_snr", "p2"):
+        raise ConfigError(f"diffusion.loss_weighting must be none, min_snr or p2, got {d.loss_weighting!r}")
+    if d.loss_weighting != "none" and cfg.mtl.method != "none":
+        # The official DTR code offers constant, min_snr, p2 and uw as alternatives (one loss_weight_type);
+        # a balancer re-weights the clusters' losses and would largely undo a per-timestep weighting.
+        raise ConfigError(
+            f"diffusion.loss_weighting={d.loss_weighting} cannot be combined with mtl.method={cfg.mtl.method}: "
+            "both re-weight the timesteps (the DTR code offers them as alternatives); set one of them to none"
+        )
+    if not d.min_snr_gamma > 0:
+        raise ConfigError(f"diffusion.min_snr_gamma must be > 0, got {d.min_snr_gamma}")
+    if d.p2_k < 0 or d.p2_gamma < 0:
+        raise ConfigError(
+            f"diffusion.p2_k and diffusion.p2_gamma must be >= 0, got {d.p2_k} and {d.p2_gamma}"
+        )
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Reject out-of-range numbers by key (None = unset, where the key allows it)."""
+    for key, low, inclusive, high in _RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        too_low = value < low if inclusive else value <= low
+        if too_low or (high is not None and value > high):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(
+                f"{key} must be {bound}{f' and <= {high}' if high is not None else ''}, got {value}"
+            )
+    if cfg.model.hidden_size is not None and cfg.model.num_heads is not None:
+        if cfg.model.hidden_size % cfg.model.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={cfg.model.hidden_size} must be divisible by model.num_heads="
+                f"{cfg.model.num_heads}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- runtime

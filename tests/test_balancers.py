@@ -303,3 +303,23 @@ def test_buffer_state_round_trip() -> None:
 def test_buffer_refuses_state_with_another_k() -> None:
     with pytest.raises(ValueError, match="k=3 clusters but this run has k=2"):
         ClusterLossBuffer(2).load_state_dict(ClusterLossBuffer(3).state_dict())
+
+
+@pytest.mark.parametrize("name", ["nash", "pcgrad"])
+def test_a_cluster_absent_from_the_gram_update_keeps_its_weight(name):
+    # Cluster 1 had no sample in the update (uniform t sampling): zero gradient, zero row and column of G.
+    # The present clusters are solved on their own 2x2 Gram; cluster 1's weight stays as it was.
+    g = torch.tensor([[1.0, 0.2, 0.0], [0.0, 0.0, 0.0], [-0.5, 1.0, 0.3]], dtype=torch.float64)
+    G = g @ g.T
+    balancer = build(name, 3, update_every=1)
+    before = balancer.raw_weights()
+    balancer.update_from_gram(G)
+    after = balancer.raw_weights()
+    assert after[1] == before[1] == 1.0
+    sub = G[[0, 2]][:, [0, 2]]
+    if name == "nash":  # the sub-solution satisfies (G_sub / |G_sub|_F) w = 1 / w
+        w = after[[0, 2]]
+        torch.testing.assert_close((sub / torch.linalg.norm(sub)) @ w, 1.0 / w, rtol=1e-6, atol=1e-8)
+    else:  # <g0, g2> = -0.5 < 0: PCGrad projects both, w = sum of the projection coefficients
+        expected = pcgrad_weights(sub, order=torch.tensor([[0, 1], [1, 0]]))
+        torch.testing.assert_close(after[[0, 2]], expected)

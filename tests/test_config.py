@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -180,3 +181,50 @@ def test_latent_shape_mismatch_fails_before_training(builtin_data, tmp_path):
     assert out.returncode == 2
     assert "model.input_size=32 but the data manifest's latent_shape is [4, 16, 16]" in out.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.max_steps=0", "train.max_steps=-5", "train.checkpoint_every=0", "train.log_every=0",
+        "train.lr=0", "train.lr=-0.0001", "train.grad_clip=-1", "train.eps=0", "train.warmup_steps=-1",
+        "train.weight_decay=-0.1", "train.global_batch_size=0", "train.max_nonfinite_steps=0",
+        "mtl.uw_lr=0", "mtl.update_every=0", "data.shuffle_buffer=-1", "data.interleave=0",
+        "data.num_workers=-1", "model.hidden_size=0", "model.depth=-2", "eval.every=-1",
+        "monitor.sample_steps=0", "deepspeed.reduce_bucket_size=0", "train.keep_every=-1",
+    ],
+)  # fmt: skip
+def test_out_of_range_numbers_are_rejected_by_key(override):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}(=\S+)? must be .*{re.escape(value)}"):
+        load_config(REPO / "configs/demo-cpu.yaml", [override])
+
+
+def test_hidden_size_must_split_over_the_heads():
+    with pytest.raises(ConfigError, match=r"model\.hidden_size=130 must be divisible by model\.num_heads=4"):
+        load_config(REPO / "configs/demo-cpu.yaml", ["model.hidden_size=130"])
+
+
+def test_loss_weighting_is_refused_beside_a_balancer_by_name():
+    cfg = load_config(REPO / "configs/demo-cpu.yaml", ["mtl.method=none", "diffusion.loss_weighting=min_snr"])
+    assert cfg.diffusion.loss_weighting == "min_snr" and cfg.diffusion.min_snr_gamma == 5.0
+    with pytest.raises(
+        ConfigError, match=r"diffusion\.loss_weighting=p2 cannot be combined with mtl\.method=uw"
+    ):
+        load_config(REPO / "configs/demo-cpu.yaml", ["diffusion.loss_weighting=p2"])
+    with pytest.raises(ConfigError, match=r"diffusion\.loss_weighting must be none, min_snr or p2"):
+        load_config(REPO / "configs/demo-cpu.yaml", ["mtl.method=none", "diffusion.loss_weighting=snr"])
+
+
+def test_nash_and_pcgrad_configs_keep_the_dit_marginal_and_nash_clips_like_the_official_code():
+    for method in ("nash", "pcgrad"):
+        cfg = load_config(REPO / f"configs/dit-b2-dtr-{method}.yaml")
+        assert (cfg.mtl.method, cfg.mtl.objective, cfg.mtl.sampling) == (method, "timestep", "uniform")
+        assert cfg.train.global_batch_size == 256
+        assert cfg.train.grad_clip == (1.0 if method == "nash" else 0.0)
+    minsnr = load_config(REPO / "configs/dit-b2-dtr-minsnr.yaml")
+    assert (minsnr.diffusion.loss_weighting, minsnr.diffusion.min_snr_gamma, minsnr.mtl.method) == (
+        "min_snr",
+        5.0,
+        "none",
+    )

@@ -302,3 +302,58 @@ def test_single_process_run_logs_cluster_curves_sample_grids_and_in_loop_kid(tmp
     assert {"perf/img_per_s", "perf/step_time_s", "eval/kernel_inception_distance_mean"} <= scalars
     assert "samples/ema" in events.Tags()["images"]
     assert (run_dir / "config.yaml").read_text().startswith("run_dir:")
+
+
+def _tiny_manifest(directory: Path, sizes=(21, 21)) -> Path:
+    """Shards of random 4x16x16 latents with labels 0..9 (the failing input of epoch mode: 2 x 21)."""
+    import numpy as np
+
+    from dtr_scale.data.shards import LatentSample, shard_name, write_manifest, write_shard
+
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True)
+    shards, n = [], 0
+    for j, size in enumerate(sizes):
+        samples = []
+        for _ in range(size):
+            mean = rng.standard_normal((2, 4, 16, 16)).astype(np.float16)
+            samples.append(LatentSample(f"s{n:05d}", n % 10, mean, np.zeros_like(mean)))
+            n += 1
+        shards.append(write_shard(directory / shard_name(j), samples))
+    return write_manifest(directory, shards, latent_shape=(4, 16, 16), scaling_factor=1.0, vae={"name": "t"},
+                          image_size=32, labels=[str(c) for c in range(10)])  # fmt: skip
+
+
+def test_two_process_epoch_mode_rolls_over_epochs_and_resumes_exactly(tmp_path):
+    # data.resampled=false with 2 shards x 21 and micro-batch 16 died with StopIteration at the end of the
+    # data. Now each rank takes one full micro-batch per epoch and training runs on through the epochs.
+    manifest = _tiny_manifest(tmp_path / "data")
+    steps = ["data.resampled=false", "train.micro_batch_size=16", "train.global_batch_size=32",
+             "train.max_steps=6", "train.checkpoint_every=3", "deepspeed.zero_stage=2"]  # fmt: skip
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    run_ranks(train_args(straight, manifest, *steps))
+    run_ranks(train_args(crashed, manifest, *steps), env={"DTR_SCALE_FAULT_AT_STEP": "4"}, expect_kill=True)
+    run_ranks(train_args(crashed, manifest, *steps))
+    a, b = read_metrics(straight), read_metrics(crashed)
+    assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6]
+    for ma, mb in zip(a, b):
+        assert ma["loss/mean"] == mb["loss/mean"], ma["step"]
+    wa, wb = final_weights(straight, "step00000006"), final_weights(crashed, "step00000006")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    from dtr_scale.train.checkpoint import read_state_file
+
+    stream = read_state_file(straight / "checkpoints/step00000006/dtr_scale/rank00000.safetensors")["stream"]
+    assert stream["batches"] == 6 and stream["samples"] == 6 * 16  # six epochs of one full batch each
+
+
+def test_two_process_snr_clusters_get_their_share_of_timesteps_in_the_logged_counts(tmp_path, builtin_data):
+    # SNR clusters at k = 5 are [0,0], [1,1], [2,6], [7,21], [22,999]. Stratified sampling put 80% of every
+    # batch on t <= 21; with the default mtl.sampling=auto t stays uniform, so the last cluster takes ~97.8%.
+    run_dir = tmp_path / "snr"
+    run_ranks(train_args(run_dir, builtin_data["train"], "mtl.objective=snr", "mtl.num_clusters=5",
+                         "train.micro_batch_size=32", "train.global_batch_size=64", "train.max_steps=4"))  # fmt: skip
+    metrics = read_metrics(run_dir)
+    counts = torch.tensor([[m[f"cluster/count_{i}"] for i in range(5)] for m in metrics])
+    assert (counts.sum(dim=1) == 64).all()  # every sample of both ranks, every step
+    share = counts.sum(dim=0) / counts.sum()
+    assert share[4] > 0.93 and share[:2].sum() < 0.03, share

@@ -138,10 +138,18 @@ class GaussianDiffusion:
         model_mean_type: ModelMeanType = ModelMeanType.EPSILON,
         model_var_type: ModelVarType = ModelVarType.LEARNED_RANGE,
         loss_type: LossType = LossType.MSE,
+        mse_loss_weights: np.ndarray | Sequence[float] | None = None,
     ) -> None:
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
+        # w_t on the MSE term (loss_weighting.py: Min-SNR, P2); None = 1. Rounded to float32 once, like the
+        # reference code's tables.
+        self.mse_loss_weights = (
+            None
+            if mse_loss_weights is None
+            else np.asarray(mse_loss_weights, dtype=np.float32).astype(np.float64)
+        )
 
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 2:
@@ -150,6 +158,11 @@ class GaussianDiffusion:
             raise ValueError(f"betas must lie in (0, 1], got min {betas.min()} and max {betas.max()}")
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
+        if self.mse_loss_weights is not None and self.mse_loss_weights.shape != (self.num_timesteps,):
+            raise ValueError(
+                f"mse_loss_weights must have one weight per timestep ({self.num_timesteps}), "
+                f"got shape {self.mse_loss_weights.shape}"
+            )
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
@@ -353,6 +366,8 @@ class GaussianDiffusion:
         mean_part, var_values = self._split_output(model_output, x_start32)
         target = noise if self.model_mean_type == ModelMeanType.EPSILON else x_start32
         mse = mean_flat((target - mean_part) ** 2)
+        if self.mse_loss_weights is not None:  # Min-SNR / P2, on the MSE term only (official DTR code)
+            mse = _extract(self.mse_loss_weights, t, mse.shape) * mse
 
         if self.loss_type.is_vb():
             vb = self._vb_terms_bpd(model_output, x_start32, x_t, t)["output"]

@@ -264,7 +264,8 @@ class GramBalancer(Balancer):
         self.num_updates = 0
         self._cached: torch.Tensor | None = None
 
-    def _solve(self, G: torch.Tensor) -> torch.Tensor:
+    def _solve(self, G: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Weights for the (present clusters') Gram G; prev: their current weights."""
         raise NotImplementedError
 
     def update_from_gram(self, G: torch.Tensor) -> None:
@@ -273,7 +274,14 @@ class GramBalancer(Balancer):
             raise ValueError(
                 f"{self.name}: Gram matrix must have shape ({self.k}, {self.k}), got {tuple(G.shape)}"
             )
-        self._w = self._solve(G).to(torch.float64)
+        # A cluster with no sample in the update (possible with uniform t sampling) has a zero gradient and
+        # a zero row in G: solve for the present clusters only and keep the absent ones' weights as they were.
+        present = torch.diagonal(G) > 0
+        w = self._w.clone()
+        if present.any():
+            index = torch.nonzero(present).flatten()
+            w[index] = self._solve(G[index][:, index], self._w[index]).to(torch.float64)
+        self._w = w
         self._gram = G.clone()
         self.num_updates += 1
         self._cached = None
@@ -336,8 +344,8 @@ class NashMTL(GramBalancer):
     def __init__(self, k: int, update_every: int = 25) -> None:
         super().__init__(k, update_every)
 
-    def _solve(self, G: torch.Tensor) -> torch.Tensor:
-        return nash_weights(G, prev=self._w if self.num_updates > 0 else None)
+    def _solve(self, G: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return nash_weights(G, prev=prev if self.num_updates > 0 else None)
 
 
 class PCGrad(GramBalancer):
@@ -353,7 +361,7 @@ class PCGrad(GramBalancer):
         super().__init__(k, update_every)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _solve(self, G: torch.Tensor) -> torch.Tensor:
+    def _solve(self, G: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         return pcgrad_weights(G, generator=self.generator)
 
     def get_extra_state(self) -> dict:

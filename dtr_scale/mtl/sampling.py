@@ -1,4 +1,8 @@
-"""Training timesteps: uniform, or stratified over ANT's timestep clusters.
+"""Training timesteps: uniform, or stratified over ANT's timestep clusters (`mtl.sampling`).
+
+`resolve_sampling` decides: `auto` stratifies only equal-size clusters (where it keeps t uniform, as the
+official ANT code does with its intervals), `uniform` never, `stratified` always (warning once, with the
+resulting marginal, when the clusters are unequal).
 
 Stratified sampling (ANT, NeurIPS 2023, Sec. 4.2: every cluster is a task present in every batch)
 gives each of the k clusters an equal share ``micro_batch_size / k`` of every micro-batch, with t
@@ -28,20 +32,58 @@ import torch
 
 from dtr_scale.mtl.clustering import Interval, validate_intervals
 
+SAMPLING_CHOICES = ("auto", "stratified", "uniform")
+
+
+def equal_sizes(clusters: list[Interval]) -> bool:
+    """True for ANT's uniform intervals (sizes differ by at most one), where stratified == uniform t."""
+    sizes = [right - left + 1 for left, right in clusters]
+    return max(sizes) - min(sizes) <= 1
+
+
+def resolve_sampling(mode: str, clusters: list[Interval] | None, num_timesteps: int) -> bool:
+    """`mtl.sampling` -> stratify or not. auto: stratify only equal-size clusters (ANT's official code only
+    stratifies its uniform intervals); otherwise t ~ U{0..T-1} and each cluster takes the samples that fall
+    in it. stratified with unequal clusters is allowed, with one warning that states the marginal of t."""
+    import warnings
+
+    if mode not in SAMPLING_CHOICES:
+        raise ValueError(f"mtl.sampling must be one of {', '.join(SAMPLING_CHOICES)}, got {mode!r}")
+    if clusters is None or len(clusters) < 2 or mode == "uniform":
+        return False
+    if mode == "auto":
+        return equal_sizes(clusters)
+    if not equal_sizes(clusters):
+        k = len(clusters)
+        shares = ", ".join(
+            f"[{left}, {right}]: {100 / k:.1f}% of samples for {100 * (right - left + 1) / num_timesteps:.1f}% of t"
+            for left, right in clusters
+        )
+        warnings.warn(
+            f"mtl.sampling=stratified with unequal clusters: each cluster gets 1/{k} of every micro-batch, so "
+            f"p(t) = 1 / ({k} * n_j) instead of 1/{num_timesteps} ({shares}); mtl.sampling=auto keeps t uniform",
+            UserWarning,
+            stacklevel=2,
+        )
+    return True
+
 
 class TimestepSampler:
     """Draws (t, cluster_idx) for a micro-batch.
 
-    ``clusters=None``: t ~ U{0..T-1}, one cluster (k = 1, cluster_idx all 0). Otherwise stratified:
-    batch_size / k samples per cluster, t uniform within the cluster (see the module docstring for
-    the marginal of t).
+    ``clusters=None``: t ~ U{0..T-1}, one cluster (k = 1, cluster_idx all 0). With clusters, stratified
+    (the default; ``stratified=True``): batch_size / k samples per cluster, t uniform within the cluster
+    (see the module docstring for the marginal of t); ``stratified=False``: t ~ U{0..T-1} and cluster_idx
+    the cluster each t falls in (some clusters may get no sample in a micro-batch).
     """
 
-    def __init__(self, num_timesteps: int, clusters: list[Interval] | None = None) -> None:
+    def __init__(
+        self, num_timesteps: int, clusters: list[Interval] | None = None, stratified: bool | None = None
+    ) -> None:
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
         self.num_timesteps = num_timesteps
-        self.stratified = clusters is not None
+        self.stratified = (clusters is not None) if stratified is None else bool(stratified and clusters)
         if clusters is None:
             clusters = [(0, num_timesteps - 1)]
         self.clusters = validate_intervals(clusters, num_timesteps, source="TimestepSampler clusters")
@@ -71,7 +113,7 @@ class TimestepSampler:
         draw_device = generator.device if generator is not None else torch.device("cpu")
         if not self.stratified:
             t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=draw_device)
-            return t.to(device), torch.zeros(batch_size, dtype=torch.long, device=device)
+            return t.to(device), self.cluster_of.to(draw_device)[t].to(device)
         per_cluster = batch_size // self.num_clusters
         cluster_idx = torch.arange(self.num_clusters, device=draw_device).repeat_interleave(per_cluster)
         # offset uniform in 0..n_j-1: floor(u * n_j), u ~ U[0, 1) in float64 (exact for any n_j <= T)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from dtr_scale.config import (
     merge_user_deepspeed_config,
     resolve_precision,
 )
+from dtr_scale.errors import CheckpointError
 from dtr_scale.train.runtime import init_distributed, load_rng_state, rng_state, seed_everything
 
 accepts_overrides = True
@@ -132,15 +132,16 @@ class TrainModule(nn.Module):
     DeepSpeed like the model's, and so that ZeRO-3 gathers them inside this forward.
     """
 
-    def __init__(self, model: nn.Module, balancer: nn.Module, diffusion, num_clusters: int):
+    def __init__(self, model: nn.Module, balancer: nn.Module, diffusion, num_clusters: int, scale: float):
         super().__init__()
         self.model = model
         self.balancer = balancer
         self.diffusion = diffusion
         self.num_clusters = num_clusters
+        self.scale = scale  # gradient_accumulation * world: see mtl.cluster_losses.step_cluster_means
 
-    def forward(self, x, t, y, noise, cluster_idx) -> dict[str, torch.Tensor]:
-        from dtr_scale.mtl.cluster_losses import per_cluster_mean
+    def forward(self, x, t, y, noise, cluster_idx, step_counts) -> dict[str, torch.Tensor]:
+        from dtr_scale.mtl.cluster_losses import step_cluster_means
 
         dtype = next(self.model.parameters()).dtype
 
@@ -149,8 +150,9 @@ class TrainModule(nn.Module):
 
         terms = self.diffusion.training_losses(model_fn, x, t, model_kwargs={"y": y}, noise=noise)
         per_sample = terms["loss"]
-        means, counts = per_cluster_mean(per_sample, cluster_idx, self.num_clusters)
-        loss = self.balancer(means, counts)
+        # This micro-batch's share of the step's buffered cluster losses l_k (sums over the step / N_k).
+        means = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)
+        loss = self.balancer(means, step_counts)
         return {"loss": loss, "per_sample": per_sample.detach(), "mse": terms["mse"].detach()}
 
 
@@ -167,7 +169,7 @@ class Trainer:
         from dtr_scale.diffusion import create_diffusion
         from dtr_scale.mtl import balancers
         from dtr_scale.mtl.cluster_losses import ClusterLossBuffer
-        from dtr_scale.mtl.sampling import TimestepSampler
+        from dtr_scale.mtl.sampling import TimestepSampler, resolve_sampling
         from dtr_scale.train.checkpoint import Checkpointer
         from dtr_scale.train.ema import ShardedEMA
 
@@ -191,18 +193,26 @@ class Trainer:
         seed_everything(cfg.train.seed)
         model = build_model(cfg, tuple(self.manifest.latent_shape), len(self.manifest.labels))
         self.flops_per_sample = model.flops_per_sample()
+        d = cfg.diffusion
         self.diffusion = create_diffusion(
             "",
-            noise_schedule=cfg.diffusion.noise_schedule,
+            noise_schedule=d.noise_schedule,
             learn_sigma=cfg.model.learn_sigma,
-            diffusion_steps=cfg.diffusion.diffusion_steps,
+            diffusion_steps=d.diffusion_steps,
+            loss_weighting=d.loss_weighting,
+            min_snr_gamma=d.min_snr_gamma,
+            p2_k=d.p2_k,
+            p2_gamma=d.p2_gamma,
         )
         self.clusters = resolve_clusters(cfg, np.asarray(self.diffusion.alphas_cumprod, dtype=np.float64))
         k = 1 if self.clusters is None else len(self.clusters)
-        stratified = cfg.mtl.method != "none" and self.clusters is not None
-        self.sampler = TimestepSampler(cfg.diffusion.diffusion_steps, self.clusters if stratified else None)
-        self.sampler.check_batch_size(cfg.train.micro_batch_size)
-        self.cluster_of = TimestepSampler(cfg.diffusion.diffusion_steps, self.clusters).cluster_of
+        # mtl.sampling: stratify only ANT's equal-size intervals unless told otherwise (mtl/sampling.py)
+        stratified = resolve_sampling(cfg.mtl.sampling, self.clusters, d.diffusion_steps)
+        self.sampler = TimestepSampler(d.diffusion_steps, self.clusters, stratified=stratified)
+        try:
+            self.sampler.check_batch_size(cfg.train.micro_batch_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         self.k = k
         options: dict[str, Any] = {}
         if cfg.mtl.method == "uw":
@@ -213,7 +223,7 @@ class Trainer:
             if cfg.mtl.method == "pcgrad":
                 options["seed"] = cfg.train.seed
         balancer = balancers.build(cfg.mtl.method, k, **options)
-        self.module = TrainModule(model, balancer, self.diffusion, k)
+        self.module = TrainModule(model, balancer, self.diffusion, k, float(self.accumulation * self.world))
 
         seed_everything(cfg.train.seed * self.world + self.rank)
         self.generator = torch.Generator(device=self.device).manual_seed(
@@ -262,10 +272,11 @@ class Trainer:
             interleave=cfg.data.interleave,
             hflip=cfg.data.hflip,
             resampled=cfg.data.resampled,
+            drop_last=True,  # epoch mode: full micro-batches only, the same number on every rank
             on_error=cfg.data.on_error,
             pin_memory=self.device.type == "cuda",
         )
-        self.cluster_buffer = ClusterLossBuffer(k)
+        self.cluster_buffer = ClusterLossBuffer(k, num_timesteps=cfg.diffusion.diffusion_steps)
         self.checkpointer = Checkpointer(self.run_dir, t.keep_last, t.keep_every, self.rank, self.world)
         self.step = 0
         self.samples_seen = 0
@@ -314,7 +325,7 @@ class Trainer:
         self.skipped_steps = int(global_state["skipped_steps"])
         saved_clusters = [tuple(c) for c in global_state["clusters"]]
         if saved_clusters != [tuple(c) for c in (self.clusters or [])]:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {tag} was trained with clusters {saved_clusters}, the config now gives {self.clusters}"
             )
         if global_state["balancer"]:
@@ -359,6 +370,8 @@ class Trainer:
 
         def cluster_loss(i: int) -> torch.Tensor:
             sel = cluster_idx == i
+            if not bool(sel.any()):  # no sample of cluster i here: a zero gradient (its weight is kept)
+                return sum(p.sum() for p in params) * 0.0
             terms = module.diffusion.training_losses(
                 model_fn, x[sel], t[sel], model_kwargs={"y": y[sel]}, noise=noise[sel]
             )
@@ -384,17 +397,26 @@ class Trainer:
         objective = 0.0
         mse_sum = 0.0
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
-        for micro in range(self.accumulation):
+        # The step's timesteps are drawn up front, so the global per-cluster counts N_k of the whole step
+        # are known (one small all-reduce) before the first forward: the buffered estimator needs them.
+        drawn = [
+            self.sampler.sample(self.cfg.train.micro_batch_size, self.generator, self.device)
+            for _ in range(self.accumulation)
+        ]
+        step_counts = torch.zeros(self.k, dtype=torch.float32, device=self.device)
+        for _, cluster_idx in drawn:
+            step_counts += torch.bincount(cluster_idx, minlength=self.k).to(step_counts)
+        if self.world > 1:
+            dist.all_reduce(step_counts)
+        for micro, (t, cluster_idx) in enumerate(drawn):
             x, y = next(batches)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            t, _ = self.sampler.sample(x.shape[0], self.generator, self.device)
-            cluster_idx = self.cluster_of.to(self.device)[t]
             noise = torch.randn(x.shape, generator=self.generator, device=self.device)
             with amp:
                 if update_gram and micro == 0:
                     self.update_balancer_from_gram(x, t, y, noise, cluster_idx)
-                out = self.engine(x, t, y, noise, cluster_idx)
+                out = self.engine(x, t, y, noise, cluster_idx, step_counts)
             loss = out["loss"]
             if not self._all_finite(loss):
                 if micro == 0:  # nothing accumulated yet: skip the whole optimizer step cleanly
@@ -411,7 +433,7 @@ class Trainer:
                 )
                 self.monitor_message(f"step {self.step + 1}: non-finite loss in micro-batch {micro}, dropped")
             else:
-                self.cluster_buffer.add(out["per_sample"], cluster_idx)
+                self.cluster_buffer.add(out["per_sample"], cluster_idx, t)
                 objective += loss.item() / self.accumulation
                 mse_sum += out["mse"].mean().item() / self.accumulation
             self.engine.backward(loss)
@@ -433,6 +455,7 @@ class Trainer:
             for i in range(self.k):
                 scalars[f"cluster/loss_{i}"] = float(means[i])
                 scalars[f"cluster/weight_{i}"] = float(weights[i])
+                scalars[f"cluster/count_{i}"] = float(counts[i])  # samples in the step, all ranks
             scalars.update(balancer.log_scalars())
         return scalars
 
@@ -451,9 +474,10 @@ class Trainer:
             progress=cfg.monitor.progress,
             start_step=self.step,
             config_text=dump_yaml(cfg),
+            num_clusters=self.k,
         )
         self.engine.train()
-        batches = iter(self.stream)
+        batches = self.stream.batches()  # epoch mode rolls over into the next, reshuffled epoch
         fault_step = int(os.environ.get(FAULT_ENV, "0"))
         last_scalars: dict[str, float] = {}
         while self.step < t.max_steps:
@@ -482,6 +506,7 @@ class Trainer:
                 self.save()
             if cfg.monitor.sample_every and self.step % cfg.monitor.sample_every == 0:
                 self.sample_grid()
+                self.log_loss_profile()
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 self.evaluate_in_loop()
             if fault_step and self.step == fault_step and self.rank == 0:
@@ -490,6 +515,17 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
         self.monitor.close()
         return last_scalars
+
+    def log_loss_profile(self) -> None:
+        """Loss vs t since the last call (all ranks' samples) as a TensorBoard image and PNG (rank 0)."""
+        from dtr_scale.train.monitor import loss_profile_image
+
+        means, counts = self.cluster_buffer.take_profile()  # every rank: the profile is replicated
+        if self.rank == 0 and counts.sum() > 0:
+            image = loss_profile_image(means, counts, self.cfg.diffusion.diffusion_steps)
+            path = self.run_dir / "samples" / f"loss_profile_{self.step:08d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.monitor.image("loss/profile_vs_t", self.step, image, png_path=path)
 
     def sample_grid(self) -> None:
         from dtr_scale.train.inloop import sample_grid
@@ -571,16 +607,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides or [])
-        if args.dry_run:
-            world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-            print(dry_run(cfg, world, args.deepspeed_config))
-            return 0
-        trainer = Trainer(cfg, user_ds_config=args.deepspeed_config, resume_tag=args.resume)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    # Config, data and checkpoint errors reach the CLI, which prints them as one line on rank 0 (errors.py).
+    cfg = load_config(args.config, args.overrides or [])
+    if args.dry_run:
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print(dry_run(cfg, world, args.deepspeed_config))
+        return 0
+    trainer = Trainer(cfg, user_ds_config=args.deepspeed_config, resume_tag=args.resume)
     trainer.fit()
     if cfg.deepspeed.zero_stage < 3:  # whole parameters on every rank: they must agree exactly
         with torch.no_grad():

@@ -58,6 +58,42 @@ def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     return grid.permute(1, 2, 0).numpy()
 
 
+def loss_profile_image(means: torch.Tensor, counts: torch.Tensor, num_timesteps: int) -> np.ndarray:
+    """A bar chart of the mean loss per t bin (log scale, low t on the left), uint8 (H, W, 3).
+
+    One bar per bin of `means` (bins,); empty bins (count 0) are left blank. The y axis spans the
+    bins' smallest to largest mean in decades, labelled, so cluster losses that differ by 1000x (eps
+    prediction: tiny at high t) all stay visible.
+    """
+    from PIL import Image, ImageDraw
+
+    width, height, left, bottom, top = 420, 220, 54, 24, 10
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    present = counts > 0
+    if present.any():
+        values = means[present].clamp(min=1e-12).log10()
+        low, high = float(values.min().floor()), float(values.max().ceil())
+        high = max(high, low + 1)
+        bins = len(means)
+        bar = (width - left - 4) / bins
+        for j in range(bins):
+            if not present[j]:
+                continue
+            level = (float(means[j].clamp(min=1e-12).log10()) - low) / (high - low)
+            y = height - bottom - level * (height - bottom - top)
+            x0 = left + j * bar
+            draw.rectangle([x0 + 1, y, x0 + bar - 1, height - bottom], fill=(60, 110, 200))
+        for decade in range(int(low), int(high) + 1):
+            y = height - bottom - (decade - low) / (high - low) * (height - bottom - top)
+            draw.line([left - 4, y, left, y], fill=(0, 0, 0))
+            draw.text((2, y - 6), f"1e{decade}", fill=(0, 0, 0))
+    draw.line([left, top, left, height - bottom, width - 4, height - bottom], fill=(0, 0, 0))
+    draw.text((left, height - bottom + 6), "t = 0", fill=(0, 0, 0))
+    draw.text((width - 60, height - bottom + 6), f"t = {num_timesteps - 1}", fill=(0, 0, 0))
+    return np.asarray(image)
+
+
 class Monitor:
     """Rank-0 logging; every method is a no-op on other ranks."""
 
@@ -73,6 +109,7 @@ class Monitor:
         progress: bool = True,
         start_step: int = 0,
         config_text: str | None = None,
+        num_clusters: int = 1,
     ):
         self.active = rank == 0
         self.world_size = world_size
@@ -92,6 +129,13 @@ class Monitor:
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
             if config_text:
                 self.writer.add_text("config", "```yaml\n" + config_text + "\n```", start_step)
+            if num_clusters > 1:  # CUSTOM SCALARS tab: all k curves of a kind on one chart
+                ks = range(num_clusters)
+                self.writer.add_custom_scalars({"ANT clusters": {
+                    "cluster losses": ["Multiline", [f"cluster/loss_{i}" for i in ks]],
+                    "cluster weights": ["Multiline", [f"cluster/weight_{i}" for i in ks]],
+                    "cluster samples per step": ["Multiline", [f"cluster/count_{i}" for i in ks]],
+                }})  # fmt: skip
         if progress:
             from tqdm.auto import tqdm
 

@@ -434,3 +434,14 @@ def test_epoch_mode_without_a_full_batch_is_refused_by_name(tmp_path: Path) -> N
 def _take_batches(stream: LatentStream, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     batches = stream.batches()
     return [next(batches) for _ in range(n)]
+
+
+def test_epoch_mode_resume_right_after_an_epochs_last_batch_goes_on_to_the_next_epoch(tmp_path: Path) -> None:
+    manifest = _write_dataset(tmp_path / "d", sizes=(21, 21))
+    kwargs = dict(seed=3, rank=0, world_size=1, resampled=False, drop_last=True)
+    reference = _take_batches(LatentStream(manifest, 16, **kwargs), 6)  # 3 epochs of 2 batches
+    first = LatentStream(manifest, 16, **kwargs)
+    _take_batches(first, 2)  # the epoch's last batch: checkpointed before the rollover
+    resumed = LatentStream(manifest, 16, **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    _assert_same_batches(_take_batches(resumed, 4), reference[2:])

@@ -480,13 +480,16 @@ class LatentStream:
         """Micro-batches without end: the infinite stream, or epoch after epoch (each reshuffled) in epoch
         mode. What the trainer consumes; resumable through state_dict() at any point."""
         while True:
+            # An epoch resumed after its last batch (checkpointed between that batch and the rollover)
+            # legitimately delivers nothing more; only an epoch started from its beginning must deliver.
+            fresh = self._epoch_batches == 0 and all(position == 0 for _, position in self._workers)
             delivered = False
             for batch in self:
                 delivered = True
                 yield batch
             if self.cfg["resampled"]:
                 return
-            if not delivered:
+            if fresh and not delivered:
                 raise ShardError(
                     f"{self.manifest.path}: an epoch delivered no micro-batch on rank {self.cfg['rank']}"
                 )

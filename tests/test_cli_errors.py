@@ -26,7 +26,7 @@ def _ranks(args: list[str], world_size: int = 2) -> list[subprocess.CompletedPro
         (["train", "--config", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
         (["train", "--config", "configs/demo-cpu.yaml", "train.lr=-1"], "train.lr must be > 0, got -1"),
         (
-            ["train", "--config", "configs/demo-cpu.yaml"],
+            ["train", "--config", "configs/demo-cpu.yaml", "train.micro_batch_size=128"],
             "train.global_batch_size (128) is not divisible by train.micro_batch_size (128) x world size (2)",
         ),
         (

@@ -16,6 +16,7 @@ from dtr_scale.config import (
     gradient_accumulation,
     load_config,
     merge_user_deepspeed_config,
+    resolve_batch_layout,
     resolve_precision,
 )
 
@@ -24,7 +25,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    cfg = load_config(path)
+    cfg = resolve_batch_layout(load_config(path), 1)
     assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
 
 
@@ -106,6 +107,7 @@ def test_bf16_is_refused_without_a_bf16_device():
     with pytest.raises(ConfigError, match="train.precision=bf16"):
         resolve_precision(cfg, "cpu", False)
     assert resolve_precision(cfg, "cuda", True) == "bf16"
+    assert resolve_precision(cfg, "cpu", True) == "bf16"  # DeepSpeed's CPU accelerator trains bf16
     auto = load_config(REPO / "configs/demo-cpu.yaml")
     assert resolve_precision(auto, "cpu", False) == "fp32"
 
@@ -228,3 +230,36 @@ def test_nash_and_pcgrad_configs_keep_the_dit_marginal_and_nash_clips_like_the_o
         5.0,
         "none",
     )
+
+
+@pytest.mark.parametrize(
+    ("world", "expected"),
+    [(1, (32, 8)), (2, (32, 4)), (8, (32, 1)), (32, (8, 1)), (64, (4, 1)), (256, (1, 1))],
+)
+def test_unset_micro_batch_is_derived_from_the_world_size(world, expected):
+    # global 256, max 32: per rank 256 / world; capped at 32 by accumulation (hand-worked table)
+    cfg = resolve_batch_layout(load_config(REPO / "configs/dit-b2-dtr-minsnr.yaml"), world)
+    assert (cfg.train.micro_batch_size, gradient_accumulation(cfg, world)) == expected
+
+
+def test_derived_micro_batch_respects_stratified_clusters_and_refuses_what_cannot_split():
+    # XL: k = 8 equal clusters, stratified: the micro-batch must be a multiple of 8
+    xl = load_config(REPO / "configs/dit-xl2-dtr-ant.yaml", ["train.max_micro_batch_size=20"])
+    cfg = resolve_batch_layout(xl, 4)  # 64 per rank: divisors <= 20 that 8 divides -> 16, accumulation 4
+    assert (cfg.train.micro_batch_size, gradient_accumulation(cfg, 4)) == (16, 4)
+    with pytest.raises(ConfigError, match=r"cannot be split evenly over 24 ranks"):
+        resolve_batch_layout(xl, 24)
+    with pytest.raises(ConfigError, match=r"is 2 per rank, with no micro-batch .* that k=8 clusters divide"):
+        resolve_batch_layout(xl, 128)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("world", [1, 8, 32])
+def test_every_shipped_config_dry_runs_for_a_gpu_cluster_from_this_cpu_machine(path, world):
+    from dtr_scale.train.engine import dry_run
+
+    cfg = load_config(path)
+    text = dry_run(cfg, world, None, device_type="cuda")
+    assert f"x world size {world} " in text and "global batch " in text
+    if cfg.train.precision in ("bf16", "auto"):
+        assert "precision bf16" in text  # resolved for the target, not refused on this CPU-only box

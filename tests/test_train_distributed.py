@@ -69,20 +69,24 @@ def final_weights(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("zero_stage", "method", "num_workers", "world_size"),
+    ("zero_stage", "method", "num_workers", "world_size", "precision"),
     [
-        (1, "uw", 0, 2),
-        (2, "uw", 0, 2),
-        (3, "uw", 0, 2),
-        (2, "nash", 0, 2),
-        (1, "pcgrad", 0, 2),
+        (1, "uw", 0, 2, "fp32"),
+        (2, "uw", 0, 2, "fp32"),
+        (3, "uw", 0, 2, "fp32"),
+        (2, "nash", 0, 2, "fp32"),
+        (1, "pcgrad", 0, 2, "fp32"),
         # Loader workers: creating the DataLoader must not draw from the restored global RNG (label dropout).
-        (2, "uw", 2, 2),
-        (3, "uw", 2, 1),
+        (2, "uw", 2, 2, "fp32"),
+        (3, "uw", 2, 1, "fp32"),
+        # bf16 through DeepSpeed's CPU accelerator: the GPU path's bf16 optimizer and checkpoints.
+        (2, "uw", 0, 2, "bf16"),
+        (3, "uw", 0, 2, "bf16"),
+        (2, "nash", 0, 2, "bf16"),
     ],
 )
 def test_two_process_kill_and_resume_equals_uninterrupted(
-    tmp_path, builtin_data, zero_stage, method, num_workers, world_size
+    tmp_path, builtin_data, zero_stage, method, num_workers, world_size, precision
 ):
     manifest = builtin_data["train"]
     steps = [
@@ -92,6 +96,7 @@ def test_two_process_kill_and_resume_equals_uninterrupted(
         f"mtl.method={method}",
         "mtl.update_every=2",
         f"data.num_workers={num_workers}",
+        f"train.precision={precision}",
     ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run_ranks(train_args(straight, manifest, *steps), world_size=world_size)
@@ -128,6 +133,16 @@ def test_two_process_kill_and_resume_equals_uninterrupted(
         sb = read_state_file(crashed / f"checkpoints/step00000006/dtr_scale/rank{rank:05d}.safetensors")
         assert torch.equal(sa["ema"]["shard"], sb["ema"]["shard"])
         assert sa["stream"] == sb["stream"]
+    if precision == "bf16":  # convert reads the bf16 run's checkpoint: fp32 weights equal to DeepSpeed's own
+        from safetensors.torch import load_file
+
+        from dtr_scale.sample.convert import convert_checkpoint
+
+        model = load_file(str(convert_checkpoint(straight, tmp_path / "model") / "model.safetensors"))
+        checked = [key for key in model if f"model.{key}" in wa]  # (pos_embed is a fixed buffer)
+        assert len(checked) > 10
+        for key in checked:
+            assert model[key].dtype == torch.float32 and torch.equal(model[key], wa[f"model.{key}"]), key
 
 
 EMA_SCRIPT = r"""
@@ -228,13 +243,15 @@ print("SKIPPED", tr.skipped_steps, "STEP", tr.step)
 """
 
 
-def test_nonfinite_loss_skips_the_step_visibly_then_stops(tmp_path, builtin_data):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_loss_skips_the_step_visibly_then_stops(tmp_path, builtin_data, precision):
     base = train_args(
         tmp_path / "a",
         builtin_data["train"],
         "train.max_steps=5",
         "train.checkpoint_every=100",
         "train.global_batch_size=8",
+        f"train.precision={precision}",
     )
     out = run_ranks(["-c", NAN_SCRIPT, *base[4:]], world_size=1)[0].stdout
     assert "non-finite loss on some rank, optimizer step skipped" in out
@@ -245,6 +262,7 @@ def test_nonfinite_loss_skips_the_step_visibly_then_stops(tmp_path, builtin_data
         "train.max_steps=5",
         "train.max_nonfinite_steps=2",
         "train.global_batch_size=8",
+        f"train.precision={precision}",
     )
     out = run_ranks(["-c", NAN_SCRIPT, *base[4:]], world_size=1)[0].stdout
     assert "STOPPED stopping: 2 non-finite losses in a row" in out

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from dtr_scale.config import (
     gradient_accumulation,
     load_config,
     merge_user_deepspeed_config,
+    resolve_batch_layout,
     resolve_precision,
 )
 from dtr_scale.errors import CheckpointError
@@ -180,11 +180,11 @@ class Trainer:
             )
         self.dist = info = init_distributed()
         self.rank, self.world = info.rank, info.world_size
+        # The micro-batch for this world size (train.micro_batch_size may be unset): one config, 1..N GPUs.
+        self.cfg = cfg = resolve_batch_layout(cfg, self.world)
         self.device = info.device
         accelerator = get_accelerator()
-        self.precision = resolve_precision(
-            cfg, info.device.type, info.device.type == "cuda" and accelerator.is_bf16_supported()
-        )
+        self.precision = resolve_precision(cfg, info.device.type, accelerator.is_bf16_supported())
         self.accumulation = gradient_accumulation(cfg, self.world)
         self.manifest = load_manifest(cfg.data.shards)
         self.run_dir = Path(cfg.run_dir)
@@ -394,9 +394,9 @@ class Trainer:
         """One optimizer step over `accumulation` micro-batches; None when skipped (non-finite loss)."""
         balancer = self.engine.module.balancer
         update_gram = getattr(balancer, "needs_gram", False) and self.step % balancer.update_every == 0
-        objective = 0.0
-        mse_sum = 0.0
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+        # Logging sums stay on the device and are read once per step (no host sync per micro-batch).
+        objective = torch.zeros((), device=self.device)
+        mse_sum = torch.zeros((), device=self.device)
         # The step's timesteps are drawn up front, so the global per-cluster counts N_k of the whole step
         # are known (one small all-reduce) before the first forward: the buffered estimator needs them.
         drawn = [
@@ -405,7 +405,7 @@ class Trainer:
         ]
         step_counts = torch.zeros(self.k, dtype=torch.float32, device=self.device)
         for _, cluster_idx in drawn:
-            step_counts += torch.bincount(cluster_idx, minlength=self.k).to(step_counts)
+            step_counts.index_add_(0, cluster_idx, torch.ones_like(cluster_idx, dtype=step_counts.dtype))
         if self.world > 1:
             dist.all_reduce(step_counts)
         for micro, (t, cluster_idx) in enumerate(drawn):
@@ -413,10 +413,9 @@ class Trainer:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             noise = torch.randn(x.shape, generator=self.generator, device=self.device)
-            with amp:
-                if update_gram and micro == 0:
-                    self.update_balancer_from_gram(x, t, y, noise, cluster_idx)
-                out = self.engine(x, t, y, noise, cluster_idx, step_counts)
+            if update_gram and micro == 0:
+                self.update_balancer_from_gram(x, t, y, noise, cluster_idx)
+            out = self.engine(x, t, y, noise, cluster_idx, step_counts)
             loss = out["loss"]
             if not self._all_finite(loss):
                 if micro == 0:  # nothing accumulated yet: skip the whole optimizer step cleanly
@@ -434,8 +433,8 @@ class Trainer:
                 self.monitor_message(f"step {self.step + 1}: non-finite loss in micro-batch {micro}, dropped")
             else:
                 self.cluster_buffer.add(out["per_sample"], cluster_idx, t)
-                objective += loss.item() / self.accumulation
-                mse_sum += out["mse"].mean().item() / self.accumulation
+                objective += loss.detach().float() / self.accumulation
+                mse_sum += out["mse"].mean().float() / self.accumulation
             self.engine.backward(loss)
             self.engine.step()
         self.ema.update()
@@ -443,8 +442,8 @@ class Trainer:
         total = counts.sum().clamp_min(1)
         scalars = {
             "loss/mean": float((means * counts).sum() / total),
-            "loss/objective": objective,
-            "loss/mse_rank0": mse_sum,
+            "loss/objective": float(objective),
+            "loss/mse_rank0": float(mse_sum),
             "lr": float(self.scheduler.get_last_lr()[0]),
         }
         grad_norm = self.engine.get_global_grad_norm()
@@ -541,8 +540,19 @@ class Trainer:
 # ------------------------------------------------------------------------------- dry run and CLI
 
 
-def dry_run(cfg: RunConfig, world_size: int, user_ds_config: str | None) -> str:
-    """Resolved config, DeepSpeed JSON and DeepSpeed's memory estimate, without starting any work."""
+def dry_run(
+    cfg: RunConfig,
+    world_size: int,
+    user_ds_config: str | None,
+    device_type: str | None = None,
+    gpus_per_node: int | None = None,
+) -> str:
+    """Resolved config, batch layout, DeepSpeed JSON and DeepSpeed's memory estimate, without any work.
+
+    device_type: the target ("cuda" or "cpu"; None = this machine's), so a CPU login node can plan a GPU
+    run: precision and the DeepSpeed JSON are resolved as they would be there (cuda: bf16 available).
+    A data manifest that is not reachable from here is replaced by the DiT defaults (4x32x32, 1000 classes).
+    """
     import contextlib
     import io
     import json
@@ -552,21 +562,37 @@ def dry_run(cfg: RunConfig, world_size: int, user_ds_config: str | None) -> str:
 
     from dtr_scale.data.shards import load_manifest
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = resolve_precision(cfg, device_type, device_type == "cuda" and torch.cuda.is_bf16_supported())
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = device_type or here
+    bf16 = torch.cuda.is_bf16_supported() if device_type == here == "cuda" else device_type == "cuda"
+    cfg = resolve_batch_layout(cfg, world_size)
+    precision = resolve_precision(cfg, device_type, bf16)
+    accumulation = gradient_accumulation(cfg, world_size)
     ds = deepspeed_config(cfg, world_size, precision, device_type)
     if user_ds_config or cfg.deepspeed.config_file:
         ds = merge_user_deepspeed_config(user_ds_config or cfg.deepspeed.config_file, ds)
-    if cfg.data.shards:
+    note = ""
+    if cfg.data.shards and Path(cfg.data.shards).exists():
         manifest = load_manifest(cfg.data.shards)
         latent_shape, labels = tuple(manifest.latent_shape), len(manifest.labels)
     else:
-        latent_shape, labels = (4, 32, 32), cfg.model.num_classes or 1000
+        latent_shape = (cfg.model.in_channels or 4, cfg.model.input_size or 32, cfg.model.input_size or 32)
+        labels = cfg.model.num_classes or 1000
+        note = (
+            f" (data.shards {cfg.data.shards} not reachable here: assumed)"
+            if cfg.data.shards
+            else " (assumed)"
+        )
     with torch.device("meta"):
         model = build_model(cfg, latent_shape, labels)
     total = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
-    gpus = int(os.environ.get("LOCAL_WORLD_SIZE", min(world_size, max(1, torch.cuda.device_count()))))
+    local = (
+        gpus_per_node
+        or int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+        or (8 if device_type == "cuda" and here == "cpu" else max(1, torch.cuda.device_count()))
+    )
+    gpus = min(world_size, local)
     nodes = max(1, world_size // gpus)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
@@ -580,9 +606,12 @@ def dry_run(cfg: RunConfig, world_size: int, user_ds_config: str | None) -> str:
         [
             "# resolved config",
             dump_yaml(cfg),
+            f"# layout: micro-batch {cfg.train.micro_batch_size} x gradient accumulation {accumulation} x "
+            f"world size {world_size} ({nodes} node(s) x {gpus} {device_type} device(s)) = global batch "
+            f"{cfg.train.global_batch_size}; precision {precision}",
             f"# DeepSpeed JSON (world size {world_size}, precision {precision})",
             json.dumps(ds, indent=2),
-            f"# model: {cfg.model.name}, {total / 1e6:.1f}M parameters, latent {list(latent_shape)}",
+            f"# model: {cfg.model.name}, {total / 1e6:.1f}M parameters, latent {list(latent_shape)}{note}",
             "# DeepSpeed memory estimate (model states; ZeRO-3 estimator at stage 3, else ZeRO-2's)",
             buffer.getvalue().strip(),
         ]
@@ -604,6 +633,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--world-size", type=int, default=None, help="world size for --dry-run (default: WORLD_SIZE or 1)"
     )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default=None,
+        help="target device for --dry-run (default: this machine's): plan a GPU run from a login node",
+    )
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="for --dry-run's memory estimate")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -611,7 +647,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides or [])
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        print(dry_run(cfg, world, args.deepspeed_config))
+        print(dry_run(cfg, world, args.deepspeed_config, args.device, args.gpus_per_node))
         return 0
     trainer = Trainer(cfg, user_ds_config=args.deepspeed_config, resume_tag=args.resume)
     trainer.fit()

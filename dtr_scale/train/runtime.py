@@ -69,11 +69,19 @@ def init_distributed() -> DistInfo:
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def device_index(local_rank: int, visible_devices: int) -> int:
+    """The CUDA device of a local rank: local_rank modulo the visible devices. Under SLURM with one GPU bound
+    per task (CUDA_VISIBLE_DEVICES of one device), SLURM_LOCALID can be 3 while only device 0 exists."""
+    if visible_devices < 1:
+        raise UserError("no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES / the job's GPUs)")
+    return local_rank % visible_devices
 
 
 def seed_everything(seed: int) -> None:

@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(getattr(args, "overrides", []) or []) + unknown
         else:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # Name DeepSpeed's accelerator up front (as the Makefile does), so it does not warn on every run.
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return int(module.run(args) or 0)
     except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as err:

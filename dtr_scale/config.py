@@ -277,7 +277,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         cfg = _build(RunConfig, data, "")
         validate(cfg)
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        # Blame the command-line override when the failing key came from one, else the file.
+        culprit = next((o for o in overrides if o.split("=", 1)[0].strip() in str(err)), None)
+        raise ConfigError(f"{f'override {culprit}' if culprit else source}: {err}") from None
     return cfg
 
 

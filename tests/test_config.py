@@ -263,3 +263,16 @@ def test_every_shipped_config_dry_runs_for_a_gpu_cluster_from_this_cpu_machine(p
     assert f"x world size {world} " in text and "global batch " in text
     if cfg.train.precision in ("bf16", "auto"):
         assert "precision bf16" in text  # resolved for the target, not refused on this CPU-only box
+
+
+def test_an_error_from_a_command_line_override_names_the_override_not_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^override train\.lr=-1: train\.lr must be > 0"):
+        load_config(REPO / "configs/demo-cpu.yaml", ["train.lr=-1"])
+    with pytest.raises(
+        ConfigError, match=r"^override train\.micro_batch_size=48: train\.global_batch_size=128"
+    ):
+        load_config(REPO / "configs/demo-cpu.yaml", ["train.micro_batch_size=48"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 0\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.lr must be > 0"):  # from the file itself
+        load_config(bad, ["train.max_steps=5"])

@@ -282,3 +282,25 @@ def test_ranks_sync_through_shard_files_so_an_idle_rank_never_waits_on_a_busy_on
     assert rank1.returncode == 0, rank1.stderr
     assert rank0.wait(timeout=120) == 0, rank0.stdout.read()
     assert load_manifest(out).shards == load_manifest(encoded).shards
+
+
+def test_hash_inputs_catches_an_edit_that_kept_size_and_timestamp(
+    encoded: Path, image_dir: Path, vae_dir: Path, tmp_path: Path, capsys
+) -> None:
+    images, out = tmp_path / "images", tmp_path / "out"
+    shutil.copytree(image_dir, images)
+    kwargs = dict(image_size=IMAGE_SIZE, shard_size=2, batch_size=3, hash_inputs=True)
+    preprocess(images, vae_dir, out, **kwargs)
+    edited = images / "cat" / "cat0.JPEG"
+    stat = edited.stat()
+    data = bytearray(edited.read_bytes())
+    data[-10] ^= 0xFF  # same size; then the old timestamp back, as `cp -p` / `rsync -t` would leave it
+    edited.write_bytes(bytes(data))
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    preprocess(images, vae_dir, out, **{**kwargs, "image_size": IMAGE_SIZE})
+    assert "1 shard(s) of rank 0 were written from input images that have changed" in capsys.readouterr().out
+    preprocess(
+        images, vae_dir, out, **{**kwargs, "hash_inputs": False}
+    )  # by size + mtime: switching re-encodes
+    assert "re-encoding" in capsys.readouterr().out

@@ -354,6 +354,7 @@ def test_two_process_epoch_mode_rolls_over_epochs_and_resumes_exactly(tmp_path):
     run_ranks(train_args(crashed, manifest, *steps))
     a, b = read_metrics(straight), read_metrics(crashed)
     assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6]
+    assert [m["data/epoch"] for m in a] == [0, 1, 2, 3, 4, 5]  # one full micro-batch per rank per epoch
     for ma, mb in zip(a, b):
         assert ma["loss/mean"] == mb["loss/mean"], ma["step"]
     wa, wb = final_weights(straight, "step00000006"), final_weights(crashed, "step00000006")

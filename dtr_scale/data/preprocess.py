@@ -153,14 +153,21 @@ def input_fingerprint(paths: list[str], classes: list[str], settings: dict[str, 
     return digest.hexdigest()
 
 
-def inputs_digest(root: Path, rels: list[str]) -> str:
-    """sha256 over (path, size, mtime_ns) of a shard's input files: changes when any of them is edited,
-    replaced or removed (size + modification time, as make and rsync judge a file; no content read)."""
+def inputs_digest(root: Path, rels: list[str], content: bool = False) -> str:
+    """sha256 over a shard's input files: changes when any of them is edited, replaced or removed.
+
+    Default: each file's path, size and modification time (as make and rsync judge a file; no content
+    read). content=True (`--hash-inputs`): each file's bytes instead, which also catches an edit whose
+    copy kept size and timestamp (`cp -p`, `rsync -t`), at the cost of reading every image once per run.
+    """
     digest = hashlib.sha256()
     for rel in rels:
         try:
-            st = os.stat(root / rel)
-            digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            if content:
+                digest.update(f"{rel}\t{sha256_file(root / rel)}\n".encode())
+            else:
+                st = os.stat(root / rel)
+                digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         except OSError:
             digest.update(f"{rel}\tmissing\n".encode())
     return digest.hexdigest()
@@ -269,7 +276,10 @@ def _encode_shard_range(job: dict[str, Any]) -> list[str]:
     owned = shard_range(num_shards, rank, world)
     records = _finished_records(out_dir, job["fingerprint"])
     order = job["order"]
-    inputs = {j: inputs_digest(root, [paths[n] for n in order[j * size : (j + 1) * size]]) for j in owned}
+    inputs = {
+        j: inputs_digest(root, [paths[n] for n in order[j * size : (j + 1) * size]], job["hash_inputs"])
+        for j in owned
+    }
     todo = [j for j in owned if not _is_finished(out_dir, records.get(shard_name(j)), inputs[j])]
     changed = [
         shard_name(j)
@@ -280,7 +290,8 @@ def _encode_shard_range(job: dict[str, Any]) -> list[str]:
     show = rank == 0 and not job["quiet"]
     if show and skipped:
         print(
-            f"preprocess: {skipped} of {len(owned)} shards of rank 0 already done (inputs unchanged, sha256 "
+            f"preprocess: {skipped} of {len(owned)} shards of rank 0 already done (input images unchanged by "
+            f"{'content' if job['hash_inputs'] else 'size and modification time'}; shard files' sha256 "
             "verified); skipping"
         )
     if rank == 0 and changed:
@@ -385,11 +396,14 @@ def preprocess(
     quiet: bool = False,
     shuffle_seed: int = 0,
     hflip: bool = True,
+    hash_inputs: bool = False,
 ) -> Path | None:
     """Encode `input_dir` into shards under `out_dir`; returns the manifest path on rank 0 (None elsewhere).
 
     shuffle_seed: seeds the global order the samples are written in. hflip: recorded in the manifest as the
     default of `data.hflip` (True for natural images; False where a mirror image is another symbol).
+    hash_inputs: judge whether a finished shard's images changed by their bytes, not size + mtime (switching
+    this setting re-encodes once, since the records are kept in the other form).
     """
     input_dir, out_dir, vae_dir = Path(input_dir), Path(out_dir), Path(vae_dir)
     vae_config = (
@@ -422,7 +436,7 @@ def preprocess(
         "order": write_order(len(paths), shuffle_seed),
         "fingerprint": fingerprint, "image_size": image_size, "shard_size": shard_size, "batch_size": batch_size,
         "loader_workers": loader_workers, "device": device, "precision": precision, "world_size": world,
-        "quiet": quiet, "threads": 1 if workers > 1 else 0,
+        "quiet": quiet, "threads": 1 if workers > 1 else 0, "hash_inputs": hash_inputs,
     }  # fmt: skip
     if workers == 1:
         _encode_shard_range({**job, "rank": env_rank, "local_rank": local_rank})
@@ -444,7 +458,9 @@ def preprocess(
         return None
     size = shard_size
     wait_for_shards(out_dir, fingerprint, {
-        shard_name(j): inputs_digest(input_dir, [paths[n] for n in job["order"][j * size : (j + 1) * size]])
+        shard_name(j): inputs_digest(
+            input_dir, [paths[n] for n in job["order"][j * size : (j + 1) * size]], hash_inputs
+        )
         for j in range((len(paths) + size - 1) // size)
     }, quiet=quiet)  # fmt: skip
     extra = {"shuffle_seed": shuffle_seed, "hflip": hflip, "settings": settings}
@@ -513,6 +529,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-name", default=None, help="VAE identity for the manifest (e.g. its hub id)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--hash-inputs",
+        action="store_true",
+        help="judge changed input images by content (sha256) rather than size + modification time",
+    )
+    parser.add_argument(
         "--shuffle-seed", type=int, default=0, help="seed of the global order samples are written in"
     )
     parser.add_argument(
@@ -530,6 +551,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, loader_workers=args.loader_workers,
             device=args.device, precision=args.precision, scaling_factor=args.scaling_factor,
             vae_name=args.vae_name, quiet=args.quiet, shuffle_seed=args.shuffle_seed, hflip=args.hflip,
+            hash_inputs=args.hash_inputs,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         print(f"dtr-scale preprocess: error: {err}", file=sys.stderr)

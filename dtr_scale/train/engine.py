@@ -446,6 +446,8 @@ class Trainer:
             "loss/mse_rank0": float(mse_sum),
             "lr": float(self.scheduler.get_last_lr()[0]),
         }
+        if not self.cfg.data.resampled:  # epoch mode: which pass over the data this step came from
+            scalars["data/epoch"] = float(self.stream.epoch)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)

@@ -67,7 +67,7 @@ def loss_profile_image(means: torch.Tensor, counts: torch.Tensor, num_timesteps:
     """
     from PIL import Image, ImageDraw
 
-    width, height, left, bottom, top = 420, 220, 54, 24, 10
+    width, height, left, bottom, top = 420, 220, 54, 24, 16
     image = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     present = counts > 0
@@ -89,6 +89,7 @@ def loss_profile_image(means: torch.Tensor, counts: torch.Tensor, num_timesteps:
             draw.line([left - 4, y, left, y], fill=(0, 0, 0))
             draw.text((2, y - 6), f"1e{decade}", fill=(0, 0, 0))
     draw.line([left, top, left, height - bottom, width - 4, height - bottom], fill=(0, 0, 0))
+    draw.text((left + 8, 0), "mean training loss per bin of t (log scale)", fill=(0, 0, 0))
     draw.text((left, height - bottom + 6), "t = 0", fill=(0, 0, 0))
     draw.text((width - 60, height - bottom + 6), f"t = {num_timesteps - 1}", fill=(0, 0, 0))
     return np.asarray(image)

@@ -80,7 +80,9 @@ def device_index(local_rank: int, visible_devices: int) -> int:
     """The CUDA device of a local rank: local_rank modulo the visible devices. Under SLURM with one GPU bound
     per task (CUDA_VISIBLE_DEVICES of one device), SLURM_LOCALID can be 3 while only device 0 exists."""
     if visible_devices < 1:
-        raise UserError("no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES / the job's GPUs)")
+        raise UserError(
+            "no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES / the job's GPUs)"
+        )
     return local_rank % visible_devices
 
 

@@ -131,28 +131,36 @@ class ShardedEMA:
 
     @torch.no_grad()
     def gather(self, dst: int | None = 0) -> dict[str, torch.Tensor] | None:
-        """Full fp32 EMA tensors (collective); returned on `dst` (all ranks when dst is None)."""
+        """Full fp32 EMA tensors (collective); returned on `dst` (all ranks when dst is None).
+
+        One parameter at a time: each rank writes the pieces it owns into a zero tensor of that parameter's
+        size and the ranks sum them (owned pieces are disjoint). A rank other than `dst` then drops it, so
+        it never holds more than one parameter beyond its own shard (no full model on every rank).
+        """
         shapes = {
             name: tuple(p.ds_shape) if _is_zero3_param(p) else tuple(p.shape)
             for name, p in self._params.items()
         }
-        full = {
-            name: torch.zeros(math.prod(shape), dtype=torch.float32, device=self.shard.device)
-            for name, shape in shapes.items()
-        }
+        owned: dict[str, list[tuple[int, int, int]]] = {name: [] for name in shapes}
         offset = 0
         for name, start, length in self.segments:
-            full[name][start : start + length] = self.shard[offset : offset + length]
+            owned[name].append((start, length, offset))
             offset += length
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            for tensor in full.values():  # owned pieces are disjoint, so a sum assembles them
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        keep = dst is None or not distributed or dist.get_rank() == dst
+        full: dict[str, torch.Tensor] = {}
+        for name, shape in shapes.items():
+            tensor = torch.zeros(math.prod(shape), dtype=torch.float32, device=self.shard.device)
+            for start, length, at in owned[name]:
+                tensor[start : start + length] = self.shard[at : at + length]
+            if distributed:
                 if dst is None:
                     dist.all_reduce(tensor)
                 else:
                     dist.reduce(tensor, dst=dst)
-            if dst is not None and dist.get_rank() != dst:
-                return None
-        return {name: full[name].view(shapes[name]) for name in shapes}
+            if keep:
+                full[name] = tensor.view(shape)
+        return full if keep else None
 
 
 def assemble_shards(states: list[dict], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

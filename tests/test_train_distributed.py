@@ -151,34 +151,49 @@ from dtr_scale.config import load_config
 from dtr_scale.train.engine import Trainer
 cfg = load_config(sys.argv[1], sys.argv[2:])
 tr = Trainer(cfg)
+from deepspeed.utils import safe_get_full_fp32_param
 model = tr.engine.module.model
 params = [p for p in model.parameters()]
-def full():
+def master():  # DeepSpeed's fp32 master weights, whole (a collective)
+    return {n: safe_get_full_fp32_param(p).detach().clone().float() for n, p in model.named_parameters()}
+def module_weights():  # what the module computes with (bf16 under bf16 training)
     with deepspeed.zero.GatheredParameters(params, enabled=cfg.deepspeed.zero_stage == 3):
         return {n: p.detach().clone().float() for n, p in model.named_parameters()}
-ref = full()  # the reference: an unsharded EMA of the same weight trajectory, in one place
+ref, ref_module = master(), module_weights()  # unsharded EMAs of the same trajectory, in one place
 batches = iter(tr.stream)
+decay = cfg.train.ema_decay
 for _ in range(4):
     assert tr.train_step(batches) is not None
-    for n, w in full().items():
-        ref[n].mul_(cfg.train.ema_decay).add_(w, alpha=1 - cfg.train.ema_decay)
+    for n, w in master().items():
+        ref[n].mul_(decay).add_(w, alpha=1 - decay)
+    for n, w in module_weights().items():
+        ref_module[n].mul_(decay).add_(w, alpha=1 - decay)
 gathered = tr.ema.gather(dst=0)
-last = full()  # a collective under ZeRO-3: every rank takes part
+last = master()  # collectives: every rank takes part
 if tr.rank == 0:
     worst = max((gathered[n] - ref[n]).abs().max().item() for n in ref)
+    vs_module = max((gathered[n] - ref_module[n]).abs().max().item() for n in ref)
     moved = max((ref[n] - w).abs().max().item() for n, w in last.items())
-    print(f"EMA_MAX_DIFF {worst} MOVED {moved} SHARD {tr.ema.shard.numel()} TOTAL {sum(v.numel() for v in ref.values())}")
+    print(f"EMA_MAX_DIFF {worst} MOVED {moved} SHARD {tr.ema.shard.numel()} TOTAL {sum(v.numel() for v in ref.values())} VS_MODULE {vs_module}")
 """
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_two_process_sharded_ema_equals_single_place_ema(tmp_path, builtin_data, zero_stage):
-    args = train_args(tmp_path / "run", builtin_data["train"], f"deepspeed.zero_stage={zero_stage}")
+@pytest.mark.parametrize(
+    ("zero_stage", "precision"),
+    [(1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")],
+)
+def test_two_process_sharded_ema_equals_single_place_ema_of_the_fp32_master(
+    tmp_path, builtin_data, zero_stage, precision
+):
+    args = train_args(tmp_path / "run", builtin_data["train"], f"deepspeed.zero_stage={zero_stage}",
+                      f"train.precision={precision}")  # fmt: skip
     script_args = ["-c", EMA_SCRIPT, *args[4:]]
     out = run_ranks(script_args)
     line = next(x for x in out[0].stdout.splitlines() if x.startswith("EMA_MAX_DIFF"))
-    _, diff, _, moved, _, shard, _, total = line.split()
-    assert float(diff) < 1e-6
+    _, diff, _, moved, _, shard, _, total, _, vs_module = line.split()
+    assert float(diff) < 1e-6  # the EMA of DeepSpeed's fp32 master weights, in fp32
+    if precision == "bf16":  # and not of the bf16 module weights, which differ by bf16 rounding
+        assert float(vs_module) > 1e-5  # (>10x the tolerance above: the test tells the two apart)
     assert float(moved) > 1e-5  # the weights did move, so the comparison means something
     assert int(shard) <= int(total) // 2 + 64  # each rank holds about P / world values
 

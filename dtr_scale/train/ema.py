@@ -10,9 +10,15 @@ elements `[start, start + length)` of the flattened parameter `name`.
   `[r * n_part, (r + 1) * n_part)` of the flattened parameter (the last slice padded). The EMA follows
   that partition and reads only `ds_tensor`, never a partitioned parameter as if it were whole.
 
-Under bf16 training the EMA accumulates the bf16 module weights upcast to fp32 (a documented choice:
-DeepSpeed's fp32 master copy lives in optimizer-private flat buffers whose layout changes between
-versions); with fp32 training it is the exact EMA of the reference DiT.
+The EMA averages the **fp32 master weights** (as the reference DiT, whose EMA reads fp32 parameters), read
+where DeepSpeed keeps them, without communication:
+- ZeRO 1/2 (and bf16 at stage 0): each parameter DeepSpeed's optimizer partition covers on this rank has an
+  fp32 fragment (`param._hp_mapping`, what `deepspeed.utils.safe_get_full_fp32_param` assembles); the
+  segments are those fragments, so rank r averages exactly the fp32 values its optimizer updates.
+- ZeRO-3: `deepspeed.utils.safe_get_local_fp32_param` (this rank's fp32 partition).
+- fp32 at stage 0 (no master copy): the parameters themselves, cut into `world` contiguous ranges.
+Under bf16 the module's own weights are rounded copies of the master; averaging them would add that
+rounding to every EMA update.
 
 The segments are saved with the shard, so `convert` reassembles full tensors from any number of
 rank files without knowing how they were cut.
@@ -33,9 +39,26 @@ def _is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor") and hasattr(p, "ds_numel")
 
 
+def _fp32_fragment(p: torch.Tensor):
+    """DeepSpeed's fp32 master fragment mapping of a ZeRO-1/2 (or bf16 stage-0) parameter on this rank."""
+    return getattr(p, "_hp_mapping", None)
+
+
+def _has_master_fragments(params: list[tuple[str, torch.Tensor]]) -> bool:
+    return any(_fp32_fragment(p) is not None for _, p in params)
+
+
 def shard_segments(module: nn.Module, rank: int, world_size: int) -> list[Segment]:
     """The (name, start, length) pieces of `module`'s parameters that `rank` owns."""
     params = list(module.named_parameters())
+    if _has_master_fragments(params):  # follow DeepSpeed's own fp32 partition (ZeRO 1/2, bf16 stage 0)
+        segments = []
+        for name, p in params:
+            mapping = _fp32_fragment(p)
+            if mapping is not None and mapping.lp_fragment_address.numel:
+                address = mapping.lp_fragment_address
+                segments.append((name, int(address.start), int(address.numel)))
+        return segments
     if params and _is_zero3_param(params[0][1]):
         segments = []
         for name, p in params:
@@ -83,9 +106,17 @@ class ShardedEMA:
         self.copy_from_model()
 
     def _local_values(self, name: str, start: int, length: int) -> torch.Tensor:
+        """This rank's fp32 master values of segment (name, start, length) (see the module docstring)."""
         p = self._params[name]
         if _is_zero3_param(p):
+            if hasattr(p, "_z3_optimizer"):  # the optimizer's fp32 partition, not the bf16 ds_tensor
+                from deepspeed.utils import safe_get_local_fp32_param
+
+                return safe_get_local_fp32_param(p).detach().view(-1)[:length]
             return p.ds_tensor.detach().view(-1)[:length]
+        mapping = _fp32_fragment(p)
+        if mapping is not None:
+            return mapping.get_hp_fragment().detach().view(-1)[:length]
         return p.detach().view(-1)[start : start + length]
 
     def _views(self):

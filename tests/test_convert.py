@@ -29,7 +29,7 @@ TAG = f"step{STEPS:08d}"
 
 # Train, checkpoint, then record what the live engine holds (every rank takes part in both gathers).
 LIVE_SCRIPT = r"""
-import sys, deepspeed
+import sys, deepspeed, torch
 from safetensors.torch import save_file
 from dtr_scale.config import load_config
 from dtr_scale.train.engine import Trainer
@@ -49,6 +49,7 @@ ema = tr.ema.gather(dst=0)
 if tr.rank == 0:
     save_file(live, out + "/live_model.safetensors")
     save_file({k: v.contiguous() for k, v in ema.items()}, out + "/live_ema.safetensors")
+torch.distributed.barrier()  # no rank leaves while another still communicates
 """
 
 RUNS = {0: ["routing.enabled=false"], 1: [], 2: [], 3: []}  # zero stage -> extra overrides

@@ -5,6 +5,7 @@ Ranks are always the GLOBAL rank and world size of torch.distributed, whatever l
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import socket
@@ -67,6 +68,10 @@ def init_distributed() -> DistInfo:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+        # Tear the process group down before the interpreter does: a script (or a test) that returns
+        # without destroy_process_group() otherwise lets its communication threads be destroyed at exit,
+        # which can abort the process ("terminate called without an active exception").
+        atexit.register(_destroy_process_group)
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cuda":
         device = torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
@@ -84,6 +89,11 @@ def device_index(local_rank: int, visible_devices: int) -> int:
             "no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES / the job's GPUs)"
         )
     return local_rank % visible_devices
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

@@ -299,7 +299,9 @@ def test_hash_inputs_catches_an_edit_that_kept_size_and_timestamp(
     os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     capsys.readouterr()
     preprocess(images, vae_dir, out, **{**kwargs, "image_size": IMAGE_SIZE})
-    assert "1 shard(s) of rank 0 were written from input images that have changed" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "1 shard(s) of rank 0 were written from input images that have changed" in text
+    assert "(judged by content)" in text
     preprocess(
         images, vae_dir, out, **{**kwargs, "hash_inputs": False}
     )  # by size + mtime: switching re-encodes

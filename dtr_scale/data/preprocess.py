@@ -153,6 +153,11 @@ def input_fingerprint(paths: list[str], classes: list[str], settings: dict[str, 
     return digest.hexdigest()
 
 
+def shard_members(order: list[int], shard: int, shard_size: int) -> list[int]:
+    """Image numbers written to shard number `shard` (a slice of the write order)."""
+    return order[shard * shard_size : (shard + 1) * shard_size]
+
+
 def inputs_digest(root: Path, rels: list[str], content: bool = False) -> str:
     """sha256 over a shard's input files: changes when any of them is edited, replaced or removed.
 
@@ -277,7 +282,7 @@ def _encode_shard_range(job: dict[str, Any]) -> list[str]:
     records = _finished_records(out_dir, job["fingerprint"])
     order = job["order"]
     inputs = {
-        j: inputs_digest(root, [paths[n] for n in order[j * size : (j + 1) * size]], job["hash_inputs"])
+        j: inputs_digest(root, [paths[n] for n in shard_members(order, j, size)], job["hash_inputs"])
         for j in owned
     }
     todo = [j for j in owned if not _is_finished(out_dir, records.get(shard_name(j)), inputs[j])]
@@ -297,7 +302,8 @@ def _encode_shard_range(job: dict[str, Any]) -> list[str]:
     if rank == 0 and changed:
         print(
             f"preprocess: {len(changed)} shard(s) of rank 0 were written from input images that have changed "
-            f"since (size or modification time), e.g. {changed[0]}; re-encoding them"
+            f"since (judged by {'content' if job['hash_inputs'] else 'size and modification time'}), "
+            f"e.g. {changed[0]}; re-encoding them"
         )
     unreadable_all: list[str] = []
     if not todo:
@@ -311,7 +317,7 @@ def _encode_shard_range(job: dict[str, Any]) -> list[str]:
     )
     (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     for j in todo:
-        items = [(n, paths[n], labels[n]) for n in order[j * size : (j + 1) * size]]
+        items = [(n, paths[n], labels[n]) for n in shard_members(order, j, size)]
         loader = torch.utils.data.DataLoader(
             _ImageList(root, items, job["image_size"]),
             batch_size=job["batch_size"],
@@ -459,7 +465,7 @@ def preprocess(
     size = shard_size
     wait_for_shards(out_dir, fingerprint, {
         shard_name(j): inputs_digest(
-            input_dir, [paths[n] for n in job["order"][j * size : (j + 1) * size]], hash_inputs
+            input_dir, [paths[n] for n in shard_members(job["order"], j, size)], hash_inputs
         )
         for j in range((len(paths) + size - 1) // size)
     }, quiet=quiet)  # fmt: skip

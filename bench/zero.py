@@ -128,7 +128,7 @@ def worker(args: argparse.Namespace) -> int:
         if cuda:
             torch.cuda.synchronize(trainer.device)
         start = time.perf_counter()
-        if trainer.train_step(batches) is None:
+        if not trainer.train_step(batches):
             raise RuntimeError(f"step {step + 1} was skipped (non-finite loss): the timing would be wrong")
         trainer.step += 1
         if cuda:

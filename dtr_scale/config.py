@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -291,10 +292,12 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no world size, data or device (those come in `check_runtime`)."""
-    from dtr_scale.models.dit import DiT_models
-
-    if cfg.model.name not in DiT_models:
-        raise ConfigError(f"model.name: unknown model {cfg.model.name!r} (one of {', '.join(DiT_models)})")
+    # The names of models/dit.py's DiT_models table (checked there too); written out here so that the
+    # config layer imports no model code.
+    if not re.fullmatch(r"DiT-(S|B|L|XL)/(2|4|8)", cfg.model.name):
+        raise ConfigError(
+            f"model.name: unknown model {cfg.model.name!r} (one of DiT-S/2 ... DiT-XL/8: DiT-{{S,B,L,XL}}/{{2,4,8}})"
+        )
     if not 0 <= cfg.model.class_dropout_prob < 1:
         raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {cfg.model.class_dropout_prob}")
     if cfg.routing.enabled:

@@ -272,32 +272,41 @@ def test_per_cluster_mean_sums_bf16_losses_in_float32() -> None:
 
 
 def test_buffer_accumulates_micro_batches_into_global_means() -> None:
-    buffer = ClusterLossBuffer(3, ema_decay=0.5)
+    buffer = ClusterLossBuffer(3)
     buffer.add(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]))
     buffer.add(torch.tensor([4.0, 5.0]), torch.tensor([0, 1]))
     means, counts = buffer.reduce()
     torch.testing.assert_close(means, torch.tensor([7.0 / 3, 4.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(counts, torch.tensor([3.0, 2.0, 0.0], dtype=torch.float64))
-    assert not torch.isnan(buffer.ema).any()
     buffer.add(torch.tensor([1.0, 6.0]), torch.tensor([0, 2]))
-    buffer.reduce()
-    # EMA starts at a cluster's first mean, then decays; an absent cluster keeps its value
-    torch.testing.assert_close(
-        buffer.ema, torch.tensor([0.5 * 7 / 3 + 0.5 * 1.0, 4.0, 6.0], dtype=torch.float64)
-    )
+    means, counts = buffer.reduce()  # only what came since the last read
+    torch.testing.assert_close(means, torch.tensor([1.0, 0.0, 6.0], dtype=torch.float64))
+    torch.testing.assert_close(counts, torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+
+
+def test_buffer_leaves_non_finite_losses_out() -> None:
+    buffer = ClusterLossBuffer(2, num_timesteps=4, profile_bins=2)
+    loss = torch.tensor([1.0, float("nan"), 3.0, float("inf")])
+    buffer.add(loss, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3]))
+    means, counts = buffer.reduce()
+    torch.testing.assert_close(means, torch.tensor([1.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(counts, torch.tensor([1.0, 1.0], dtype=torch.float64))
+    profile, samples = buffer.take_profile()
+    torch.testing.assert_close(profile, torch.tensor([1.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(samples, torch.tensor([1.0, 1.0], dtype=torch.float64))
 
 
 def test_buffer_state_round_trip() -> None:
-    buffer = ClusterLossBuffer(2, ema_decay=0.9)
+    buffer = ClusterLossBuffer(2)
     buffer.add(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]))
     buffer.reduce()
-    buffer.add(torch.tensor([3.0]), torch.tensor([1]))  # a step in progress is saved too
+    buffer.add(torch.tensor([3.0]), torch.tensor([1]))  # unread sums are saved too
     restored = ClusterLossBuffer(2)
     restored.load_state_dict(saved_and_loaded(buffer.state_dict()))
     for ours, theirs in zip(restored.reduce(), buffer.reduce()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    torch.testing.assert_close(restored.ema, buffer.ema, rtol=0, atol=0)
-    assert restored.log_scalars() == buffer.log_scalars()
+    for ours, theirs in zip(restored.take_profile(), buffer.take_profile()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_buffer_refuses_state_with_another_k() -> None:

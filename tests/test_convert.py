@@ -38,7 +38,7 @@ cfg = load_config(sys.argv[3], sys.argv[4:])
 tr = Trainer(cfg)
 batches = iter(tr.stream)
 for _ in range(steps):
-    assert tr.train_step(batches) is not None
+    assert tr.train_step(batches)
     tr.step += 1
     tr.samples_seen += cfg.train.global_batch_size
 tr.save()

@@ -131,18 +131,6 @@ def test_q_sample_empirical_moments_match_sqrt_abar_x0_and_one_minus_abar():
     assert torch.allclose(x_t.var(dim=1), 1 - abar, rtol=0.02, atol=1e-5)
 
 
-def test_q_mean_variance_is_the_closed_form_marginal():
-    diffusion = linear_diffusion()
-    t = torch.tensor([3, 700])
-    x_start = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(1))
-    mean, variance, log_variance = diffusion.q_mean_variance(x_start, t)
-    abar = torch.from_numpy(diffusion.alphas_cumprod)[t].view(2, 1, 1, 1)
-    assert mean.shape == variance.shape == log_variance.shape == x_start.shape
-    assert torch.allclose(mean.double(), abar.sqrt() * x_start.double(), rtol=1e-6)
-    assert torch.allclose(variance.double(), (1 - abar).expand_as(x_start), rtol=1e-6)
-    assert torch.allclose(log_variance.double(), torch.log(1 - abar).expand_as(x_start), rtol=1e-6)
-
-
 def test_posterior_at_t0_has_mean_x0_and_variance_clipped_to_t1():
     diffusion = linear_diffusion()
     assert diffusion.posterior_mean_coef1[0] == pytest.approx(1.0, rel=1e-12)

@@ -163,7 +163,7 @@ ref, ref_module = master(), module_weights()  # unsharded EMAs of the same traje
 batches = iter(tr.stream)
 decay = cfg.train.ema_decay
 for _ in range(4):
-    assert tr.train_step(batches) is not None
+    assert tr.train_step(batches)
     for n, w in master().items():
         ref[n].mul_(decay).add_(w, alpha=1 - decay)
     for n, w in module_weights().items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -89,12 +90,35 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
+# Schedule tables copied to an accelerator once, not once per lookup: id(table) -> (weakref, {device: tensor}).
+_DEVICE_TABLES: dict[int, tuple[weakref.ref, dict[torch.device, Tensor]]] = {}
+
+
+def table_on(table: np.ndarray, device: torch.device) -> Tensor:
+    """``table`` (float64 numpy, never modified in place) as a float64 tensor on ``device``.
+
+    On the CPU a zero-copy view; elsewhere copied once per (table, device) and cached for the table's
+    lifetime, so a training step issues no host-to-device copy of schedule coefficients.
+    """
+    if device.type == "cpu":
+        return torch.from_numpy(table)
+    key = id(table)
+    entry = _DEVICE_TABLES.get(key)
+    if entry is None or entry[0]() is not table:
+        entry = (weakref.ref(table, lambda _ref, key=key: _DEVICE_TABLES.pop(key, None)), {})
+        _DEVICE_TABLES[key] = entry
+    cached = entry[1].get(device)
+    if cached is None:
+        cached = entry[1][device] = torch.from_numpy(table).to(device)
+    return cached
+
+
 def _extract(table: np.ndarray, t: Tensor, shape: Sequence[int]) -> Tensor:
     """Read table[t] for a batch of timesteps as float32, broadcast to ``shape`` (B, ...).
 
     Indexing happens in float64 and the rounding to float32 after it, as in the reference.
     """
-    values = torch.from_numpy(table).to(t.device)[t].float()
+    values = table_on(table, t.device)[t].float()
     return values.reshape(-1, *([1] * (len(shape) - 1))).expand(*shape)
 
 
@@ -190,19 +214,13 @@ class GaussianDiffusion:
         # FIXED_LARGE uses beta_t, except at t = 0 where beta~_1 gives a better decoder likelihood.
         self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        self.snr_table = schedules.snr(self.alphas_cumprod)  # abar_t / (1 - abar_t), float64 (T,)
 
     # ----- forward process -------------------------------------------------------------------------
 
     def snr(self, t: Tensor) -> Tensor:
         """Per-sample SNR abar_t / (1 - abar_t) for timesteps t (B,), float64 on t's device."""
-        return torch.from_numpy(schedules.snr(self.alphas_cumprod)).to(t.device)[t]
-
-    def q_mean_variance(self, x_start: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, variance and log variance of q(x_t | x_0), each of x_start's shape."""
-        mean = _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = _extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = _extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
-        return mean, variance, log_variance
+        return table_on(self.snr_table, t.device)[t]
 
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Draw x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""

@@ -252,9 +252,11 @@ class DiT(nn.Module):
         if self.mask_table is None:
             return None
         index = t.round().long() if t.is_floating_point() else t.long()
-        # The range check is data-dependent: eager only, so that torch.compile traces one graph
-        # (compiled indexing keeps its own bounds assertion).
-        if not torch.compiler.is_compiling() and (index.min() < 0 or index.max() >= self.mask_table.shape[0]):
+        # The range check reads the data (a host sync): at sampling time only, where a respaced sampler
+        # could pass the wrong indices. Training draws t in range by construction (mtl/sampling.py) and
+        # must not sync per micro-batch; compiled graphs keep indexing's own bounds assertion.
+        checked = not self.training and not torch.compiler.is_compiling()
+        if checked and (index.min() < 0 or index.max() >= self.mask_table.shape[0]):
             raise ValueError(
                 f"timestep index out of range for the DTR table with {self.mask_table.shape[0]} tasks: "
                 f"got [{int(index.min())}, {int(index.max())}] (a respaced sampler must pass original indices)"

@@ -6,8 +6,8 @@ Two pieces:
   training loss. A cluster with no sample in the micro-batch gets mean 0 and count 0 (never NaN), so
   it contributes nothing to the loss or its gradient.
 - ``ClusterLossBuffer``: detached sums and counts accumulated over the micro-batches of one optimizer
-  step, all-reduced across ranks in one collective, giving the global per-cluster means of the step
-  (for logging and the balancers) and an EMA of them for smooth TensorBoard curves.
+  step or more, all-reduced across ranks in one collective when read, giving the global per-cluster
+  means for logging (and a loss-vs-t profile).
 """
 
 from __future__ import annotations
@@ -69,53 +69,46 @@ def step_cluster_means(
 
 
 class ClusterLossBuffer:
-    """Per-cluster loss sums and counts over one optimizer step, reduced across ranks.
+    """Per-cluster loss sums and counts (and a loss-vs-t profile) accumulated on the device between reads.
 
-    Usage per optimizer step: ``add(loss.detach(), cluster_idx)`` for every micro-batch, then
-    ``reduce()`` once on every rank (a collective when torch.distributed is initialised). ``reduce``
-    returns the global per-cluster means and counts, updates the logging EMA and clears the sums.
+    ``add(per_sample_loss, cluster_idx, t)`` for every micro-batch (a fixed-size scatter: no host sync;
+    non-finite losses are left out of sums and counts), then ``reduce()`` on every rank whenever the values
+    are read (a collective when torch.distributed is initialised; the trainer reads at ``log_every``):
+    the global per-cluster means and counts since the last read. ``take_profile()`` returns the loss per
+    t bin accumulated by the reads since its last call. Logging only: the training loss uses
+    ``step_cluster_means``.
     """
 
-    def __init__(
-        self, k: int, ema_decay: float = 0.99, num_timesteps: int = 1000, profile_bins: int = 20
-    ) -> None:
+    def __init__(self, k: int, num_timesteps: int = 1000, profile_bins: int = 20) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if profile_bins < 1 or num_timesteps < profile_bins:
             raise ValueError(
                 f"need 1 <= profile_bins <= num_timesteps, got {profile_bins} and {num_timesteps}"
             )
-        # Per-timestep loss profile: sums/counts in `profile_bins` equal bins of t, accumulated (all ranks)
-        # until `take_profile()`; what the monitor draws as loss vs t.
-        self.num_timesteps, self.profile_bins = num_timesteps, profile_bins
+        self.k, self.num_timesteps, self.profile_bins = k, num_timesteps, profile_bins
+        self.sums = torch.zeros(k, dtype=torch.float64)
+        self.counts = torch.zeros(k, dtype=torch.float64)
+        # per-t-bin sums/counts since the last reduce, and the reduced (all-rank) ones since take_profile
         self.bin_sums = torch.zeros(profile_bins, dtype=torch.float64)
         self.bin_counts = torch.zeros(profile_bins, dtype=torch.float64)
         self.profile_sums = torch.zeros(profile_bins, dtype=torch.float64)
         self.profile_counts = torch.zeros(profile_bins, dtype=torch.float64)
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.k = k
-        self.ema_decay = ema_decay
-        self.sums = torch.zeros(k, dtype=torch.float64)
-        self.counts = torch.zeros(k, dtype=torch.float64)
-        self.ema = torch.zeros(k, dtype=torch.float64)
-        # a cluster's EMA starts at its first observed mean instead of being biased towards 0
-        self.ema_started = torch.zeros(k, dtype=torch.bool)
-        self.last_means = torch.zeros(k, dtype=torch.float64)
-        self.last_counts = torch.zeros(k, dtype=torch.float64)
 
     def add(
         self, per_sample_loss: torch.Tensor, cluster_idx: torch.Tensor, t: torch.Tensor | None = None
     ) -> None:
-        """Accumulate one micro-batch's detached per-sample losses (and, given t, the loss profile)."""
+        """Accumulate one micro-batch: losses (B,), cluster indices (B,) long, timesteps (B,) long or None."""
         loss = per_sample_loss.detach().to(torch.float64)
         if self.sums.device != loss.device:
             # live on the loss's device so that NCCL can all-reduce without a host copy
             self.sums, self.counts = self.sums.to(loss.device), self.counts.to(loss.device)
             self.bin_sums, self.bin_counts = self.bin_sums.to(loss.device), self.bin_counts.to(loss.device)
-        ones = torch.ones_like(loss)
+        finite = torch.isfinite(loss)
+        ones = finite.to(torch.float64)
+        loss = torch.where(finite, loss, torch.zeros_like(loss))
         self.sums.index_add_(0, cluster_idx, loss)
-        self.counts.index_add_(0, cluster_idx, ones)  # a fixed-size scatter: no host sync
+        self.counts.index_add_(0, cluster_idx, ones)
         if t is not None:
             bins = torch.div(t * self.profile_bins, self.num_timesteps, rounding_mode="floor")
             self.bin_sums.index_add_(0, bins, loss)
@@ -124,11 +117,9 @@ class ClusterLossBuffer:
     def reduce(
         self, group: dist.ProcessGroup | None = None, reset: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global (means (k,) float64, counts (k,) float64) over all ranks; absent clusters: 0 and 0.
-
-        Call on every rank of ``group`` (it is a collective). Updates the EMA of the clusters that
-        have samples; clears the accumulated sums unless ``reset=False``.
-        """
+        """Global (means (k,) float64, counts (k,) float64, on the CPU) since the last reduce, all ranks;
+        an absent cluster has mean 0 and count 0. A collective: call on every rank of ``group``. Clears
+        the sums unless ``reset=False``; the profile bins move into the profile ``take_profile`` returns."""
         stacked = torch.cat([self.sums, self.counts, self.bin_sums, self.bin_counts])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
@@ -137,27 +128,18 @@ class ClusterLossBuffer:
         sums, counts = stacked[:k], stacked[k : 2 * k]
         self.profile_sums += stacked[2 * k : 2 * k + b]
         self.profile_counts += stacked[2 * k + b :]
-        present = counts > 0
-        means = torch.where(present, sums / counts.clamp(min=1.0), torch.zeros_like(sums))
-        first = present & ~self.ema_started
-        self.ema = torch.where(first, means, self.ema)
-        update = present & self.ema_started
-        self.ema = torch.where(update, self.ema_decay * self.ema + (1.0 - self.ema_decay) * means, self.ema)
-        self.ema_started |= present
-        self.last_means, self.last_counts = means, counts
+        means = torch.where(counts > 0, sums / counts.clamp(min=1.0), torch.zeros_like(sums))
         if reset:
             self.reset()
         return means, counts
 
     def reset(self) -> None:
-        """Clear the accumulated sums and counts (the EMA and the reduced profile are kept)."""
-        self.sums.zero_()
-        self.counts.zero_()
-        self.bin_sums.zero_()
-        self.bin_counts.zero_()
+        """Clear the accumulated sums and counts (the reduced profile is kept)."""
+        for tensor in (self.sums, self.counts, self.bin_sums, self.bin_counts):
+            tensor.zero_()
 
     def take_profile(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss (bins,), samples (bins,)) per t bin since the last call (all ranks), then cleared.
+        """(mean loss (bins,), samples (bins,)) per t bin over the reduces since the last call, then cleared.
         Bin j covers t in [j*T/bins, (j+1)*T/bins); an empty bin has mean 0 and count 0."""
         counts = self.profile_counts.clone()
         means = torch.where(counts > 0, self.profile_sums / counts.clamp(min=1.0), torch.zeros_like(counts))
@@ -165,42 +147,28 @@ class ClusterLossBuffer:
         self.profile_counts.zero_()
         return means, counts
 
-    def log_scalars(self, prefix: str = "cluster") -> dict[str, float]:
-        """TensorBoard scalars of the last reduced step: loss, EMA loss and sample count per cluster."""
-        scalars: dict[str, float] = {}
-        for j in range(self.k):
-            scalars[f"{prefix}/loss_{j}"] = float(self.last_means[j])
-            scalars[f"{prefix}/loss_ema_{j}"] = float(self.ema[j])
-            scalars[f"{prefix}/count_{j}"] = float(self.last_counts[j])
-        return scalars
-
-    def state_dict(self) -> dict[str, torch.Tensor | int | float]:
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        """This rank's unread sums and counts and the reduced profile (CPU tensors)."""
         return {
             "k": self.k,
-            "ema_decay": self.ema_decay,
             "sums": self.sums.cpu().clone(),
             "counts": self.counts.cpu().clone(),
-            "ema": self.ema.clone(),
-            "ema_started": self.ema_started.clone(),
-            "last_means": self.last_means.clone(),
-            "last_counts": self.last_counts.clone(),
+            "bin_sums": self.bin_sums.cpu().clone(),
+            "bin_counts": self.bin_counts.cpu().clone(),
             "profile_sums": self.profile_sums.clone(),
             "profile_counts": self.profile_counts.clone(),
         }
 
-    def load_state_dict(self, state: dict[str, torch.Tensor | int | float]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
+        """Restore `state_dict()`; ValueError when it was saved with another number of clusters."""
         if int(state["k"]) != self.k:
             raise ValueError(
                 f"ClusterLossBuffer state has k={state['k']} clusters but this run has k={self.k} (mtl.num_clusters)"
             )
-        self.ema_decay = float(state["ema_decay"])
         device = self.sums.device
-        self.sums = state["sums"].to(device=device, dtype=torch.float64).clone()
-        self.counts = state["counts"].to(device=device, dtype=torch.float64).clone()
-        self.ema = state["ema"].to(torch.float64).clone()
-        self.ema_started = state["ema_started"].to(torch.bool).clone()
-        self.last_means = state["last_means"].to(torch.float64).clone()
-        self.last_counts = state["last_counts"].to(torch.float64).clone()
+        for name in ("sums", "counts", "bin_sums", "bin_counts"):
+            if name in state and state[name].shape == getattr(self, name).shape:
+                setattr(self, name, state[name].to(device=device, dtype=torch.float64).clone())
         if "profile_sums" in state and state["profile_sums"].shape == self.profile_sums.shape:
             self.profile_sums = state["profile_sums"].to(torch.float64).clone()
             self.profile_counts = state["profile_counts"].to(torch.float64).clone()

@@ -92,6 +92,18 @@ class TimestepSampler:
         self._sizes = torch.tensor([right - left + 1 for left, right in self.clusters], dtype=torch.long)
         # t -> index of its cluster
         self.cluster_of = torch.repeat_interleave(torch.arange(self.num_clusters), self._sizes)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cluster_of, starts, sizes) on ``device``, copied there once (no copy per micro-batch)."""
+        device = torch.device(device)
+        if device not in self._tables:
+            self._tables[device] = (
+                self.cluster_of.to(device),
+                self._starts.to(device),
+                self._sizes.to(device),
+            )
+        return self._tables[device]
 
     def check_batch_size(self, micro_batch_size: int) -> None:
         """Raise a clear error (at config time, ideally) if a micro-batch cannot be split evenly."""
@@ -111,14 +123,15 @@ class TimestepSampler:
         """
         self.check_batch_size(batch_size)
         draw_device = generator.device if generator is not None else torch.device("cpu")
+        cluster_of, starts, sizes = self._tables_on(draw_device)
         if not self.stratified:
             t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=draw_device)
-            return t.to(device), self.cluster_of.to(draw_device)[t].to(device)
+            return t.to(device), cluster_of[t].to(device)
         per_cluster = batch_size // self.num_clusters
         cluster_idx = torch.arange(self.num_clusters, device=draw_device).repeat_interleave(per_cluster)
         # offset uniform in 0..n_j-1: floor(u * n_j), u ~ U[0, 1) in float64 (exact for any n_j <= T)
         u = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
-        sizes = self._sizes.to(draw_device)[cluster_idx]
+        sizes = sizes[cluster_idx]
         offset = torch.minimum((u * sizes).long(), sizes - 1)
-        t = self._starts.to(draw_device)[cluster_idx] + offset
+        t = starts[cluster_idx] + offset
         return t.to(device), cluster_idx.to(device)

@@ -181,9 +181,9 @@ def convert_checkpoint(
     """
     from dtr_scale.config import config_from_dict
     from dtr_scale.data.shards import load_manifest
+    from dtr_scale.models.build import build_model
     from dtr_scale.sample.model_dir import data_section, make_config, save_model_dir
     from dtr_scale.train.checkpoint import read_state_file
-    from dtr_scale.train.engine import build_model
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

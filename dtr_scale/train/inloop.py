@@ -17,7 +17,7 @@ from dtr_scale.config import ConfigError
 
 def ema_model(trainer) -> nn.Module | None:
     """A copy of the model holding the gathered EMA weights on rank 0 (collective)."""
-    from dtr_scale.train.engine import build_model
+    from dtr_scale.models.build import build_model
 
     full = trainer.ema.gather(dst=0)
     if trainer.rank != 0:

@@ -216,3 +216,12 @@ class Monitor:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def cosine_image(gram: torch.Tensor, cell: int = 16) -> np.ndarray:
+    """The (k, k) gradient-cosine matrix of a Gram as a uint8 (k*cell, k*cell, 3) image: -1 black, +1 white."""
+    from dtr_scale.mtl.gram import cosine_from_gram
+
+    cos = cosine_from_gram(gram).float().clamp(-1, 1)
+    image = ((cos + 1) * 127.5).round().to(torch.uint8).cpu()
+    return image.repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(-1).repeat(1, 1, 3).numpy()

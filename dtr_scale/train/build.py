@@ -1,0 +1,106 @@
+"""Config -> the trainer's parts: ANT clusters, diffusion, loss balancer, optimizer and LR schedule.
+
+Each builder takes the run config (and what it needs of the data) and raises ConfigError naming the key
+when the config cannot be built. The model itself is built by `dtr_scale.models.build.build_model`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dtr_scale.config import ConfigError, RunConfig
+
+
+def resolve_clusters(cfg: RunConfig, alphas_cumprod: np.ndarray) -> list[tuple[int, int]] | None:
+    """ANT's timestep clusters as inclusive intervals [(left, right), ...] covering 0..T-1, or None for one.
+
+    From `mtl.clusters_file` when given, else interval clustering (ANT, Go et al. 2023, Sec. 4.1: dynamic
+    programming over contiguous intervals) of the per-timestep SNR abar_t / (1 - abar_t) (alphas_cumprod:
+    float64 (T,)) or of the task-affinity matrix in `mtl.affinity_file` (mtl.objective=affinity).
+    """
+    from dtr_scale.mtl.clustering import interval_clustering, load_clusters
+
+    m, steps = cfg.mtl, cfg.diffusion.diffusion_steps
+    if m.clusters_file:
+        clusters = load_clusters(m.clusters_file, steps)
+        if len(clusters) != m.num_clusters:
+            raise ConfigError(
+                f"mtl.clusters_file {m.clusters_file} has {len(clusters)} clusters, mtl.num_clusters is {m.num_clusters}"
+            )
+        return clusters
+    if m.num_clusters == 1:
+        return None
+    if m.objective == "affinity":
+        path = Path(m.affinity_file)
+        if not path.is_file():
+            raise ConfigError(f"mtl.affinity_file {path} does not exist")
+        values = np.load(path, allow_pickle=False)
+        if values.shape != (steps, steps):
+            raise ConfigError(
+                f"mtl.affinity_file {path}: expected a {steps}x{steps} matrix, got {values.shape}"
+            )
+    else:
+        values = alphas_cumprod / (1.0 - alphas_cumprod)  # per-timestep SNR (ANT)
+    return interval_clustering(values, m.num_clusters, m.objective)
+
+
+def build_diffusion(cfg: RunConfig):
+    """The training GaussianDiffusion of `cfg.diffusion` (all T steps; ADM's create_diffusion)."""
+    from dtr_scale.diffusion import create_diffusion
+
+    d = cfg.diffusion
+    return create_diffusion(
+        "",
+        noise_schedule=d.noise_schedule,
+        learn_sigma=cfg.model.learn_sigma,
+        diffusion_steps=d.diffusion_steps,
+        loss_weighting=d.loss_weighting,
+        min_snr_gamma=d.min_snr_gamma,
+        p2_k=d.p2_k,
+        p2_gamma=d.p2_gamma,
+    )
+
+
+def build_balancer(cfg: RunConfig, num_clusters: int) -> nn.Module:
+    """The `mtl.method` balancer (none | uw | nash | pcgrad) over `num_clusters` cluster losses."""
+    from dtr_scale.mtl import balancers
+
+    m = cfg.mtl
+    options: dict[str, Any] = {}
+    if m.method == "uw":
+        options["lr"] = m.uw_lr
+    if m.method in ("nash", "pcgrad"):
+        if m.update_every is not None:
+            options["update_every"] = m.update_every
+        if m.method == "pcgrad":
+            options["seed"] = cfg.train.seed
+    return balancers.build(m.method, num_clusters, **options)
+
+
+def build_optimizer(
+    cfg: RunConfig, model: nn.Module, balancer: nn.Module, device: torch.device
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the model (train.lr, betas, eps, weight_decay) plus the balancer's own parameter groups
+    (UW's s at mtl.uw_lr, no decay), and a linear warmup over train.warmup_steps then constant LR (DiT
+    uses a constant 1e-4). A torch optimizer handed to DeepSpeed, so no DeepSpeed op is JIT-built."""
+    t = cfg.train
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
+    groups += balancer.param_groups(t.lr)
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=t.lr,
+        betas=tuple(t.betas),
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        fused=device.type == "cuda",
+    )
+    warmup = t.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+    )
+    return optimizer, scheduler

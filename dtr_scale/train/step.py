@@ -1,0 +1,199 @@
+"""One optimizer step: what DeepSpeed wraps (`TrainModule`) and the step over its micro-batches (`train_step`).
+
+Per step: the step's timesteps are drawn up front (ANT's buffered cluster losses need the global per-cluster
+counts N_k before the first forward: one small all-reduce), then for each of `accumulation` micro-batches
+forward -> `engine.backward` -> `engine.step` (DeepSpeed applies the optimizer at the last one). No host
+sync per micro-batch: the losses to log and a non-finite flag are summed on the device, and the flag is
+read once per step (one all-reduce and one `.item()`). Source: the training loop of facebookresearch/DiT
+(train.py), with ANT's per-cluster losses (Go et al. 2023, Eq. 5) and DeepSpeed's gradient accumulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dtr_scale.mtl.cluster_losses import ClusterLossBuffer, step_cluster_means
+from dtr_scale.mtl.sampling import TimestepSampler
+
+
+class TrainModule(nn.Module):
+    """What DeepSpeed wraps: the DiT, the diffusion loss and the loss balancer.
+
+    The balancer sits inside so that its parameters (UW's s) are reduced, sharded and checkpointed by
+    DeepSpeed like the model's, and so that ZeRO-3 gathers them inside this forward. `scale` is
+    gradient_accumulation x world size (see mtl.cluster_losses.step_cluster_means).
+    """
+
+    def __init__(self, model: nn.Module, balancer: nn.Module, diffusion, scale: float):
+        super().__init__()
+        self.model = model
+        self.balancer = balancer
+        self.diffusion = diffusion
+        self.scale = scale
+
+    def forward(self, x, t, y, noise, cluster_idx, step_counts) -> dict[str, torch.Tensor]:
+        """x, noise: (B, C, H, W) latents and their noise; t, y, cluster_idx: (B,) long; step_counts: (k,)
+        float, the step's global per-cluster sample counts. Returns {"loss": the balanced scalar to
+        back-propagate, "per_sample": (B,) detached diffusion losses, "mse": (B,) detached eps-MSE}."""
+        terms = self.diffusion.training_losses(self.model_fn, x, t, model_kwargs={"y": y}, noise=noise)
+        per_sample = terms["loss"]
+        # This micro-batch's share of the step's buffered cluster losses l_k (sums over the step / N_k).
+        means = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)
+        loss = self.balancer(means, step_counts)
+        return {"loss": loss, "per_sample": per_sample.detach(), "mse": terms["mse"].detach()}
+
+    def model_fn(self, x_t: torch.Tensor, timesteps: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The network in its parameters' dtype (bf16 under DeepSpeed's bf16), the diffusion maths in fp32:
+        the one precision mechanism of the loss and of the Gram path."""
+        dtype = next(self.model.parameters()).dtype
+        return self.model(x_t.to(dtype), timesteps, **kwargs).float()
+
+
+@dataclass
+class StepPlan:
+    """The fixed shape of every step: micro-batch size, accumulation, world, clusters, and how a step with
+    a non-finite loss is dropped (`drop_grads_on_nonfinite`: ZeRO-0 fp32, where DeepSpeed's optimizer is a
+    plain torch one that does not skip non-finite gradients by itself)."""
+
+    micro_batch_size: int
+    accumulation: int
+    world: int
+    num_clusters: int
+    device: torch.device
+    drop_grads_on_nonfinite: bool
+
+
+class LogSums:
+    """Device-side sums of the logged losses over the steps since the last `read()` (no host sync until then)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.values = torch.zeros(3, dtype=torch.float64, device=device)  # objective, mse, micro-batches
+
+    def add(self, loss: torch.Tensor, mse: torch.Tensor, finite: torch.Tensor) -> None:
+        """loss: the micro-batch's scalar objective; mse: (B,) per-sample eps-MSE; finite: bool scalar."""
+        update = torch.stack(
+            [loss.detach().double(), mse.double().mean(), torch.ones((), device=loss.device)]
+        )
+        self.values += torch.where(finite, update, torch.zeros_like(update))
+
+    def read(self) -> dict[str, float]:
+        """{"loss/objective", "loss/mse_rank0"}: means per finite micro-batch since the last read; clears."""
+        objective, mse, n = self.values.tolist()
+        self.values.zero_()
+        n = max(n, 1.0)
+        return {"loss/objective": objective / n, "loss/mse_rank0": mse / n}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values.cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.values = state["values"].to(self.values.device, torch.float64).clone()
+
+
+def draw_step_timesteps(
+    sampler: TimestepSampler, plan: StepPlan, generator: torch.Generator
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The step's (t, cluster_idx) per micro-batch, and the global per-cluster counts N_k (k,) float32
+    (all-reduced over ranks: a collective, no host sync)."""
+    drawn = [sampler.sample(plan.micro_batch_size, generator, plan.device) for _ in range(plan.accumulation)]
+    step_counts = torch.zeros(plan.num_clusters, dtype=torch.float32, device=plan.device)
+    for _, cluster_idx in drawn:
+        step_counts.index_add_(0, cluster_idx, torch.ones_like(cluster_idx, dtype=step_counts.dtype))
+    if plan.world > 1:
+        dist.all_reduce(step_counts)
+    return drawn, step_counts
+
+
+def _any_rank(flag: torch.Tensor, world: int) -> bool:
+    """Whether `flag` (a device scalar) is non-zero on any rank: the step's one host sync."""
+    if world > 1:
+        flag = flag.clone()
+        dist.all_reduce(flag)
+    return bool(flag.item() > 0)
+
+
+def train_step(
+    engine,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    sampler: TimestepSampler,
+    generator: torch.Generator,
+    plan: StepPlan,
+    cluster_buffer: ClusterLossBuffer,
+    log_sums: LogSums,
+    gram_update: Callable[..., None] | None = None,
+) -> bool:
+    """One optimizer step over `plan.accumulation` micro-batches; returns whether it was applied.
+
+    A non-finite loss in any micro-batch on any rank drops the whole step (returns False): DeepSpeed's
+    ZeRO-1/2/3 and bf16 optimizers skip a step whose gradient norm is not finite and clear the gradients;
+    at ZeRO-0 fp32 the gradients are set to None first, which torch's AdamW skips. `gram_update(x, t, y,
+    noise, cluster_idx)`, given, runs on the first micro-batch (NashMTL / PCGrad balancer updates).
+    Raises FloatingPointError if DeepSpeed applied a step whose loss was not finite.
+    """
+    drawn, step_counts = draw_step_timesteps(sampler, plan, generator)
+    nonfinite = torch.zeros((), device=plan.device)
+    bad = False
+    for micro, (t, cluster_idx) in enumerate(drawn):
+        x, y = next(batches)
+        x = x.to(plan.device, non_blocking=True)
+        y = y.to(plan.device, non_blocking=True)
+        noise = torch.randn(x.shape, generator=generator, device=plan.device)
+        if gram_update is not None and micro == 0:
+            gram_update(x, t, y, noise, cluster_idx)
+        out = engine(x, t, y, noise, cluster_idx, step_counts)
+        loss = out["loss"]
+        finite = torch.isfinite(loss.detach())
+        nonfinite += (~finite).float()
+        cluster_buffer.add(out["per_sample"], cluster_idx, t)
+        log_sums.add(loss, out["mse"], finite)
+        engine.backward(loss)
+        if micro == plan.accumulation - 1:
+            bad = _any_rank(nonfinite, plan.world)
+            if bad and plan.drop_grads_on_nonfinite:
+                for p in engine.module.parameters():
+                    p.grad = None
+        engine.step()
+    if bad and engine.was_step_applied() and not plan.drop_grads_on_nonfinite:
+        raise FloatingPointError(
+            "a non-finite loss reached an optimizer step that DeepSpeed applied (its gradient norm was finite); "
+            "the weights may be damaged: resume from the last checkpoint"
+        )
+    return not bad
+
+
+def cluster_gram(
+    module: TrainModule,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    noise: torch.Tensor,
+    cluster_idx: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """NashMTL / PCGrad: the exact (k, k) float64 Gram of the global per-cluster gradients on a micro-batch.
+
+    Cluster i's gradient comes from a forward/backward on cluster i's samples only (about the cost of one
+    forward/backward of the micro-batch in all), reduced across ranks inside
+    `global_cluster_gram_from_fn`; only the k x k Gram is all-reduced in full (DESIGN §5). A cluster with
+    no sample on this rank contributes a zero gradient.
+    """
+    from dtr_scale.mtl.gram import global_cluster_gram_from_fn
+
+    params = [p for p in module.model.parameters() if p.requires_grad]
+
+    def cluster_loss(i: int) -> torch.Tensor:
+        sel = cluster_idx == i
+        if not bool(sel.any()):  # no sample of cluster i here: a zero gradient (its weight is kept)
+            return sum(p.sum() for p in params) * 0.0
+        terms = module.diffusion.training_losses(
+            module.model_fn, x[sel], t[sel], model_kwargs={"y": y[sel]}, noise=noise[sel]
+        )
+        return terms["loss"].mean()
+
+    counts = torch.bincount(cluster_idx, minlength=k)
+    return global_cluster_gram_from_fn(params, cluster_loss, k, counts=counts)

@@ -13,7 +13,8 @@ rank 0 (every step ends in collectives, so the ranks move in lock-step). Memory 
   activations added.
 - CUDA: `torch.cuda.max_memory_allocated` (tensors only) on each rank's device.
 
-Prints one markdown table.
+Prints two markdown tables: time and peak memory, and the tensor bytes each rank holds by kind
+(`tensor_bytes`: parameters, gradients, optimizer states = the model states; EMA; other).
 
     OMP_NUM_THREADS=1 python bench/zero.py                                  # DiT-S/2 (h384, d12)
     OMP_NUM_THREADS=1 python bench/zero.py --hidden 128 --depth 4 --heads 4 --steps 3 --stages 1 3
@@ -40,6 +41,11 @@ HEADER = (
     "| ZeRO | world | model | params | micro-batch | device | ms/step (median) | ms/step (min-max) "
     "| peak mem rank 0 (MiB) | peak mem rank 1 (MiB) | baseline RSS (MiB) |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+TENSOR_HEADER = (
+    "| ZeRO | world | device | parameters (MiB) | gradients (MiB) | optimizer states (MiB) "
+    "| model states (MiB) | vs ZeRO-0 | EMA (MiB) | other tensors (MiB) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -108,6 +114,63 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+CATEGORIES = ("parameters", "gradients", "optimizer states", "ema", "other")
+
+
+def tensor_bytes(trainer) -> dict[str, int]:
+    """Bytes of every tensor storage this rank holds, by what holds it (each storage counted once).
+
+    parameters: the module's parameters (at ZeRO-3 each one's local partition `ds_tensor`) and the
+    optimizer's own copies of them (DeepSpeed's fp32 master partitions); gradients: `.grad` of both, and
+    DeepSpeed's gradient partitions / buckets found as the tensors its optimizer holds under a name with
+    "grad" in it; optimizer states: Adam's exp_avg / exp_avg_sq / step; ema: the sharded EMA; other:
+    any other tensor the garbage collector can reach (buffers, communication buckets, data).
+    """
+    import gc
+
+    import torch
+
+    seen: dict[tuple[int, str], tuple[str, int]] = {}
+
+    def claim(tensors, category: str) -> None:
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), str(t.device))
+            if storage.nbytes() and key not in seen:
+                seen[key] = (category, storage.nbytes())
+
+    def tensors_in(value, depth: int = 0):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif depth < 3 and isinstance(value, dict):
+            for v in value.values():
+                yield from tensors_in(v, depth + 1)
+        elif depth < 3 and isinstance(value, list | tuple):
+            for v in value:
+                yield from tensors_in(v, depth + 1)
+
+    engine = trainer.engine
+    params = list(engine.module.parameters())
+    claim([getattr(p, "ds_tensor", p) for p in params], "parameters")
+    wrapper = engine.optimizer
+    inner = getattr(wrapper, "optimizer", wrapper)
+    master = [p for group in inner.param_groups for p in group["params"]]
+    claim(master, "parameters")
+    claim([v for state in inner.state.values() for v in state.values()], "optimizer states")
+    claim([p.grad for p in params + master], "gradients")
+    for name, value in vars(wrapper).items():
+        if "grad" in name.lower():
+            claim(tensors_in(value), "gradients")
+    claim([trainer.ema.shard], "ema")
+    claim([o for o in gc.get_objects() if isinstance(o, torch.Tensor)], "other")
+    totals = dict.fromkeys(CATEGORIES, 0)
+    for category, size in seen.values():
+        totals[category] += size
+    return totals
+
+
 def worker(args: argparse.Namespace) -> int:
     """One rank: build the Trainer, run warm-up + timed `train_step`s, print a JSON result line."""
     import torch
@@ -123,6 +186,18 @@ def worker(args: argparse.Namespace) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
     batches = iter(trainer.stream)
+    # Count the tensors at the step's fullest point: after the last backward, before the optimizer step
+    # (gradients are whole there; ZeRO-0 frees them after the step), in the first timed step (Adam's
+    # states are created by the first optimizer step).
+    counted: dict[str, int] = {}
+    real_step = trainer.engine.step
+
+    def step_and_count(*a, **kw):
+        if trainer.engine.is_gradient_accumulation_boundary() and trainer.step == args.warmup:
+            counted.update(tensor_bytes(trainer))  # a step after the first: Adam's states exist
+        return real_step(*a, **kw)
+
+    trainer.engine.step = step_and_count
     times = []
     for step in range(args.warmup + args.steps):
         if cuda:
@@ -142,6 +217,7 @@ def worker(args: argparse.Namespace) -> int:
         "times": times,
         "baseline_mib": baseline,
         "peak_mib": torch.cuda.max_memory_allocated(trainer.device) / 2**20 if cuda else peak_rss_mib(),
+        "tensor_bytes": counted,
     }
     if cfg.deepspeed.zero_stage == 3:  # parameters are partitioned: count from DeepSpeed's full sizes
         result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.module.model.parameters())
@@ -229,11 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="zero-bench-") as tmp:
         data_dir = args.data or Path(tmp) / "data"
         manifest = prepare_builtin(data_dir)["train"]
-        rows = []
+        rows, tensor_rows = [], []
         for stage in args.stages:
             begin = time.perf_counter()
             results = launch_stage(args, stage, manifest, Path(tmp) / f"run-zero{stage}")
             times = results[0]["times"]
+            tensor_rows.append((stage, results[0]))
             peaks = " | ".join(f"{r['peak_mib']:.0f}" for r in results[:2])
             if len(results) < 2:
                 peaks += " | -"
@@ -246,6 +323,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ZeRO-{stage}: done in {time.perf_counter() - begin:.0f} s", file=sys.stderr, flush=True)
     print(HEADER)
     print("\n".join(rows))
+    print()
+    print(
+        "Tensor bytes held by rank 0 after the last backward of the first timed step (bench/zero.py tensor_bytes)"
+    )
+    print()
+    print(TENSOR_HEADER)
+    base = None
+    for stage, result in tensor_rows:
+        b = {k: v / 2**20 for k, v in result["tensor_bytes"].items()}
+        states = b["parameters"] + b["gradients"] + b["optimizer states"]
+        base = states if stage == 0 and base is None else base
+        ratio = f"{states / base:.2f}x" if base else "-"
+        print(
+            f"| {stage} | {args.world_size} | {result['device']} | {b['parameters']:.0f} | {b['gradients']:.0f} | "
+            f"{b['optimizer states']:.0f} | {states:.0f} | {ratio} | {b['ema']:.0f} | {b['other']:.0f} |"
+        )
     return 0
 
 

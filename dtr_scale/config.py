@@ -117,7 +117,16 @@ class DeepSpeedConfig:
     zero_stage: int = 2
     config_file: str | None = None  # a user's DeepSpeed JSON, checked against this config
     overlap_comm: bool = True
-    reduce_bucket_size: int = 200_000_000
+    # Elements (not bytes) per gradient reduce bucket; every rank holds a buffer of this size.
+    reduce_bucket_size: int = 25_000_000
+    # ZeRO-3 only (DeepSpeed's stage3_* keys), in parameters (elements): how many gathered parameters may
+    # stay alive at once and how far ahead a gathered parameter is kept for reuse (DeepSpeed's 1e9 defaults
+    # keep a model of under a billion parameters whole on every rank, which undoes ZeRO-3's saving), the
+    # prefetch bucket, and the size under which a parameter is kept whole on every rank (biases, norms).
+    stage3_max_live_parameters: int = 50_000_000
+    stage3_max_reuse_distance: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 20_000_000
+    stage3_param_persistence_threshold: int = 100_000
 
 
 @dataclass
@@ -401,6 +410,10 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("model.in_channels", 1, True, None),
     ("model.num_classes", 1, True, None),
     ("deepspeed.reduce_bucket_size", 1, True, None),
+    ("deepspeed.stage3_max_live_parameters", 1, True, None),
+    ("deepspeed.stage3_max_reuse_distance", 0, True, None),
+    ("deepspeed.stage3_prefetch_bucket_size", 0, True, None),
+    ("deepspeed.stage3_param_persistence_threshold", 0, True, None),
     ("monitor.sample_every", 0, True, None),
     ("monitor.sample_steps", 1, True, None),
     ("monitor.sample_cfg_scale", 1.0, True, None),
@@ -542,6 +555,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, device_typ
             contiguous_gradients=True,
             overlap_comm=bool(cfg.deepspeed.overlap_comm and device_type == "cuda"),
             reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
+        )
+    if cfg.deepspeed.zero_stage == 3:
+        ds = cfg.deepspeed
+        zero.update(
+            stage3_max_live_parameters=ds.stage3_max_live_parameters,
+            stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
         )
     return {
         "train_batch_size": cfg.train.global_batch_size,

@@ -52,7 +52,9 @@ if tr.rank == 0:
 
 
 @pytest.mark.parametrize(("world_size", "micro"), [(1, 16), (1, 4), (2, 4)])
-def test_one_host_sync_per_optimizer_step_whatever_the_accumulation(tmp_path, builtin_data, world_size, micro):
+def test_one_host_sync_per_optimizer_step_whatever_the_accumulation(
+    tmp_path, builtin_data, world_size, micro
+):
     args = train_args(tmp_path / "run", builtin_data["train"], f"train.micro_batch_size={micro}")
     out = run_ranks(["-c", COUNT_SCRIPT, *args[4:]], world_size=world_size)[0].stdout
     line = next(line for line in out.splitlines() if line.startswith("COUNTS "))

@@ -9,6 +9,7 @@ torch.compile, activation checkpointing and ZeRO-3 working.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -164,6 +165,15 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def _gathered(params: list[nn.Parameter]):
+    """A context in which ZeRO-3-partitioned `params` are whole (rank 0's edits kept); a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone and optional DTR routing.
 
@@ -225,27 +235,52 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
+        """The reference DiT's initialisation (xavier-uniform linears, N(0, 0.02) embeddings, adaLN-Zero).
+
+        Under `deepspeed.zero.Init` (ZeRO-3) each submodule's parameters are partitioned as soon as it is
+        built; every initialiser below then runs on that one module's gathered parameters and rank 0's
+        values are partitioned back (`GatheredParameters(modifier_rank=0)`), so no rank ever holds the
+        whole model and the random draws come in the same order as without ZeRO-3 (identical weights).
+        """
+
+        def init(params: list[nn.Parameter], fn) -> None:
+            with _gathered(params):
+                fn()
+
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
-                torch.nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
+                params = [module.weight] + ([module.bias] if module.bias is not None else [])
+
+                def linear() -> None:
+                    torch.nn.init.xavier_uniform_(module.weight)
+                    if module.bias is not None:
+                        nn.init.constant_(module.bias, 0)
+
+                init(params, linear)
 
         self.apply(_basic_init)
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.constant_(self.x_embedder.proj.bias, 0)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        proj = self.x_embedder.proj
+
+        def patch() -> None:
+            w = proj.weight.data
+            nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+            nn.init.constant_(proj.bias, 0)
+
+        init([proj.weight, proj.bias], patch)
+        table = self.y_embedder.embedding_table.weight
+        init([table], lambda: nn.init.normal_(table, std=0.02))
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            init([layer.weight], lambda layer=layer: nn.init.normal_(layer.weight, std=0.02))
         # adaLN-Zero: every block and the final layer start as the identity / zero output.
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.linear.weight, 0)
-        nn.init.constant_(self.final_layer.linear.bias, 0)
+        zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in zeroed:
+
+            def zero(layer=layer) -> None:
+                nn.init.constant_(layer.weight, 0)
+                nn.init.constant_(layer.bias, 0)
+
+            init([layer.weight, layer.bias], zero)
 
     def routing_mask(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """(B, 1, C) 0/1 mask of each sample's own timestep, or None without routing."""

@@ -77,8 +77,15 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
 
         # Same initial weights on every rank (seed shared), then per-rank seeds seed*world + rank.
+        self.ds_config = deepspeed_config(cfg, self.world, self.precision, self.device.type)
+        ds_file = user_ds_config or cfg.deepspeed.config_file
+        if ds_file:
+            self.ds_config = merge_user_deepspeed_config(ds_file, self.ds_config)
         seed_everything(cfg.train.seed)
-        model = build_model(cfg, tuple(self.manifest.latent_shape), len(self.manifest.labels))
+        # ZeRO-3: every submodule is partitioned as soon as it is built (in the training dtype DeepSpeed
+        # takes from the config), so no rank ever holds the whole model; DiT's init runs on gathered modules.
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
+            model = build_model(cfg, tuple(self.manifest.latent_shape), len(self.manifest.labels))
         self.flops_per_sample = model.flops_per_sample()
         self.diffusion = build_diffusion(cfg)
         self.clusters = resolve_clusters(cfg, np.asarray(self.diffusion.alphas_cumprod, dtype=np.float64))
@@ -90,7 +97,9 @@ class Trainer:
             self.sampler.check_batch_size(cfg.train.micro_batch_size)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        balancer = build_balancer(cfg, k)
+        # Under ZeRO-3 the balancer's parameters (UW's s) are partitioned like the model's, in its dtype.
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
+            balancer = build_balancer(cfg, k)
         self.module = TrainModule(model, balancer, self.diffusion, float(self.accumulation * self.world))
 
         seed_everything(cfg.train.seed * self.world + self.rank)
@@ -99,10 +108,6 @@ class Trainer:
         )
         t = cfg.train
         optimizer, scheduler = build_optimizer(cfg, model, balancer, self.device)
-        self.ds_config = deepspeed_config(cfg, self.world, self.precision, self.device.type)
-        ds_file = user_ds_config or cfg.deepspeed.config_file
-        if ds_file:
-            self.ds_config = merge_user_deepspeed_config(ds_file, self.ds_config)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module,
             optimizer=optimizer,

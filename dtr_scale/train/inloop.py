@@ -1,7 +1,7 @@
 """In-loop EMA sampling and evaluation: the sample grid in TensorBoard and periodic KID/FID.
 
-Functions of a live `Trainer` (its config, manifest, EMA and monitor); collective where noted, since the
-sharded EMA is gathered to rank 0 first.
+Functions of a live `Trainer` (its config, manifest, EMA and monitor), collective: the sharded EMA is
+gathered to every rank, each rank draws its share of the samples, and rank 0 assembles, logs and scores.
 """
 
 from __future__ import annotations
@@ -10,18 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dtr_scale.config import ConfigError
 
 
-def ema_model(trainer) -> nn.Module | None:
-    """A copy of the model holding the gathered EMA weights on rank 0 (collective)."""
+def ema_model(trainer) -> nn.Module:
+    """A copy of the model holding the EMA weights, on every rank (collective: each rank samples a share)."""
     from dtr_scale.models.build import build_model
 
-    full = trainer.ema.gather(dst=0)
-    if trainer.rank != 0:
-        return None
+    full = trainer.ema.gather(dst=None)
     model = build_model(trainer.cfg, tuple(trainer.manifest.latent_shape), len(trainer.manifest.labels)).to(
         trainer.device
     )
@@ -32,7 +31,11 @@ def ema_model(trainer) -> nn.Module | None:
 
 
 @torch.no_grad()
-def sample_latents(trainer, model: nn.Module, labels: torch.Tensor, steps: int, cfg_scale: float, seed: int):
+def sample_latents(
+    trainer, model: nn.Module, labels: torch.Tensor, steps: int, cfg_scale: float, seeds: list[int]
+) -> torch.Tensor:
+    """DDIM (eta 0) latents (B, C, H, W) for `labels` (B,), sample i starting from the noise of seed
+    `seeds[i]`: a sample does not depend on which rank draws it or with which others."""
     from dtr_scale.diffusion import create_diffusion
 
     diffusion = create_diffusion(
@@ -41,81 +44,82 @@ def sample_latents(trainer, model: nn.Module, labels: torch.Tensor, steps: int, 
         learn_sigma=trainer.cfg.model.learn_sigma,
         diffusion_steps=trainer.cfg.diffusion.diffusion_steps,
     )
-    generator = torch.Generator(device=trainer.device).manual_seed(seed)
-    shape = (len(labels), *trainer.manifest.latent_shape)
-    z = torch.randn(shape, generator=generator, device=trainer.device)
+    shape = tuple(trainer.manifest.latent_shape)
+    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    z = z.to(trainer.device)
     if cfg_scale > 1.0:
         null = torch.full_like(labels, model.num_classes)
-        z = torch.cat([z, z])
         kwargs = {"y": torch.cat([labels, null]), "cfg_scale": cfg_scale}
         out = diffusion.ddim_sample_loop(
-            model.forward_with_cfg,
-            z.shape,
-            noise=z,
-            model_kwargs=kwargs,
+            model.forward_with_cfg, (2 * len(labels), *shape), noise=torch.cat([z, z]), model_kwargs=kwargs,
             device=trainer.device,
-            generator=generator,
-        )
+        )  # fmt: skip
         return out[: len(labels)]
     return diffusion.ddim_sample_loop(
-        model, shape, noise=z, model_kwargs={"y": labels}, device=trainer.device, generator=generator
+        model, z.shape, noise=z, model_kwargs={"y": labels}, device=trainer.device
     )
+
+
+def sharded_images(
+    trainer, labels: list[int], steps: int, cfg_scale: float, seed: int, batch_size: int = 64
+) -> torch.Tensor | None:
+    """Decoded EMA samples (N, C, H, W) float in [-1, 1] for `labels` (N,), drawn by all ranks (rank r
+    takes samples r, r + world, ...), returned in order on rank 0 (None elsewhere). Collective."""
+    from dtr_scale.data.shards import build_decoder
+
+    model = ema_model(trainer)
+    decoder = build_decoder(trainer.manifest, trainer.cfg.data.vae, device=trainer.device)
+    mine = list(range(trainer.rank, len(labels), trainer.world))
+    pieces = []
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start : start + batch_size]
+        y = torch.tensor([labels[i] for i in chunk], device=trainer.device)
+        z = sample_latents(trainer, model, y, steps, cfg_scale, [seed + i for i in chunk])
+        pieces.append(decoder(z).float().cpu())
+    ours = (mine, torch.cat(pieces) if pieces else None)
+    if trainer.world == 1:
+        shares = [ours]
+    else:
+        shares = [None] * trainer.world if trainer.rank == 0 else None
+        dist.gather_object(ours, shares, dst=0)
+    if trainer.rank != 0:
+        return None
+    images = [None] * len(labels)
+    for indices, tensor in shares:
+        for k, i in enumerate(indices):
+            images[i] = tensor[k]
+    return torch.stack(images)
 
 
 def sample_grid(trainer) -> None:
-    """EMA samples for fixed classes and noise, decoded and logged as an image grid (rank 0)."""
-    from dtr_scale.data.shards import build_decoder
+    """EMA samples for fixed classes and noise, decoded and logged as an image grid (rank 0). Collective."""
     from dtr_scale.train.monitor import image_grid
 
-    model = ema_model(trainer)
-    if model is None:
-        return
     num_classes = len(trainer.manifest.labels)
-    labels = torch.tensor(
-        [c % num_classes for c in trainer.cfg.monitor.sample_classes], device=trainer.device
-    )
-    latents = sample_latents(
-        trainer,
-        model,
-        labels,
-        trainer.cfg.monitor.sample_steps,
-        trainer.cfg.monitor.sample_cfg_scale,
-        seed=trainer.cfg.train.seed,
-    )
-    decoder = build_decoder(trainer.manifest, trainer.cfg.data.vae, device=trainer.device)
-    grid = image_grid(decoder(latents))
+    m = trainer.cfg.monitor
+    labels = [c % num_classes for c in m.sample_classes]
+    images = sharded_images(trainer, labels, m.sample_steps, m.sample_cfg_scale, trainer.cfg.train.seed)
+    if images is None:
+        return
+    grid = image_grid(images)
     path = trainer.run_dir / "samples" / f"step{trainer.step:08d}.png"
     trainer.monitor.image("samples/ema", trainer.step, grid, png_path=path)
     trainer.monitor.message(f"sample grid: {path}")
 
 
 def evaluate_in_loop(trainer) -> None:
-    """KID/FID of EMA samples against the held-out reference (rank 0), logged to TensorBoard."""
+    """KID/FID of EMA samples (drawn by all ranks) against the held-out reference, scored and logged on
+    rank 0. Collective."""
     from dtr_scale.sample.evaluate import compute_metrics
     from dtr_scale.sample.sampler import to_uint8_nhwc
-
-    model = ema_model(trainer)
-    if model is None:
-        return
-    from dtr_scale.data.shards import build_decoder
 
     e = trainer.cfg.eval
     num_classes = len(trainer.manifest.labels)
     gen = torch.Generator().manual_seed(trainer.cfg.train.seed + 1)
-    labels = torch.randint(0, num_classes, (e.num_samples,), generator=gen).to(trainer.device)
-    decoder = build_decoder(trainer.manifest, trainer.cfg.data.vae, device=trainer.device)
-    images = []
-    for start in range(0, e.num_samples, 64):
-        z = sample_latents(
-            trainer,
-            model,
-            labels[start : start + 64],
-            e.steps,
-            e.cfg_scale,
-            seed=trainer.cfg.train.seed + start,
-        )
-        images.append(decoder(z).float().cpu())
-    images = torch.cat(images)
+    labels = torch.randint(0, num_classes, (e.num_samples,), generator=gen).tolist()
+    images = sharded_images(trainer, labels, e.steps, e.cfg_scale, trainer.cfg.train.seed + 1)
+    if images is None:
+        return
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
     array = to_uint8_nhwc(images)  # the sampler's quantisation, so in-loop and offline metrics agree

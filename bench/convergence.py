@@ -150,7 +150,7 @@ class Scorer:
         self._extractor = None
 
     def features(self, images: np.ndarray):
-        from dtr_scale.sample.evaluate import extract_features, inception_extractor, load_inception_weights
+        from dtr_scale.metrics import extract_features, inception_extractor, load_inception_weights
 
         if self._extractor is None:
             state, _ = load_inception_weights(None)
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from dtr_scale.data.builtin import heldout_images, prepare_builtin
     from dtr_scale.data.shards import load_manifest
-    from dtr_scale.sample.evaluate import load_images
+    from dtr_scale.metrics import load_images
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

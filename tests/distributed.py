@@ -30,7 +30,7 @@ def rank_env(rank: int, world_size: int, port: int, extra: dict[str, str] | None
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
         DS_ACCELERATOR="cpu",
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]),
         HF_HUB_OFFLINE="1",
     )
     env.update(extra or {})

@@ -18,8 +18,8 @@ from dtr_scale.data.builtin import (
     mnist_images,
     prepare_builtin,
     split_indices,
-    to_uint8,
 )
+from dtr_scale.data.images import quantize_uint8
 from dtr_scale.data.shards import build_decoder, iter_raw_samples, load_manifest
 from dtr_scale.data.stream import LatentStream
 
@@ -102,11 +102,11 @@ def test_stream_over_builtin_shards_never_trains_on_mirrored_digits(builtin_dir:
     latents, labels = next(
         iter(LatentStream(manifest, 64, seed=0, rank=0, world_size=1, expected_latent_shape=(4, 16, 16)))
     )
-    pixels = to_uint8(build_decoder(manifest)(latents))[:, 0]
+    pixels = quantize_uint8(build_decoder(manifest)(latents))[:, 0]
     assert pixels.shape == (64, 32, 32)
     assert all(x.tobytes() in real for x in pixels)  # every training digit as stored, none mirrored
     flipped = LatentStream(manifest, 64, seed=0, rank=0, world_size=1, hflip=True)
-    mirrored = to_uint8(build_decoder(manifest)(next(iter(flipped))[0]))[:, 0]
+    mirrored = quantize_uint8(build_decoder(manifest)(next(iter(flipped))[0]))[:, 0]
     assert 10 < sum(x.tobytes() not in real for x in mirrored) < 54  # hflip=True: about half mirrored
     assert labels.min() >= 0 and labels.max() <= 9
 

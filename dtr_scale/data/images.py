@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 ALPHA_MODES = ("LA", "PA", "RGBA", "La", "RGBa")
@@ -90,3 +91,16 @@ def open_rgb8(path: str | os.PathLike) -> np.ndarray:
         raise OSError(f"{path}: cannot decode this image ({type(err).__name__}: {err})") from err
     except Exception as err:  # a decoder plugin's own failure (struct.error, IndexError, ...): still one file
         raise OSError(f"{path}: cannot decode this image ({type(err).__name__}: {err})") from err
+
+
+def quantize_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Floats in [-1, 1] -> uint8 [0, 255], same shape: the one quantiser of dtr-scale (samples, grids, FID
+    references). As the reference DiT's sample.py: clamp(127.5 x + 128, 0, 255) truncated, i.e. 127.5 (x + 1)
+    rounded half up; it inverts x = v / 127.5 - 1 exactly, also after a float16 round trip."""
+    values = torch.as_tensor(images).detach().float().cpu()
+    return torch.clamp(127.5 * values + 128.0, 0, 255).to(torch.uint8).numpy()
+
+
+def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [-1, 1] -> uint8 (N, H, W, C) by `quantize_uint8`."""
+    return quantize_uint8(images).transpose(0, 2, 3, 1)

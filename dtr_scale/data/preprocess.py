@@ -51,6 +51,7 @@ from dtr_scale.data.shards import (
     write_manifest,
     write_shard,
 )
+from dtr_scale.fileio import atomic_write_text
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
@@ -340,8 +341,7 @@ def _encode_shard_range(job: dict[str, Any]) -> list[str]:
             fingerprint=job["fingerprint"], unreadable=unreadable, rank=rank, inputs_sha256=inputs[j]
         )
         progress = out_dir / PROGRESS_DIR / f"{shard_name(j)}.json"
-        progress.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-        os.replace(progress.with_suffix(".tmp"), progress)
+        atomic_write_text(progress, json.dumps(record, indent=1))
         unreadable_all += unreadable
     bar.close()
     return unreadable_all

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import dtr_scale
+from dtr_scale.fileio import atomic_path, atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "dtr-scale-latents"
@@ -131,18 +132,12 @@ def write_shard(path: str | os.PathLike, samples: Iterable[LatentSample]) -> dic
     under its final name (and concurrent ranks never write the same file: each owns its shard names).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     count = 0
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for sample in samples:
-                for ext, data in encode_sample(sample).items():
-                    _add_member(tar, f"{sample.key}.{ext}", data)
-                count += 1
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for ext, data in encode_sample(sample).items():
+                _add_member(tar, f"{sample.key}.{ext}", data)
+            count += 1
     return {"name": path.name, "num_samples": count, "sha256": sha256_file(path)}
 
 
@@ -178,9 +173,7 @@ def write_manifest(
         **(extra or {}),
     }
     path = Path(directory) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
     return path
 
 

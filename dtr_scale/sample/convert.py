@@ -31,6 +31,16 @@ from pathlib import Path
 import torch
 import yaml
 
+from dtr_scale.checkpoint_format import (
+    assemble_ema_shards,
+    check_deepspeed_files_safe,
+    deepspeed_safe_globals,
+    global_state_path,
+    rank_state_path,
+    read_state_file,
+)
+from dtr_scale.fileio import atomic_path
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FORMATS = ("dtr", "dit")
 DIT_CHECKPOINT_NAME = "dit.pt"
@@ -55,7 +65,7 @@ def resolve_tag(run_dir: Path, tag: str | None) -> tuple[str, Path]:
             )
         tag = latest.read_text().strip()
     tag_dir = ckpt_dir / tag
-    if not (tag_dir / "dtr_scale" / "global.safetensors").is_file():
+    if not global_state_path(tag_dir).is_file():
         state = "is not a complete dtr-scale checkpoint" if tag_dir.is_dir() else "does not exist"
         raise FileNotFoundError(
             f"checkpoint tag {tag!r} in {ckpt_dir} {state}; complete tags: {available or 'none'}"
@@ -68,7 +78,6 @@ def resolve_tag(run_dir: Path, tag: str | None) -> tuple[str, Path]:
 
 def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of DeepSpeed's wrapped module (keys `model.*`, `balancer.*`) at `tag_dir`."""
-    from dtr_scale.train.checkpoint import _safe_globals, check_deepspeed_files_safe
 
     check_deepspeed_files_safe(tag_dir)
     if any(tag_dir.glob("*_optim_states.pt")):
@@ -86,7 +95,7 @@ def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
             f"{model_file.name}: not a DeepSpeed checkpoint, or an incomplete copy of one"
         )
     # ZeRO-0 without bf16: the module's own (fp32) weights are the trained weights, stored whole.
-    with torch.serialization.safe_globals(_safe_globals()):
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
         module = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
     not_fp32 = sorted(k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32)
     if not_fp32:
@@ -116,12 +125,9 @@ def assembled_ema(
     tag_dir: Path, world_size: int, shapes: dict[str, tuple[int, ...]]
 ) -> dict[str, torch.Tensor]:
     """The full fp32 EMA parameters from the shards of all `world_size` rank files."""
-    from dtr_scale.train.checkpoint import read_state_file
-    from dtr_scale.train.ema import assemble_shards
-
     states = []
     for rank in range(world_size):
-        path = tag_dir / "dtr_scale" / f"rank{rank:05d}.safetensors"
+        path = rank_state_path(tag_dir, rank)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} is missing: the run had {world_size} ranks and each holds one shard of the EMA, so "
@@ -134,19 +140,7 @@ def assembled_ema(
                 f"says {world_size}: files from different runs are mixed in {tag_dir}"
             )
         states.append(rank_state["ema"])
-    return assemble_shards(states, shapes)
-
-
-def balancer_weights(method: str, num_clusters: int, global_state: dict, params: dict) -> list[float]:
-    """ANT's per-cluster loss weights at the checkpoint (UW's s comes from DeepSpeed's consolidated state)."""
-    from dtr_scale.mtl import balancers
-
-    balancer = balancers.build(method, num_clusters)
-    state = dict(global_state.get("balancer") or {})  # empty under ZeRO-3 (then only UW's s matters)
-    state.update(params)
-    if state:
-        balancer.load_state_dict(state)
-    return [float(w) for w in balancer.weights()]
+    return assemble_ema_shards(states, shapes)
 
 
 # ------------------------------------------------------------------------------- the conversion
@@ -183,7 +177,6 @@ def convert_checkpoint(
     from dtr_scale.data.shards import load_manifest
     from dtr_scale.models.build import build_model
     from dtr_scale.sample.model_dir import data_section, make_config, save_model_dir
-    from dtr_scale.train.checkpoint import read_state_file
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -191,10 +184,10 @@ def convert_checkpoint(
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     run_dir = Path(run_dir)
     tag, tag_dir = resolve_tag(run_dir, tag)
-    global_path = tag_dir / "dtr_scale" / "global.safetensors"
+    global_path = global_state_path(tag_dir)
     global_state = read_state_file(global_path)
     # The config saved WITH the checkpoint, not RUN_DIR/config.yaml (which a later resume may rewrite).
-    cfg = config_from_dict(yaml.safe_load(global_state["config"]))
+    cfg = config_from_dict(yaml.safe_load(global_state["run"]["config"]))
     manifest_path = manifest if manifest is not None else cfg.data.shards
     if manifest_path is None:
         raise ValueError(f"{global_path}: the run's config has no data.shards; pass the training manifest")
@@ -213,7 +206,7 @@ def convert_checkpoint(
         _check_reference_layout(model)  # before the (possibly long) consolidation
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
 
-    model_state, balancer_params = split_module_state(consolidated_weights(tag_dir), tag_dir)
+    model_state, _balancer_params = split_module_state(consolidated_weights(tag_dir), tag_dir)
     if "pos_embed" not in model_state:
         # A fixed sin-cos table (DiT); DeepSpeed stores persistent buffers, but do not depend on it.
         fresh = build_model(cfg, tuple(data.latent_shape), len(data.labels))
@@ -221,7 +214,7 @@ def convert_checkpoint(
     ema_state = assembled_ema(tag_dir, int(global_state["world_size"]), shapes)
     ema_state["pos_embed"] = model_state["pos_embed"]
 
-    clusters = [list(c) for c in global_state["clusters"]]
+    clusters = [list(c) for c in global_state["run"]["clusters"]]
     num_clusters = max(1, len(clusters))
     config = make_config(
         model,
@@ -233,8 +226,8 @@ def convert_checkpoint(
             "learn_sigma": cfg.model.learn_sigma,
         },
         train={
-            "step": int(global_state["step"]),
-            "samples_seen": int(global_state["samples_seen"]),
+            "step": int(global_state["progress"]["step"]),
+            "samples_seen": int(global_state["progress"]["samples_seen"]),
             "run_dir": str(run_dir.resolve()),
             "tag": tag,
         },
@@ -242,7 +235,7 @@ def convert_checkpoint(
             "method": cfg.mtl.method,
             "num_clusters": num_clusters,
             "clusters": clusters,
-            "balancer_weights": balancer_weights(cfg.mtl.method, num_clusters, global_state, balancer_params),
+            "balancer_weights": list(global_state["balancer"]["weights"]),
         },
     )
     out = save_model_dir(out_dir, model_state, ema_state, config, dtype=DTYPES[dtype])
@@ -259,9 +252,8 @@ def write_reference_checkpoint(
     def plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in state.items()}
 
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": plain(model_state), "ema": plain(ema_state)}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": plain(model_state), "ema": plain(ema_state)}, tmp)
 
 
 # ------------------------------------------------------------------------------- CLI

@@ -43,6 +43,8 @@ import torch.distributed as dist
 from PIL import Image
 
 import dtr_scale
+from dtr_scale.data.images import to_uint8_nhwc
+from dtr_scale.fileio import atomic_path, atomic_write_text
 from dtr_scale.models.dit import DiT
 from dtr_scale.sample.model_dir import load_model_dir, validate_config
 
@@ -205,21 +207,13 @@ def _denoise(
     return x
 
 
-def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] NCHW -> uint8 NHWC, with the reference DiT's rounding clamp(127.5 x + 128) then truncation."""
-    return (
-        torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
-
-
 def _png_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"{index:06d}.png"
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
 
 
 def _read_png_rgb(path: Path) -> np.ndarray:
@@ -272,9 +266,7 @@ def _check_resume(out_dir: Path, settings: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
 
 
 def _assemble(out_dir: Path, settings: dict[str, Any], classes: list[int] | None, num_classes: int) -> None:
@@ -288,10 +280,8 @@ def _assemble(out_dir: Path, settings: dict[str, Any], classes: list[int] | None
         )
     images = np.stack([_read_png_rgb(_png_path(out_dir, i)) for i in range(count)])
     labels = np.array([sample_label(seed, i, classes, num_classes) for i in range(count)], dtype=np.int64)
-    tmp = out_dir / f".{NPZ_NAME}.tmp{os.getpid()}"
-    with open(tmp, "wb") as handle:
+    with atomic_path(out_dir / NPZ_NAME) as tmp, open(tmp, "wb") as handle:
         np.savez(handle, arr_0=images, arr_1=labels)
-    os.replace(tmp, out_dir / NPZ_NAME)
     _write_json(out_dir / JSON_NAME, {**settings, "complete": True, "npz": NPZ_NAME})
 
 

@@ -1,18 +1,7 @@
 """Save and resume everything a run needs (DESIGN §6); one owner for all state.
 
-Layout of `run_dir/checkpoints/`:
-
-    latest                      tag of the newest COMPLETE checkpoint (moved last, atomically)
-    step00001000/               DeepSpeed's files (model, optimizer, lr scheduler; per ZeRO rank)
-    step00001000/dtr_scale/global.safetensors   state equal on every rank (step, samples seen,
-                                                balancer, cluster-loss buffer, config, version)
-    step00001000/dtr_scale/rank00003.safetensors  per-rank state (EMA shard, RNG states, data stream)
-
-Per-rank and global state are plain `state_dict()`s split into tensors (stored as safetensors) and
-everything else (stored as JSON in the safetensors metadata): nothing is ever unpickled from our
-files. DeepSpeed's own files are pickles that DeepSpeed loads itself; before handing them over we
-re-open each with `torch.load(weights_only=True)` and a small allow-list, so a file carrying
-arbitrary code is refused rather than executed.
+The on-disk layout and the state-file format live in dtr_scale/checkpoint_format.py (which `convert`
+reads too).
 
 `latest` moves only after every rank has written and fsynced its files (barrier), so a crash
 mid-save leaves the previous checkpoint as the resume point and never a half-written one.
@@ -20,148 +9,130 @@ mid-save leaves the previous checkpoint as the resume point and never a half-wri
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, safe_open, save_file
 
+from dtr_scale import __version__
+from dtr_scale.checkpoint_format import (
+    _RANK_FILE_RE,
+    TAG_RE,
+    check_deepspeed_files_safe,
+    global_state_path,
+    rank_state_path,
+    read_state_file,
+    tag_for_step,
+    write_state_file,
+)
 from dtr_scale.errors import CheckpointError
-
-TAG_RE = re.compile(r"^step(\d{8,})$")
-
-
-def tag_for_step(step: int) -> str:
-    return f"step{step:08d}"
-
-
-# ------------------------------------------------------------------------------- state (de)serialisation
-
-
-def split_state(state: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
-    """Replace tensors in a nested state by references, collecting them in `tensors`."""
-    if isinstance(state, torch.Tensor):
-        key = prefix or "tensor"
-        tensors[key] = state.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(state, dict):
-        return {
-            "__dict__": [
-                [k, split_state(v, tensors, f"{prefix}.{i}" if prefix else str(i))]
-                for i, (k, v) in enumerate(state.items())
-            ]
-        }
-    if isinstance(state, list | tuple):
-        items = [split_state(v, tensors, f"{prefix}.{i}" if prefix else str(i)) for i, v in enumerate(state)]
-        return {"__tuple__": items} if isinstance(state, tuple) else items
-    if state is None or isinstance(state, bool | int | float | str):
-        return state
-    raise TypeError(f"cannot checkpoint a value of type {type(state).__name__} at {prefix or '<root>'}")
-
-
-def join_state(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(node, dict):
-        if "__tensor__" in node:
-            return tensors[node["__tensor__"]]
-        if "__tuple__" in node:
-            return tuple(join_state(v, tensors) for v in node["__tuple__"])
-        return {k: join_state(v, tensors) for k, v in node["__dict__"]}
-    if isinstance(node, list):
-        return [join_state(v, tensors) for v in node]
-    return node
-
-
-def write_state_file(path: Path, state: dict[str, Any]) -> None:
-    """Write a nested state to one safetensors file, atomically (tmp + fsync + rename)."""
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = split_state(state, tensors)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(skeleton)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def read_state_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint state file {path} is missing (incomplete or foreign checkpoint)")
-    with safe_open(str(path), framework="pt") as fh:
-        metadata = fh.metadata() or {}
-    if "state" not in metadata:
-        raise ValueError(f"{path} is not a dtr-scale state file (no 'state' metadata)")
-    return join_state(json.loads(metadata["state"]), load_file(str(path)))
-
-
-# ------------------------------------------------------------------------------- safe pre-check
-
-
-def _safe_globals() -> list:
-    import argparse
-    import collections
-
-    allowed: list = [collections.OrderedDict, argparse.Namespace, torch.Size, set, frozenset]
-    try:  # DeepSpeed records enums and version objects in its model-state files
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        allowed.append(ZeroStageEnum)
-    except ImportError:
-        pass
-    try:  # the optimizer-state files record the (unused in fp32/bf16) loss scaler object
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-
-        allowed += [LossScaler, DynamicLossScaler]
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        allowed.append(fragment_address)
-    except ImportError:
-        pass
-    return allowed
-
-
-_RANK_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_")
-
-
-def files_loaded_by_rank(tag_dir: Path, rank: int | None) -> list[Path]:
-    """DeepSpeed's files in `tag_dir` that `rank` reads on resume: the shared model-states file(s) and its
-    own `*zero_pp_rank_{rank}_*` partitions (DeepSpeed reads another rank's partition only for elastic
-    checkpoints, which dtr-scale does not enable). rank None: every file (convert reads them all)."""
-    files = sorted(tag_dir.glob("*.pt"))
-    if rank is None:
-        return files
-    return [p for p in files if (m := _RANK_FILE_RE.search(p.name)) is None or int(m.group(1)) == rank]
-
-
-def check_deepspeed_files_safe(tag_dir: Path, rank: int | None = None) -> None:
-    """Refuse DeepSpeed checkpoint files that would need arbitrary unpickling to load (those `rank` loads)."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        for path in files_loaded_by_rank(tag_dir, rank):
-            try:
-                torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:  # noqa: BLE001 - re-raised with the file name
-                raise CheckpointError(
-                    f"refusing to load {path}: it does not load with torch.load(weights_only=True) and the "
-                    f"dtr-scale allow-list ({err.__class__.__name__}: {str(err).splitlines()[0]})"
-                ) from err
-
+from dtr_scale.fileio import atomic_write_text, fsync_path
+from dtr_scale.train.runtime import load_rng_state, rng_state
 
 # ------------------------------------------------------------------------------- the checkpointer
 
 
+class Stateful(Protocol):
+    """What the checkpointer saves and restores (torch.distributed.checkpoint's Stateful protocol)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands: optimizer steps taken, samples seen (global), steps skipped as non-finite."""
+
+    step: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+@dataclass
+class RunRecord:
+    """What the run is: its config (YAML text), ANT clusters and the package version. Restoring it checks
+    that the clusters the config gives now are those the checkpoint was trained with (CheckpointError)."""
+
+    config_text: str
+    clusters: list[tuple[int, int]] | None
+
+    def state_dict(self) -> dict[str, Any]:
+        clusters = [list(c) for c in self.clusters] if self.clusters else []
+        return {"config": self.config_text, "clusters": clusters, "version": __version__}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = [tuple(c) for c in state["clusters"]]
+        if saved != [tuple(c) for c in (self.clusters or [])]:
+            raise CheckpointError(
+                f"the checkpoint was trained with clusters {saved}, the config now gives {self.clusters}"
+            )
+
+
+class BalancerState:
+    """The loss balancer's state that DeepSpeed does not hold: NashMTL / PCGrad's weights, Gram and solver
+    state (nn.Module extra state), not its parameters (UW's s is saved, sharded, by DeepSpeed), plus the
+    per-cluster weights at the time of saving, which `convert` records. state_dict() is collective under
+    ZeRO-3 (reading UW's weights gathers s): every rank calls it."""
+
+    def __init__(self, balancer: torch.nn.Module) -> None:
+        self.balancer = balancer
+
+    def state_dict(self) -> dict[str, Any]:
+        params = dict(self.balancer.named_parameters())
+        state = {k: v for k, v in self.balancer.state_dict().items() if k not in params}
+        weights = [float(w) for w in self.balancer.weights().detach().double().cpu()]
+        return {"state": state, "weights": weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["state"]:
+            self.balancer.load_state_dict(state["state"], strict=False)
+
+
+class RNGState:
+    """Python, numpy and torch's global RNG states and the step's private `generator` (runtime.rng_state)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state(self.generator)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_rng_state(state, self.generator)
+
+
 class Checkpointer:
-    """Owns `run_dir/checkpoints`: save, retention, and resume of DeepSpeed + dtr-scale state."""
+    """Owns `run_dir/checkpoints` and all resumable state: DeepSpeed's (model, optimizer, LR schedule)
+    through the engine, and ours by pulling `state_dict()` from each registered object on save and
+    pushing `load_state_dict()` on resume. `global_objects` are equal on every rank (rank 0 writes
+    them); `rank_objects` are each rank's own (EMA shard, data position, RNG, buffers)."""
 
     def __init__(
-        self, run_dir: str | Path, keep_last: int = 2, keep_every: int = 0, rank: int = 0, world_size: int = 1
+        self,
+        run_dir: str | Path,
+        engine=None,
+        global_objects: dict[str, Stateful] | None = None,
+        rank_objects: dict[str, Stateful] | None = None,
+        *,
+        keep_last: int = 2,
+        keep_every: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.dir = Path(run_dir) / "checkpoints"
+        self.engine = engine
+        self.global_objects, self.rank_objects = global_objects or {}, rank_objects or {}
         self.keep_last, self.keep_every = keep_last, keep_every
         self.rank, self.world_size = rank, world_size
 
@@ -170,33 +141,34 @@ class Checkpointer:
         if not latest.is_file():
             return None
         tag = latest.read_text().strip()
-        if not (self.dir / tag / "dtr_scale" / "global.safetensors").is_file():
+        if not global_state_path(self.dir / tag).is_file():
             raise CheckpointError(
                 f"{latest} names {tag!r}, but {self.dir / tag} is not a complete dtr-scale checkpoint"
             )
         return tag
 
-    def save(self, engine, step: int, global_state: dict[str, Any], rank_state: dict[str, Any]) -> str:
+    def save(self, step: int) -> str:
+        """Write the checkpoint of optimizer step `step` on every rank (collective); return its tag."""
         tag = tag_for_step(step)
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        global_state = {name: obj.state_dict() for name, obj in self.global_objects.items()}
+        rank_state = {name: obj.state_dict() for name, obj in self.rank_objects.items()}
+        self.engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
         ours = self.dir / tag / "dtr_scale"
         ours.mkdir(parents=True, exist_ok=True)
         write_state_file(
-            ours / f"rank{self.rank:05d}.safetensors", {"world_size": self.world_size, **rank_state}
+            rank_state_path(self.dir / tag, self.rank), {"world_size": self.world_size, **rank_state}
         )
         if self.rank == 0:
-            write_state_file(ours / "global.safetensors", {"world_size": self.world_size, **global_state})
+            write_state_file(
+                global_state_path(self.dir / tag), {"world_size": self.world_size, **global_state}
+            )
         for path in files_written_by_rank(self.dir / tag, self.rank):
             fsync_path(path)  # DeepSpeed does not fsync its files
         _barrier()  # every rank has written and fsynced: only now may `latest` move
         if self.rank == 0:
             for directory in (ours, self.dir / tag, self.dir):  # the new names themselves are durable
                 fsync_path(directory)
-            tmp = self.dir / "latest.tmp"
-            tmp.write_text(tag)
-            fsync_path(tmp)
-            os.replace(tmp, self.dir / "latest")
-            fsync_path(self.dir)
+            atomic_write_text(self.dir / "latest", tag, durable=True)
             self._prune(step)
         _barrier()
         return tag
@@ -212,12 +184,12 @@ class Checkpointer:
             if s not in keep:
                 shutil.rmtree(self.dir / tag_for_step(s), ignore_errors=True)
 
-    def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore DeepSpeed state into `engine`; return (global_state, this rank's state)."""
+    def load(self, tag: str) -> None:
+        """Restore DeepSpeed's state and every registered object's from checkpoint `tag` (collective)."""
         tag_dir = self.dir / tag
         if not tag_dir.is_dir():
             raise FileNotFoundError(f"checkpoint {tag_dir} does not exist")
-        global_state = read_state_file(tag_dir / "dtr_scale" / "global.safetensors")
+        global_state = read_state_file(global_state_path(tag_dir))
         saved_world = int(global_state["world_size"])
         if saved_world != self.world_size:
             raise CheckpointError(
@@ -226,35 +198,38 @@ class Checkpointer:
                 f"relaunch with {saved_world} processes, or start a new run from `dtr-scale convert` weights."
             )
         check_deepspeed_files_safe(tag_dir, self.rank)
-        load_path, _ = engine.load_checkpoint(
+        load_path, _ = self.engine.load_checkpoint(
             str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        rank_state = read_state_file(tag_dir / "dtr_scale" / f"rank{self.rank:05d}.safetensors")
-        return global_state, rank_state
+        rank_state = read_state_file(rank_state_path(tag_dir, self.rank))
+        for objects, state, path in (
+            (self.global_objects, global_state, global_state_path(tag_dir)),
+            (self.rank_objects, rank_state, rank_state_path(tag_dir, self.rank)),
+        ):
+            missing = sorted(set(objects) - set(state))
+            if missing:
+                raise CheckpointError(
+                    f"{path} has no state for {missing}: written by another dtr-scale version?"
+                )
+            for name, obj in objects.items():
+                try:
+                    obj.load_state_dict(state[name])
+                except CheckpointError as err:
+                    raise CheckpointError(f"checkpoint {tag}: {err}") from None
 
 
 def files_written_by_rank(tag_dir: Path, rank: int) -> list[Path]:
     """The files of a tag that `rank` wrote: its own partitions and state file, and on rank 0 the shared ones."""
-    own = f"rank{rank:05d}.safetensors"
+    own = rank_state_path(tag_dir, rank)
     files = [
         p for p in tag_dir.glob("*.pt") if (m := _RANK_FILE_RE.search(p.name)) and int(m.group(1)) == rank
     ]
     if rank == 0:
         files += [p for p in tag_dir.glob("*.pt") if not _RANK_FILE_RE.search(p.name)]
-        files += [tag_dir / "dtr_scale" / "global.safetensors"]
-    return files + [tag_dir / "dtr_scale" / own]
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes the names it holds durable; POSIX)."""
-    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        files += [global_state_path(tag_dir)]
+    return files + [own]
 
 
 def _barrier() -> None:

@@ -192,21 +192,3 @@ class ShardedEMA:
             if keep:
                 full[name] = tensor.view(shape)
         return full if keep else None
-
-
-def assemble_shards(states: list[dict], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Full tensors from every rank's saved EMA state (used by `convert`); checks full coverage."""
-    full = {name: torch.zeros(math.prod(shape), dtype=torch.float32) for name, shape in shapes.items()}
-    covered = dict.fromkeys(shapes, 0)
-    for state in states:
-        offset = 0
-        for name, start, length in state["segments"]:
-            if name not in full:
-                raise ValueError(f"EMA shard names parameter {name!r}, which the model does not have")
-            full[name][start : start + length] = state["shard"][offset : offset + length]
-            covered[name] += length
-            offset += length
-    missing = [name for name, n in covered.items() if n != full[name].numel()]
-    if missing:
-        raise ValueError(f"EMA shards do not cover parameter(s) {missing[:3]}: a rank file is missing")
-    return {name: full[name].view(shapes[name]) for name in shapes}

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dtr_scale import __version__
 from dtr_scale.config import (
     ConfigError,
     RunConfig,
@@ -36,14 +35,12 @@ from dtr_scale.config import (
     resolve_batch_layout,
     resolve_precision,
 )
-from dtr_scale.errors import CheckpointError
 from dtr_scale.models.build import build_model
 from dtr_scale.train.build import build_balancer, build_diffusion, build_optimizer, resolve_clusters
-from dtr_scale.train.runtime import init_distributed, load_rng_state, rng_state, seed_everything
+from dtr_scale.train.runtime import init_distributed, seed_everything
 from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
 
 accepts_overrides = True
-FAULT_ENV = "DTR_SCALE_FAULT_AT_STEP"  # testing aid: rank 0 SIGKILLs itself after this step
 
 # ------------------------------------------------------------------------------- the trainer
 
@@ -57,7 +54,7 @@ class Trainer:
         from dtr_scale.data.stream import LatentStream
         from dtr_scale.mtl.cluster_losses import ClusterLossBuffer
         from dtr_scale.mtl.sampling import TimestepSampler, resolve_sampling
-        from dtr_scale.train.checkpoint import Checkpointer
+        from dtr_scale.train.checkpoint import BalancerState, Checkpointer, RNGState, RunRecord, TrainProgress
         from dtr_scale.train.ema import ShardedEMA
 
         self.cfg = cfg
@@ -143,12 +140,28 @@ class Trainer:
             device=self.device,
             drop_grads_on_nonfinite=cfg.deepspeed.zero_stage == 0 and self.precision == "fp32",
         )
-        self.checkpointer = Checkpointer(self.run_dir, t.keep_last, t.keep_every, self.rank, self.world)
-        self.step = 0
-        self.samples_seen = 0
+        self.progress = TrainProgress()
         self.nonfinite_in_row = 0
-        self.skipped_steps = 0
-
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            self.engine,
+            global_objects={
+                "progress": self.progress,
+                "run": RunRecord(dump_yaml(cfg), self.clusters),
+                "balancer": BalancerState(self.engine.module.balancer),
+            },
+            rank_objects={
+                "ema": self.ema,
+                "stream": self.stream,
+                "rng": RNGState(self.generator),
+                "cluster_buffer": self.cluster_buffer,
+                "log_sums": self.log_sums,
+            },
+            keep_last=t.keep_last,
+            keep_every=t.keep_every,
+            rank=self.rank,
+            world_size=self.world,
+        )
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -158,50 +171,24 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------------
 
-    def _global_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "samples_seen": self.samples_seen,
-            "skipped_steps": self.skipped_steps,
-            "balancer": self.engine.module.balancer.state_dict() if self.cfg.deepspeed.zero_stage < 3 else {},
-            "clusters": [list(c) for c in self.clusters] if self.clusters else [],
-            "config": dump_yaml(self.cfg),
-            "version": __version__,
-        }
-
-    def _rank_state(self) -> dict[str, Any]:
-        return {
-            "ema": self.ema.state_dict(),
-            "rng": rng_state(self.generator),
-            "stream": self.stream.state_dict(),
-            "cluster_buffer": self.cluster_buffer.state_dict(),
-            "log_sums": self.log_sums.state_dict(),
-            "rank": self.rank,
-        }
+    # The progress counters, read and set through the checkpointed TrainProgress.
+    step = property(lambda self: self.progress.step, lambda self, v: setattr(self.progress, "step", v))
+    samples_seen = property(
+        lambda self: self.progress.samples_seen, lambda self, v: setattr(self.progress, "samples_seen", v)
+    )
+    skipped_steps = property(
+        lambda self: self.progress.skipped_steps, lambda self, v: setattr(self.progress, "skipped_steps", v)
+    )
 
     def save(self) -> str:
-        tag = self.checkpointer.save(self.engine, self.step, self._global_state(), self._rank_state())
+        """Checkpoint the current step (collective); returns its tag."""
+        tag = self.checkpointer.save(self.step)
         if self.rank == 0:
             self.monitor_message(f"saved checkpoint {self.checkpointer.dir / tag}")
         return tag
 
     def _resume(self, tag: str) -> None:
-        global_state, rank_state = self.checkpointer.load(self.engine, tag)
-        self.step = int(global_state["step"])
-        self.samples_seen = int(global_state["samples_seen"])
-        self.skipped_steps = int(global_state["skipped_steps"])
-        saved_clusters = [tuple(c) for c in global_state["clusters"]]
-        if saved_clusters != [tuple(c) for c in (self.clusters or [])]:
-            raise CheckpointError(
-                f"checkpoint {tag} was trained with clusters {saved_clusters}, the config now gives {self.clusters}"
-            )
-        if global_state["balancer"]:
-            self.engine.module.balancer.load_state_dict(global_state["balancer"])
-        self.ema.load_state_dict(rank_state["ema"])
-        self.stream.load_state_dict(rank_state["stream"])
-        load_rng_state(rank_state["rng"], self.generator)
-        self.cluster_buffer.load_state_dict(rank_state["cluster_buffer"])
-        self.log_sums.load_state_dict(rank_state["log_sums"])
+        self.checkpointer.load(tag)
         if self.rank == 0:
             print(f"resumed from {self.checkpointer.dir / tag} at step {self.step}", flush=True)
 
@@ -282,7 +269,6 @@ class Trainer:
         )
         self.engine.train()
         batches = self.stream.batches()  # epoch mode rolls over into the next, reshuffled epoch
-        fault_step = int(os.environ.get(FAULT_ENV, "0"))
         last_scalars: dict[str, float] = {}
         while self.step < t.max_steps:
             applied = self.train_step(batches)
@@ -302,10 +288,6 @@ class Trainer:
                 self.log_loss_profile()
             if cfg.eval.every and self.step % cfg.eval.every == 0:
                 self.evaluate_in_loop()
-            if fault_step and self.step == fault_step and self.rank == 0:
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
         self.monitor.close()
         return last_scalars
 
@@ -345,85 +327,7 @@ class Trainer:
         evaluate_in_loop(self)
 
 
-# ------------------------------------------------------------------------------- dry run and CLI
-
-
-def dry_run(
-    cfg: RunConfig,
-    world_size: int,
-    user_ds_config: str | None,
-    device_type: str | None = None,
-    gpus_per_node: int | None = None,
-) -> str:
-    """Resolved config, batch layout, DeepSpeed JSON and DeepSpeed's memory estimate, without any work.
-
-    device_type: the target ("cuda" or "cpu"; None = this machine's), so a CPU login node can plan a GPU
-    run: precision and the DeepSpeed JSON are resolved as they would be there (cuda: bf16 available).
-    A data manifest that is not reachable from here is replaced by the DiT defaults (4x32x32, 1000 classes).
-    """
-    import contextlib
-    import io
-    import json
-
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs_all_cold
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
-
-    from dtr_scale.data.shards import load_manifest
-
-    here = "cuda" if torch.cuda.is_available() else "cpu"
-    device_type = device_type or here
-    bf16 = torch.cuda.is_bf16_supported() if device_type == here == "cuda" else device_type == "cuda"
-    cfg = resolve_batch_layout(cfg, world_size)
-    precision = resolve_precision(cfg, device_type, bf16)
-    accumulation = gradient_accumulation(cfg, world_size)
-    ds = deepspeed_config(cfg, world_size, precision, device_type)
-    if user_ds_config or cfg.deepspeed.config_file:
-        ds = merge_user_deepspeed_config(user_ds_config or cfg.deepspeed.config_file, ds)
-    note = ""
-    if cfg.data.shards and Path(cfg.data.shards).exists():
-        manifest = load_manifest(cfg.data.shards)
-        latent_shape, labels = tuple(manifest.latent_shape), len(manifest.labels)
-    else:
-        latent_shape = (cfg.model.in_channels or 4, cfg.model.input_size or 32, cfg.model.input_size or 32)
-        labels = cfg.model.num_classes or 1000
-        note = (
-            f" (data.shards {cfg.data.shards} not reachable here: assumed)"
-            if cfg.data.shards
-            else " (assumed)"
-        )
-    with torch.device("meta"):
-        model = build_model(cfg, latent_shape, labels)
-    total = sum(p.numel() for p in model.parameters())
-    largest = max(p.numel() for p in model.parameters())
-    local = (
-        gpus_per_node
-        or int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
-        or (8 if device_type == "cuda" and here == "cpu" else max(1, torch.cuda.device_count()))
-    )
-    gpus = min(world_size, local)
-    nodes = max(1, world_size // gpus)
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        if cfg.deepspeed.zero_stage == 3:
-            estimate_zero3_model_states_mem_needs_all_cold(
-                total, largest, num_gpus_per_node=gpus, num_nodes=nodes
-            )
-        else:
-            estimate_zero2_model_states_mem_needs_all_cold(total, num_gpus_per_node=gpus, num_nodes=nodes)
-    return "\n".join(
-        [
-            "# resolved config",
-            dump_yaml(cfg),
-            f"# layout: micro-batch {cfg.train.micro_batch_size} x gradient accumulation {accumulation} x "
-            f"world size {world_size} ({nodes} node(s) x {gpus} {device_type} device(s)) = global batch "
-            f"{cfg.train.global_batch_size}; precision {precision}",
-            f"# DeepSpeed JSON (world size {world_size}, precision {precision})",
-            json.dumps(ds, indent=2),
-            f"# model: {cfg.model.name}, {total / 1e6:.1f}M parameters, latent {list(latent_shape)}{note}",
-            "# DeepSpeed memory estimate (model states; ZeRO-3 estimator at stage 3, else ZeRO-2's)",
-            buffer.getvalue().strip(),
-        ]
-    )
+# ------------------------------------------------------------------------------- CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -455,14 +359,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides or [])
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        from dtr_scale.train.dryrun import dry_run
+
         print(dry_run(cfg, world, args.deepspeed_config, args.device, args.gpus_per_node))
         return 0
     trainer = Trainer(cfg, user_ds_config=args.deepspeed_config, resume_tag=args.resume)
     trainer.fit()
-    if cfg.deepspeed.zero_stage < 3:  # whole parameters on every rank: they must agree exactly
-        with torch.no_grad():
-            checksum = sum(p.double().sum().item() for p in trainer.engine.module.model.parameters())
-        print(f"rank {trainer.rank}: parameter checksum {checksum!r}", flush=True)
     if trainer.rank == 0:
         print(
             f"done: step {trainer.step}; run dir {trainer.run_dir} (checkpoints/, tensorboard/, samples/)",

@@ -110,8 +110,8 @@ def sample_grid(trainer) -> None:
 def evaluate_in_loop(trainer) -> None:
     """KID/FID of EMA samples (drawn by all ranks) against the held-out reference, scored and logged on
     rank 0. Collective."""
-    from dtr_scale.sample.evaluate import compute_metrics
-    from dtr_scale.sample.sampler import to_uint8_nhwc
+    from dtr_scale.data.images import to_uint8_nhwc
+    from dtr_scale.metrics import compute_metrics
 
     e = trainer.cfg.eval
     num_classes = len(trainer.manifest.labels)
@@ -122,7 +122,7 @@ def evaluate_in_loop(trainer) -> None:
         return
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
-    array = to_uint8_nhwc(images)  # the sampler's quantisation, so in-loop and offline metrics agree
+    array = to_uint8_nhwc(images)  # the one quantiser (data/images.py), as the sampler
     reference = e.reference or default_reference(trainer.manifest)
     if e.reference_size and isinstance(reference, np.ndarray):
         reference = reference[: e.reference_size]

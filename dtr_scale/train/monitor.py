@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtr_scale.data.images import quantize_uint8
+
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
@@ -45,7 +47,7 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] -> uint8 (H', W', 3) grid with a 2-pixel border."""
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    images = torch.from_numpy(quantize_uint8(images))
     if images.shape[1] == 1:
         images = images.repeat(1, 3, 1, 1)
     b, c, h, w = images.shape

@@ -1,0 +1,51 @@
+"""Files that are complete or absent: one atomic-write helper and fsync, used by every writer in dtr-scale.
+
+A writer gets a temporary path beside the target (hidden, unique to the process), writes it, and only a
+finished file is renamed over the target (`os.replace`: atomic on POSIX file systems). A crash or an
+exception leaves the old file (or none) and removes the temporary one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s new content to; on success it is renamed to `path`.
+
+    durable=True also fsyncs the file before the rename and the directory after it (checkpoints), so the
+    new content survives a power loss, not only a crash of the process.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        if durable:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+        if durable:
+            fsync_path(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> None:
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_path`)."""
+    with atomic_path(path, durable=durable) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory's fsync makes the names it holds durable; POSIX)."""
+    path = Path(path)
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("dtr_scale.data.preprocess", "encode an image folder to WebDataset latent shards"),
     "train": ("dtr_scale.train.engine", "train a DiT (DTR + ANT) with DeepSpeed"),
     "cluster": ("dtr_scale.mtl.clustering", "ANT interval clustering of the timesteps"),
-    "affinity": ("dtr_scale.mtl.affinity", "task-affinity matrix of timestep groups from a checkpoint"),
+    "affinity": ("dtr_scale.train.affinity", "task-affinity matrix of timestep groups from a checkpoint"),
     "convert": ("dtr_scale.sample.convert", "DeepSpeed checkpoint -> safetensors model dir"),
     "sample": ("dtr_scale.sample.sampler", "sample images (multi-process) -> PNGs + npz"),
     "evaluate": ("dtr_scale.sample.evaluate", "FID / KID / precision / recall of a sample npz"),

@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
     from dtr_scale.config import ConfigError, load_config
     from dtr_scale.data.builtin import heldout_images, prepare_builtin
+    from dtr_scale.metrics import compute_metrics
     from dtr_scale.sample.convert import convert_checkpoint
     from dtr_scale.sample.digits import DigitClassifier
-    from dtr_scale.metrics import compute_metrics
     from dtr_scale.sample.sampler import sample_to_dir
     from dtr_scale.train.engine import Trainer
     from dtr_scale.train.monitor import image_grid

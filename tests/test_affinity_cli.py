@@ -10,7 +10,7 @@ import torch
 from dtr_scale.cli import main
 from dtr_scale.data.shards import load_manifest
 from dtr_scale.models.dit import DiT
-from dtr_scale.sample.model_dir import data_section, make_config, save_model_dir
+from dtr_scale.models.model_dir import data_section, make_config, save_model_dir
 
 
 def test_affinity_matrix_from_a_model_dir_clusters_into_contiguous_intervals(tmp_path, builtin_data, capsys):

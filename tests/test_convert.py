@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from test_dit import reference_keys
 from test_train_distributed import train_args
 
+from dtr_scale.models.model_dir import load_model_dir
 from dtr_scale.sample.convert import convert_checkpoint
-from dtr_scale.sample.model_dir import load_model_dir
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

@@ -58,7 +58,9 @@ def test_converted_weights_match_the_torchscript_network(inception_state):
     extractor = inception_extractor(state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated, still works
-        torchscript = torch.jit.load(str(metrics_module.fid_helper_torchscript_path()), map_location="cpu").eval()
+        torchscript = torch.jit.load(
+            str(metrics_module.fid_helper_torchscript_path()), map_location="cpu"
+        ).eval()
     images = torch.randint(
         0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
     )

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dtr_scale.models.dit import DiT
-from dtr_scale.sample.model_dir import (
+from dtr_scale.models.model_dir import (
     build_model_from_config,
     data_section,
     load_model_dir,

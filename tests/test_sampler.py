@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dtr_scale.models.dit import DiT
-from dtr_scale.sample.model_dir import load_model_dir, make_config, save_model_dir
+from dtr_scale.models.model_dir import load_model_dir, make_config, save_model_dir
 from dtr_scale.sample.sampler import rank_indices, sample_generator, sample_label, sample_to_dir
 
 REPO = Path(__file__).resolve().parents[1]

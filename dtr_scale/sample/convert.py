@@ -9,7 +9,7 @@ What goes in (written by `dtr_scale.train.checkpoint`):
     RUN_DIR/checkpoints/TAG/dtr_scale/global.safetensors   step, samples seen, balancer, clusters, config
     RUN_DIR/checkpoints/TAG/dtr_scale/rankNNNNN.safetensors  each rank's EMA shard (+ RNG, stream)
 
-What comes out (`dtr_scale.sample.model_dir`): model.safetensors (the fp32 master weights),
+What comes out (`dtr_scale.models.model_dir`): model.safetensors (the fp32 master weights),
 ema.safetensors (the EMA reassembled from every rank's shard) and config.json, all with the reference
 DiT key names; with `--format dit` also `dit.pt` = {"model", "ema"} for the reference DiT code.
 
@@ -176,7 +176,7 @@ def convert_checkpoint(
     from dtr_scale.config import config_from_dict
     from dtr_scale.data.shards import load_manifest
     from dtr_scale.models.build import build_model
-    from dtr_scale.sample.model_dir import data_section, make_config, save_model_dir
+    from dtr_scale.models.model_dir import data_section, make_config, save_model_dir
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")

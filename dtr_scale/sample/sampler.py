@@ -46,7 +46,7 @@ import dtr_scale
 from dtr_scale.data.images import to_uint8_nhwc
 from dtr_scale.fileio import atomic_path, atomic_write_text
 from dtr_scale.models.dit import DiT
-from dtr_scale.sample.model_dir import load_model_dir, validate_config
+from dtr_scale.models.model_dir import load_model_dir, validate_config
 
 SAMPLERS = ("ddpm", "ddim")
 NPZ_NAME = "samples.npz"

@@ -37,7 +37,7 @@ from dtr_scale.config import (
 )
 from dtr_scale.models.build import build_model
 from dtr_scale.train.build import build_balancer, build_diffusion, build_optimizer, resolve_clusters
-from dtr_scale.train.runtime import init_distributed, seed_everything
+from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
 from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
 
 accepts_overrides = True
@@ -78,6 +78,8 @@ class Trainer:
         ds_file = user_ds_config or cfg.deepspeed.config_file
         if ds_file:
             self.ds_config = merge_user_deepspeed_config(ds_file, self.ds_config)
+        if cfg.deepspeed.zero_stage == 3 and self.device.type == "cpu":
+            pin_mmap_threshold()  # gathered parameters go back to the OS when freed (runtime.py)
         seed_everything(cfg.train.seed)
         # ZeRO-3: every submodule is partitioned as soon as it is built (in the training dtype DeepSpeed
         # takes from the config), so no rank ever holds the whole model; DiT's init runs on gathered modules.

@@ -12,16 +12,15 @@ import pytest
 import torch
 
 from dtr_scale.data.builtin import (
-    decode,
-    encode,
     heldout_images,
     mnist_images,
     prepare_builtin,
     split_indices,
 )
 from dtr_scale.data.images import quantize_uint8
-from dtr_scale.data.shards import build_decoder, iter_raw_samples, load_manifest
+from dtr_scale.data.shards import iter_raw_samples, load_manifest
 from dtr_scale.data.stream import LatentStream
+from dtr_scale.data.vae import build_decoder, pixel_decode, pixel_encode
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +31,9 @@ def builtin_dir(builtin_data: dict[str, Path]) -> Path:
 
 def test_decode_inverts_encode_exactly() -> None:
     images = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32))
-    latents = encode(images)
+    latents = pixel_encode(images, 2)
     assert latents.shape == (2, 4, 16, 16)
-    assert torch.equal(decode(latents), images)
+    assert torch.equal(pixel_decode(latents, 2), images)
 
 
 def test_splits_hold_4500_and_500_digits_balanced_by_class(builtin_dir: Path) -> None:

@@ -20,13 +20,12 @@ from dtr_scale.data.preprocess import (
     write_order,
 )
 from dtr_scale.data.shards import (
-    build_decoder,
     decode_sample,
     iter_raw_samples,
     load_manifest,
-    load_vae,
     shard_name,
 )
+from dtr_scale.data.vae import build_decoder, load_vae
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 IMAGE_SIZE = 64  # tiny VAE: 4 blocks -> downsampling 8 -> 4x8x8 latents

@@ -12,15 +12,14 @@ import pytest
 import torch
 
 from dtr_scale.data.shards import (
-    BUILTIN_VAE_NAME,
     LatentSample,
-    build_decoder,
     decode_sample,
     iter_raw_samples,
     load_manifest,
     write_manifest,
     write_shard,
 )
+from dtr_scale.data.vae import BUILTIN_VAE_NAME, build_decoder
 
 
 def _samples(n: int = 3, shape=(4, 2, 2)) -> list[LatentSample]:

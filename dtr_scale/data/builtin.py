@@ -3,7 +3,7 @@
 Each 28x28 digit is zero-padded to 32x32 (background stays -1), optionally averaged down 2x2 to 16x16
 (`image_size=16`, what the demo trains on: 16 tokens instead of 64, so a CPU trains it in minutes), scaled
 to [-1, 1] and folded into a 4x(S/2)x(S/2) "latent" by `pixel_unshuffle(2)`: the same shape class as SD
-latents, and decoded *exactly* by `pixel_shuffle(2)` (shards.build_decoder does this when the manifest's
+latents, and decoded *exactly* by `pixel_shuffle(2)` (data/vae.py build_decoder does this when the manifest's
 VAE is the built-in codec). The latents go through the same shard writer and manifest as real VAE
 latents, with the flipped digit as the second orientation (the shard format has both), posterior std 0,
 scaling factor 1, and `hflip: false` in the manifest: a mirrored 2 or 7 is not a digit, so the loader
@@ -29,11 +29,9 @@ import torch
 
 from dtr_scale.data.images import to_uint8_nhwc
 from dtr_scale.data.shards import (
-    BUILTIN_VAE_NAME,
     MANIFEST_NAME,
     LatentSample,
     Manifest,
-    build_decoder,
     decode_sample,
     iter_raw_samples,
     load_manifest,
@@ -42,6 +40,7 @@ from dtr_scale.data.shards import (
     write_manifest,
     write_shard,
 )
+from dtr_scale.data.vae import BUILTIN_VAE_NAME, build_decoder, pixel_encode
 
 IMAGE_SIZE = 32  # the padded MNIST size; 16 (2x2 average) is the other choice
 IMAGE_SIZES = (32, 16)
@@ -84,15 +83,6 @@ def mnist_images(image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(labels, dtype=np.int64)
 
 
-def encode(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1], (B, 1, 32, 32) -> latents (B, 4, 16, 16); `decode` inverts it exactly."""
-    return torch.nn.functional.pixel_unshuffle(images, DOWNSCALE)
-
-
-def decode(latents: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pixel_shuffle(latents, DOWNSCALE)
-
-
 def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
     """uint8 [0, 255] -> float32 [-1, 1] (the usual x / 127.5 - 1)."""
     return images_uint8.astype(np.float32) / 127.5 - 1.0
@@ -116,7 +106,9 @@ def split_indices(labels: np.ndarray, heldout_per_class: int) -> tuple[np.ndarra
 def _samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> list[LatentSample]:
     x = torch.from_numpy(to_unit_range(images[indices]))[:, None]  # (N, 1, S, S)
     both = (
-        torch.stack([encode(x), encode(x.flip(-1))], dim=1).numpy().astype(np.float16)
+        torch.stack([pixel_encode(x, DOWNSCALE), pixel_encode(x.flip(-1), DOWNSCALE)], dim=1)
+        .numpy()
+        .astype(np.float16)
     )  # (N, 2, 4, S/2, S/2)
     zeros = np.zeros_like(both[0])
     return [

@@ -44,13 +44,12 @@ from dtr_scale.data.shards import (
     MANIFEST_NAME,
     LatentSample,
     load_manifest,
-    load_vae,
     sha256_file,
     shard_name,
-    vae_identity,
     write_manifest,
     write_shard,
 )
+from dtr_scale.data.vae import load_vae, vae_identity
 from dtr_scale.fileio import atomic_write_text
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")

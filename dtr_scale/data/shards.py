@@ -24,13 +24,12 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import dtr_scale
 from dtr_scale.fileio import atomic_path, atomic_write_text
@@ -43,7 +42,6 @@ MEMBER_MEAN = "mean.npy"
 MEMBER_STD = "std.npy"
 SAMPLE_MEMBERS = (MEMBER_CLASS, MEMBER_MEAN, MEMBER_STD)
 # The VAE identity of the built-in dataset (data/builtin.py): latents are pixel_unshuffle(2) of images.
-BUILTIN_VAE_NAME = "builtin-pixel-unshuffle"
 
 
 @dataclass
@@ -319,86 +317,3 @@ def decode_sample(raw: dict[str, Any], latent_shape: tuple[int, ...], where: str
             )
         arrays[member] = array
     return LatentSample(key=key, label=label, mean=arrays[MEMBER_MEAN], std=arrays[MEMBER_STD])
-
-
-# ----------------------------------------------------------------------------------------------- decoding
-
-
-def is_builtin_codec(manifest: Manifest) -> bool:
-    return manifest.vae.get("name") == BUILTIN_VAE_NAME
-
-
-def build_decoder(
-    manifest: Manifest, vae_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Return decode(latents) -> images in [-1, 1], (B, 3 or 1, H, W), for latents *as the model sees them*
-    (already multiplied by the manifest's scaling_factor).
-
-    The built-in codec is `pixel_shuffle(2)` (exact inverse of how data/builtin.py made the latents).
-    Otherwise the diffusers AutoencoderKL is loaded from `vae_dir`, or the directory recorded in the
-    manifest, with local_files_only=True (never a download).
-    """
-    scaling_factor = manifest.scaling_factor
-    if is_builtin_codec(manifest):
-        factor = int(manifest.vae.get("downscale_factor", 2))
-
-        def decode_builtin(latents: torch.Tensor) -> torch.Tensor:
-            pixels = torch.nn.functional.pixel_shuffle(latents.float() / scaling_factor, factor)
-            return pixels.clamp(-1.0, 1.0)
-
-        return decode_builtin
-
-    source = vae_dir if vae_dir is not None else manifest.vae.get("path")
-    if source is None:
-        raise ValueError(f"{manifest.path}: field 'vae' records no 'path'; pass the VAE directory explicitly")
-    vae = load_vae(source, context=f"decoding latents of {manifest.path}").to(device).eval()
-
-    @torch.no_grad()
-    def decode_vae(latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(device=device, dtype=vae.dtype) / scaling_factor
-        return vae.decode(z).sample.float().clamp(-1.0, 1.0)
-
-    return decode_vae
-
-
-def load_vae(directory: str | os.PathLike, context: str = ""):
-    """Load a diffusers AutoencoderKL from a local directory; a clear error if it is missing or not a VAE."""
-    directory = Path(directory)
-    where = f" ({context})" if context else ""
-    config_path = directory / "config.json"
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"VAE directory {directory} does not exist{where}; expected a diffusers AutoencoderKL directory "
-            "(config.json + diffusion_pytorch_model.safetensors), e.g. saved with save_pretrained"
-        )
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a diffusers VAE directory{where}: it has no config.json")
-    try:
-        class_name = json.loads(config_path.read_text()).get("_class_name")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON{where}") from err
-    if class_name != "AutoencoderKL":
-        raise ValueError(f"{config_path}: _class_name is {class_name!r}, expected 'AutoencoderKL'{where}")
-    from dtr_scale.compat import ensure_torchvision_importable
-
-    ensure_torchvision_importable()
-    from diffusers import AutoencoderKL
-
-    try:
-        return AutoencoderKL.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{directory}: cannot load a diffusers AutoencoderKL{where}: {err}") from err
-
-
-def vae_identity(
-    directory: str | os.PathLike, config: dict[str, Any], name: str | None = None
-) -> dict[str, Any]:
-    """The manifest's `vae` field: name, local path and a sha256 of the config (keys starting '_' dropped)."""
-    public = {k: v for k, v in sorted(config.items()) if not k.startswith("_")}
-    digest = hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()
-    return {
-        "name": name or Path(directory).name,
-        "path": str(Path(directory).resolve()),
-        "class": "AutoencoderKL",
-        "config_sha256": digest,
-    }

@@ -227,25 +227,10 @@ def _read_png_rgb(path: Path) -> np.ndarray:
 def _decoder(
     config: dict[str, Any], where: Path | None, vae_dir: str | os.PathLike | None, device: torch.device
 ):
-    """The data section's decoder (built-in pixel codec or a diffusers VAE) via data.shards.build_decoder."""
-    from dtr_scale.data.shards import Manifest, build_decoder
+    """The model dir's data section's decoder (built-in pixel codec or a diffusers VAE; data/vae.py)."""
+    from dtr_scale.data.vae import build_decoder
 
-    data = config["data"]
-    path = (where / "config.json") if where is not None else Path("model config")
-    # The model dir records the manifest's decoding fields, not the manifest itself; this view carries them.
-    manifest = Manifest(
-        path=path,
-        root=path.parent,
-        shards=[],
-        latent_shape=tuple(data["latent_shape"]),
-        dtype="float16",
-        scaling_factor=float(data["scaling_factor"]),
-        vae=dict(data["vae"]),
-        image_size=int(data["image_size"]),
-        labels=[str(label) for label in data["labels"]],
-        version=str(config.get("package_version", "")),
-    )
-    return build_decoder(manifest, vae_dir=vae_dir, device=device)
+    return build_decoder(config["data"], vae_dir=vae_dir, device=device)
 
 
 def _check_resume(out_dir: Path, settings: dict[str, Any]) -> None:

@@ -65,7 +65,7 @@ def sharded_images(
 ) -> torch.Tensor | None:
     """Decoded EMA samples (N, C, H, W) float in [-1, 1] for `labels` (N,), drawn by all ranks (rank r
     takes samples r, r + world, ...), returned in order on rank 0 (None elsewhere). Collective."""
-    from dtr_scale.data.shards import build_decoder
+    from dtr_scale.data.vae import build_decoder
 
     model = ema_model(trainer)
     decoder = build_decoder(trainer.manifest, trainer.cfg.data.vae, device=trainer.device)

@@ -99,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--keep-runs", action="store_true", help="keep checkpoints after scoring (default: delete)"
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only write the table and plot from OUT/results.json (e.g. of an interrupted benchmark)",
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
     args = p.parse_args(argv)
     if args.evals < 1 or args.steps % args.evals:
@@ -384,8 +389,30 @@ def plot(records: list[dict], path: Path) -> None:
 # ------------------------------------------------------------------------------------------- main
 
 
+def report(records: list[dict], out: Path, header: str) -> None:
+    """Write OUT/table.md and OUT/convergence.png from the records, and print the table."""
+    print(write_table(records, out / "table.md", header))
+    plot(records, out / "convergence.png")
+    print(f"results: {out / 'results.json'}; plot: {out / 'convergence.png'}; table: {out / 'table.md'}")
+
+
+def describe(records: list[dict]) -> str:
+    """One line naming what the records hold (steps, checkpoints, seeds per width)."""
+    steps = sorted({r["step"] for r in records})
+    per_width: dict[int, set] = {}
+    for r in records:
+        per_width.setdefault(r["width"], set()).add(r["seed"])
+    seeds = "; ".join(f"width {w}: seeds {sorted(s)}" for w, s in sorted(per_width.items()))
+    return f"Convergence benchmark: EMA samples scored at steps {steps}; {seeds}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        out = Path(args.out)
+        records = json.loads((out / "results.json").read_text())["records"]
+        report(records, out, describe(records))
+        return 0
     import torch
 
     if args.threads:
@@ -470,13 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     save()
-    header = (
-        f"Convergence benchmark: {args.steps} steps, EMA samples scored at {args.evals} checkpoints, "
-        f"seeds {args.seeds}, widths {args.widths}, config {args.config}"
-    )
-    print(write_table(records, out / "table.md", header))
-    plot(records, out / "convergence.png")
-    print(f"results: {results_path}; plot: {out / 'convergence.png'}; table: {out / 'table.md'}")
+    report(records, out, describe(records))
     return 0
 
 

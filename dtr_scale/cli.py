@@ -44,6 +44,7 @@ def _build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | No
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `dtr-scale ARGV` (default: sys.argv[1:]); returns the exit status (2 for a usage or user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, module = _build_parser(argv)
     args, unknown = parser.parse_known_args(argv)

@@ -27,6 +27,8 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class ModelConfig:
+    """model.*: the DiT (size, patch, optional overrides of the named size). Keys: docs/config.md."""
+
     name: str = "DiT-XL/2"  # a key of dtr_scale.models.dit.DiT_models
     # Optional overrides of the named size (None = the named model's value).
     hidden_size: int | None = None
@@ -45,6 +47,8 @@ class ModelConfig:
 
 @dataclass
 class RoutingConfig:
+    """routing.*: DTR's timestep-dependent channel windows (Park et al. 2024, Eq. 4). Keys: docs/config.md."""
+
     enabled: bool = True
     alpha: float = 4.0
     beta: float = 0.8
@@ -52,6 +56,8 @@ class RoutingConfig:
 
 @dataclass
 class DiffusionConfig:
+    """diffusion.*: noise schedule, T and the per-timestep loss weighting. Keys: docs/config.md."""
+
     noise_schedule: str = "linear"
     diffusion_steps: int = 1000
     # Per-timestep weight on the MSE term (diffusion/loss_weighting.py): none | min_snr | p2
@@ -63,6 +69,9 @@ class DiffusionConfig:
 
 @dataclass
 class MTLConfig:
+    """mtl.*: ANT's timestep clusters, their sampling and the loss balancer (Go et al. 2023). Keys:
+    docs/config.md."""
+
     method: str = "none"  # none | uw | nash | pcgrad
     num_clusters: int = 1
     objective: str = "timestep"  # timestep | snr | log_snr | affinity
@@ -76,6 +85,8 @@ class MTLConfig:
 
 @dataclass
 class DataConfig:
+    """data.*: the latent shards and how they are streamed. Keys: docs/config.md."""
+
     shards: str | None = None  # manifest.json path
     num_workers: int = 2
     shuffle_buffer: int = 1000  # samples per loader worker's shuffle buffer
@@ -88,6 +99,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """train.*: batch layout, optimizer, precision, EMA, checkpoints and logging. Keys: docs/config.md."""
+
     max_steps: int = 400_000
     global_batch_size: int = 256
     # Samples per rank per forward. None: derived for the world size (resolve_batch_layout): global / world
@@ -114,6 +127,8 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    """deepspeed.*: ZeRO stage and the DeepSpeed knobs this project sets. Keys: docs/config.md."""
+
     zero_stage: int = 2
     config_file: str | None = None  # a user's DeepSpeed JSON, checked against this config
     overlap_comm: bool = True
@@ -131,6 +146,8 @@ class DeepSpeedConfig:
 
 @dataclass
 class MonitorConfig:
+    """monitor.*: TensorBoard, progress bar, in-loop sample grids, MFU. Keys: docs/config.md."""
+
     tensorboard: bool = True
     progress: bool = True
     sample_every: int = 10_000  # 0 = never
@@ -142,6 +159,8 @@ class MonitorConfig:
 
 @dataclass
 class EvalConfig:
+    """eval.*: in-loop KID/FID of EMA samples. Keys: docs/config.md."""
+
     every: int = 0  # 0 = off
     num_samples: int = 50
     steps: int = 25  # DDIM steps
@@ -153,6 +172,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    """The whole run config: one dataclass per YAML section (every key: docs/config.md)."""
+
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -165,6 +186,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as plain nested dicts and lists (what dump_yaml writes)."""
         return dataclasses.asdict(self)
 
 
@@ -294,6 +316,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from nested dicts (e.g. the YAML saved with a checkpoint); ConfigError names the
+    key."""
     cfg = _build(RunConfig, data, "")
     validate(cfg)
     return cfg
@@ -580,6 +604,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, device_typ
 
 # Keys of a user's DeepSpeed JSON that must agree with the YAML: json path -> (yaml key, derived value).
 def merge_user_deepspeed_config(path: str | Path, derived: dict[str, Any]) -> dict[str, Any]:
+    """The derived DeepSpeed JSON updated by the user's file at `path`; ConfigError when one of the keys the
+    YAML owns disagrees (named with its YAML key)."""
     path = Path(path)
     try:
         user = json.loads(path.read_text())
@@ -628,4 +654,5 @@ def merge_user_deepspeed_config(path: str | Path, derived: dict[str, Any]) -> di
 
 
 def dump_yaml(cfg: RunConfig) -> str:
+    """The config as YAML text (safe_dump, keys in declaration order): config.yaml and checkpoints store it."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

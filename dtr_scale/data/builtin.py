@@ -89,7 +89,8 @@ def to_unit_range(images_uint8: np.ndarray) -> np.ndarray:
 
 
 def split_indices(labels: np.ndarray, heldout_per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) indices: per class, the first `heldout_per_class` of a seeded permutation are held out."""
+    """(train, held-out) indices: per class, the first `heldout_per_class` of a seeded permutation are held
+    out."""
     rng = np.random.default_rng(SPLIT_SEED)
     heldout = []
     for label in np.unique(labels):
@@ -236,6 +237,7 @@ def heldout_images(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale prepare-builtin`."""
     parser.add_argument("--out", required=True, help="output directory (gets train/ and heldout/ splits)")
     parser.add_argument(
         "--heldout-per-class", type=int, default=50, help="held-out digits per class (default 50)"
@@ -253,6 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`dtr-scale prepare-builtin`: write the built-in splits; prints their manifest paths; returns 0."""
     paths = prepare_builtin(
         args.out,
         heldout_per_class=args.heldout_per_class,

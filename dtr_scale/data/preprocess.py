@@ -514,6 +514,7 @@ def _write_final_manifest(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale preprocess`."""
     parser.add_argument(
         "--input", required=True, help="ImageFolder root: INPUT/<class>/<images> (e.g. imagenet/train)"
     )
@@ -550,6 +551,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`dtr-scale preprocess`: encode an image folder into latent shards (this rank's share); returns 0."""
     try:
         preprocess(
             args.input, args.vae, args.out, image_size=args.image_size, shard_size=args.shard_size,

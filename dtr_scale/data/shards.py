@@ -72,13 +72,16 @@ class Manifest:
 
     @property
     def num_samples(self) -> int:
+        """Samples over all shards."""
         return sum(int(s["num_samples"]) for s in self.shards)
 
     @property
     def num_classes(self) -> int:
+        """Number of labels (classes) the manifest names."""
         return len(self.labels)
 
     def shard_path(self, index: int) -> Path:
+        """Absolute path of shard `index` (names are relative to the manifest's directory)."""
         return self.root / self.shards[index]["name"]
 
 
@@ -116,6 +119,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -140,6 +144,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[LatentSample]) -> dic
 
 
 def shard_name(index: int) -> str:
+    """File name of shard `index`: shard-000000.tar, ..."""
     return f"shard-{index:06d}.tar"
 
 

@@ -49,12 +49,15 @@ class ModelVarType(enum.Enum):
 
 
 class LossType(enum.Enum):
+    """The training loss (ADM): MSE (+ VB for a learned variance), rescaled MSE, or KL."""
+
     MSE = enum.auto()  # eps MSE, plus the VB term when the variance is learned (hybrid loss)
     RESCALED_MSE = enum.auto()  # as MSE, with the VB term scaled by num_timesteps / 1000
     KL = enum.auto()  # the variational bound alone
     RESCALED_KL = enum.auto()  # the variational bound times num_timesteps (estimates the full VLB)
 
     def is_vb(self) -> bool:
+        """Whether the loss is the variational bound itself (KL or rescaled KL)."""
         return self in (LossType.KL, LossType.RESCALED_KL)
 
 

@@ -22,7 +22,8 @@ from dtr_scale.models.routing import DTRConfig, dtr_mask_table
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # adaLN: x (B, N, C), shift/scale (B, C)
+    """adaLN modulation x * (1 + scale) + shift: x (B, N, C), shift/scale (B, C) broadcast over the tokens
+    (DiT models.py)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -38,6 +39,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, hidden) patch tokens, N = (H / patch)^2."""
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -55,6 +57,7 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        """Sinusoidal embedding (B, dim) of timesteps t (B,), float (ADM / DiT); max_period 10000."""
         half = dim // 2
         freqs = torch.exp(
             -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
@@ -66,6 +69,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t (B,) -> (B, hidden) through the sinusoidal embedding and an MLP."""
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
@@ -81,6 +85,8 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Labels (B,) with some replaced by the null class: at random (class_dropout_prob) or where
+        force_drop_ids == 1."""
         if force_drop_ids is None:
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:
@@ -88,6 +94,7 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+        """Labels (B,) long -> (B, hidden); label dropout in training for classifier-free guidance."""
         if (train and self.dropout_prob > 0) or force_drop_ids is not None:
             labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)
@@ -105,6 +112,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention of (B, N, C) tokens through torch's scaled_dot_product_attention."""
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
@@ -112,6 +120,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2, as timm's Mlp in the reference DiT (state-dict keys mlp.fc1 / mlp.fc2)."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
@@ -119,6 +129,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C)."""
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -140,6 +151,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One adaLN-Zero block on tokens x (B, N, C) conditioned on c (B, C); `mask` (B, 1, C) is DTR's
+        channel window (None: all channels)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )
@@ -154,6 +167,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and a linear map to patch * patch * out_channels per token (DiT)."""
+
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -161,6 +176,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) tokens, (B, C) condition -> (B, N, p*p*out_channels)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 

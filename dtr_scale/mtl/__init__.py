@@ -8,7 +8,7 @@
 - ``affinity``: task-affinity matrix of timestep groups from a trained model.
 """
 
-from dtr_scale.mtl.balancers import Balancer, build, check_zero_stage, nash_weights, pcgrad_weights
+from dtr_scale.mtl.balancers import Balancer, build, nash_weights, pcgrad_weights
 from dtr_scale.mtl.cluster_losses import ClusterLossBuffer, per_cluster_mean
 from dtr_scale.mtl.clustering import interval_clustering, load_clusters
 from dtr_scale.mtl.gram import cosine_from_gram, global_cluster_gram
@@ -19,7 +19,6 @@ __all__ = [
     "ClusterLossBuffer",
     "TimestepSampler",
     "build",
-    "check_zero_stage",
     "cosine_from_gram",
     "global_cluster_gram",
     "interval_clustering",

@@ -162,12 +162,15 @@ class Balancer(nn.Module):
         self.k = k
 
     def forward(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The scalar training loss from the cluster means (k,) and counts (k,) (see `combine`)."""
         return self.combine(cluster_means, counts)
 
     def combine(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The scalar loss the balancer makes of cluster means (k,) and their counts (k,); differentiable."""
         raise NotImplementedError
 
     def weights(self) -> torch.Tensor:
+        """Current per-cluster loss weights (k,) float64 (for logging and convert)."""
         raise NotImplementedError
 
     def should_update(self, step: int) -> bool:
@@ -175,6 +178,7 @@ class Balancer(nn.Module):
         return self.needs_gram and step % self.update_every == 0
 
     def update_from_gram(self, G: torch.Tensor) -> None:
+        """Update the weights from the (k, k) Gram of the per-cluster gradients (Nash/PCGrad only)."""
         raise RuntimeError(f"balancer {self.name!r} does not use per-cluster gradients (needs_gram is False)")
 
     def param_groups(self, base_lr: float) -> list[dict]:
@@ -182,6 +186,7 @@ class Balancer(nn.Module):
         return []
 
     def log_scalars(self) -> dict[str, float]:
+        """TensorBoard scalars: mtl/weight_j per cluster (and method-specific ones)."""
         return {f"mtl/weight_{j}": float(w) for j, w in enumerate(self.weights())}
 
     def _check(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> None:
@@ -198,11 +203,13 @@ class NoBalancer(Balancer):
     name = "none"
 
     def combine(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The plain mean over all samples: sum_k n_k l_k / sum_k n_k."""
         self._check(cluster_means, counts)
         counts = counts.to(cluster_means)
         return (cluster_means * counts).sum() / counts.sum().clamp(min=1)
 
     def weights(self) -> torch.Tensor:
+        """1/k each (every sample counts the same)."""
         return torch.full((self.k,), 1.0 / self.k, dtype=torch.float64)
 
 
@@ -217,6 +224,7 @@ class UncertaintyWeighting(Balancer):
         self.s = nn.Parameter(torch.zeros(k))
 
     def combine(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """ANT-UW (Kendall et al. 2018, ANT Eq. 6): sum over present k of 0.5 (exp(-s_k) l_k / k + s_k)."""
         self._check(cluster_means, counts)
         s = self.s.to(cluster_means.dtype)
         terms = 0.5 * (torch.exp(-s) * cluster_means / self.k + s)
@@ -224,13 +232,16 @@ class UncertaintyWeighting(Balancer):
         return torch.where(counts > 0, terms, torch.zeros_like(terms)).sum()
 
     def weights(self) -> torch.Tensor:
+        """0.5 exp(-s_k) / k, the effective weight of l_k."""
         return 0.5 * torch.exp(-self._full_s()) / self.k
 
     def param_groups(self, base_lr: float) -> list[dict]:
         # s gets ANT's own learning rate whatever the model's base_lr is
+        """s in its own group at ANT's learning rate (mtl.uw_lr), no weight decay."""
         return [{"params": [self.s], "lr": self.lr, "weight_decay": 0.0}]
 
     def log_scalars(self) -> dict[str, float]:
+        """mtl/weight_j and the log-variances mtl/uw_s_j."""
         scalars = super().log_scalars()
         scalars.update({f"mtl/uw_s_{j}": float(v) for j, v in enumerate(self._full_s())})
         return scalars
@@ -269,6 +280,8 @@ class GramBalancer(Balancer):
         raise NotImplementedError
 
     def update_from_gram(self, G: torch.Tensor) -> None:
+        """Solve for new weights from G (k, k) on the clusters present (non-zero diagonal); absent clusters
+        keep theirs."""
         G = torch.as_tensor(G, dtype=torch.float64).cpu()
         if G.shape != (self.k, self.k):
             raise ValueError(
@@ -287,6 +300,7 @@ class GramBalancer(Balancer):
         self._cached = None
 
     def combine(self, cluster_means: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """sum_k (w_k / k) l_k with the last solved weights w (constant between updates)."""
         self._check(cluster_means, counts)
         if (
             self._cached is None
@@ -296,11 +310,8 @@ class GramBalancer(Balancer):
             self._cached = (self._w / self.k).to(device=cluster_means.device, dtype=cluster_means.dtype)
         return (self._cached * cluster_means).sum()
 
-    def raw_weights(self) -> torch.Tensor:
-        """w as returned by nash_weights / pcgrad_weights (update direction sum_m w_m g_m)."""
-        return self._w.clone()
-
     def weights(self) -> torch.Tensor:
+        """w / k, the weight each cluster loss gets."""
         return self._w / self.k
 
     def cosine_matrix(self) -> torch.Tensor | None:
@@ -308,6 +319,7 @@ class GramBalancer(Balancer):
         return None if self._gram is None else cosine_from_gram(self._gram)
 
     def log_scalars(self) -> dict[str, float]:
+        """Weights, the raw w and the last Gram's gradient cosines."""
         scalars = super().log_scalars()
         scalars.update({f"mtl/{self.name}_w_{j}": float(v) for j, v in enumerate(self._w)})
         cos = self.cosine_matrix()
@@ -318,6 +330,7 @@ class GramBalancer(Balancer):
         return scalars
 
     def get_extra_state(self) -> dict:
+        """Weights, last Gram and update count (saved by the checkpointer, not DeepSpeed)."""
         return {
             "w": self._w.clone(),
             "gram": None if self._gram is None else self._gram.clone(),
@@ -325,6 +338,7 @@ class GramBalancer(Balancer):
         }
 
     def set_extra_state(self, state: dict) -> None:
+        """Restore `get_extra_state`."""
         w = torch.as_tensor(state["w"], dtype=torch.float64)
         if w.shape != (self.k,):
             raise ValueError(f"{self.name} balancer state has {w.shape[0]} clusters, this run has k={self.k}")
@@ -365,11 +379,13 @@ class PCGrad(GramBalancer):
         return pcgrad_weights(G, generator=self.generator)
 
     def get_extra_state(self) -> dict:
+        """GramBalancer's state plus the projection-order generator's state."""
         state = super().get_extra_state()
         state["generator"] = self.generator.get_state()
         return state
 
     def set_extra_state(self, state: dict) -> None:
+        """Restore `get_extra_state`."""
         super().set_extra_state(state)
         self.generator.set_state(state["generator"])
 
@@ -391,13 +407,3 @@ def build(name: str, k: int, **kwargs) -> Balancer:
         return classes[name](k, **kwargs)
     except TypeError as err:
         raise ValueError(f"mtl.method {name!r}: bad option ({err})") from None
-
-
-def check_zero_stage(name: str, zero_stage: int) -> None:
-    """Config-time check: nash/pcgrad need whole parameters for their per-cluster gradients."""
-    if name in ("nash", "pcgrad") and zero_stage >= 3:
-        raise ValueError(
-            f"mtl.method={name!r} is not supported with deepspeed.zero_stage={zero_stage}: its per-cluster "
-            "gradients come from torch.autograd.grad, which needs whole parameters, and ZeRO-3 partitions "
-            "them across ranks. Use zero_stage 0, 1 or 2, or mtl.method uw/none."
-        )

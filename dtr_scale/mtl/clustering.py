@@ -246,6 +246,7 @@ def expand_group_intervals(intervals: list[Interval], group_size: int) -> list[I
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale cluster`."""
     parser.add_argument("--objective", choices=OBJECTIVES, default="snr", help="clustering cost (DESIGN §5)")
     parser.add_argument("--k", type=int, required=True, help="number of clusters")
     parser.add_argument("--schedule", default="linear", help="beta schedule for the SNR (linear|cosine)")
@@ -261,6 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`dtr-scale cluster`: print (and with --out write) ANT's interval clusters; returns 0."""
     T = args.timesteps
     group_size = 1
     if args.objective == "affinity":

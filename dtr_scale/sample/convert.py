@@ -260,6 +260,7 @@ def write_reference_checkpoint(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale convert`."""
     parser.add_argument("run_dir", help="the training run directory (holds checkpoints/)")
     parser.add_argument("--tag", default=None, help="checkpoint tag, e.g. step00010000 (default: latest)")
     parser.add_argument("--out", required=True, help="model directory to write (an old one is replaced)")
@@ -272,6 +273,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`dtr-scale convert`: write the model directory; prints its path; returns 0."""
     out = convert_checkpoint(
         args.run_dir, args.out, args.tag, args.dtype, args.format, manifest=args.manifest
     )

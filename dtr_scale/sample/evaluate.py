@@ -20,6 +20,7 @@ from dtr_scale.metrics import compute_metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale evaluate`."""
     parser.add_argument("--samples", required=True, help="samples npz (arr_0 uint8 NHWC) or an image folder")
     parser.add_argument("--reference", required=True, help="image folder, images npz, or ADM statistics npz")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`dtr-scale evaluate`: print (and with --out write) the metrics JSON; returns 0."""
     result = compute_metrics(
         args.samples,
         args.reference,

@@ -44,6 +44,7 @@ from PIL import Image
 
 import dtr_scale
 from dtr_scale.data.images import to_uint8_nhwc
+from dtr_scale.diffusion.sampling import denoise, guided_model_fn
 from dtr_scale.fileio import atomic_path, atomic_write_text
 from dtr_scale.models.dit import DiT
 from dtr_scale.models.model_dir import load_model_dir, validate_config
@@ -148,63 +149,6 @@ def default_device() -> torch.device:
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-
-
-def _guided_model_fn(model: DiT, cfg_scale: float, device: torch.device) -> Callable[..., torch.Tensor]:
-    """model_fn(x, t, y) for the diffusion; runs the doubled CFG batch inside, returns float32."""
-    null_label = model.num_classes
-    # bf16 autocast on CUDA only: CPU bf16 matmuls are slow and change results for no gain here.
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            if cfg_scale == 1.0:
-                out = model(x, t, y)
-            else:
-                both = model.forward_with_cfg(
-                    torch.cat([x, x]),
-                    torch.cat([t, t]),
-                    torch.cat([y, torch.full_like(y, null_label)]),
-                    cfg_scale,
-                )
-                out = both[: len(x)]
-        return out.float()
-
-    return model_fn
-
-
-@torch.no_grad()
-def _denoise(
-    diffusion: Any,
-    model_fn: Callable[..., torch.Tensor],
-    sampler: str,
-    generators: list[torch.Generator],
-    labels: torch.Tensor,
-    latent_shape: tuple[int, ...],
-    device: torch.device,
-) -> torch.Tensor:
-    def per_sample_noise() -> torch.Tensor:
-        return torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
-
-    x = per_sample_noise()
-    kwargs = {"y": labels}
-    # DDIM with eta = 0 adds no noise; the generator it asks for only feeds a term multiplied by 0.
-    scratch = torch.Generator(device).manual_seed(0)
-    for i in range(diffusion.num_timesteps - 1, -1, -1):
-        t = torch.full((len(x),), i, device=device, dtype=torch.long)
-        if sampler == "ddim":
-            x = diffusion.ddim_sample(model_fn, x, t, model_kwargs=kwargs, eta=0.0, generator=scratch)[
-                "sample"
-            ]
-        else:
-            # Ancestral step (Ho et al. 2020, Alg. 2 with ADM's learned variance), the same update as
-            # GaussianDiffusion.p_sample but with each sample's noise from its own generator.
-            out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=False, model_kwargs=kwargs)
-            noise = per_sample_noise()
-            x = out["mean"] + (i > 0) * torch.exp(0.5 * out["log_variance"]) * noise
-    return x
 
 
 def _png_path(out_dir: Path, index: int) -> Path:
@@ -377,7 +321,7 @@ def sample_to_dir(
         was_training, previous_channels = model.training, model.guidance_channels
         model.eval()
         model.guidance_channels = None if settings["guidance_channels"] == "all" else guidance_channels
-        model_fn = _guided_model_fn(model, float(cfg_scale), device)
+        model_fn = guided_model_fn(model, float(cfg_scale), device)
         try:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
@@ -385,7 +329,7 @@ def sample_to_dir(
                 uniform = [_draw_label(g, num_classes) for g in generators]
                 labels = uniform if class_list is None else [class_list[i % len(class_list)] for i in batch]
                 y = torch.tensor(labels, device=device, dtype=torch.long)
-                latents = _denoise(diffusion, model_fn, sampler, generators, y, latent_shape, device)
+                latents = denoise(diffusion, model_fn, sampler, generators, y, latent_shape, device)
                 with torch.no_grad():
                     images = to_uint8_nhwc(decode(latents))
                 for index, image in zip(batch, images):
@@ -405,6 +349,7 @@ def sample_to_dir(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale sample`."""
     parser.add_argument("--model", required=True, help="model directory written by `dtr-scale convert`")
     parser.add_argument("--out", required=True, help="output directory (re-running resumes)")
     parser.add_argument("--num-samples", type=int, default=50_000, help="total images over all ranks")
@@ -424,6 +369,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`dtr-scale sample`: sample into --out on every rank of the launch; prints the npz path on rank 0;
+    returns 0."""
     result = sample_to_dir(
         args.model,
         args.out,

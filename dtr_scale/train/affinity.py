@@ -19,6 +19,7 @@ from dtr_scale.mtl.affinity import compute_affinity
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale affinity`."""
     parser.add_argument(
         "--model", type=Path, required=True, help="model directory written by `dtr-scale convert`"
     )
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`dtr-scale affinity`: measure and save the affinity matrix (.npy); returns 0."""
     from dtr_scale.data.stream import LatentStream
     from dtr_scale.diffusion import create_diffusion
     from dtr_scale.models.model_dir import load_model_dir

@@ -38,9 +38,13 @@ from dtr_scale.train.runtime import load_rng_state, rng_state
 class Stateful(Protocol):
     """What the checkpointer saves and restores (torch.distributed.checkpoint's Stateful protocol)."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """The object's resumable state: nested dicts/lists of tensors and plain values."""
+        ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+        ...
 
 
 @dataclass
@@ -52,9 +56,11 @@ class TrainProgress:
     skipped_steps: int = 0
 
     def state_dict(self) -> dict[str, int]:
+        """The three counters."""
         return {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the three counters."""
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.skipped_steps = int(state["skipped_steps"])
 
@@ -68,10 +74,12 @@ class RunRecord:
     clusters: list[tuple[int, int]] | None
 
     def state_dict(self) -> dict[str, Any]:
+        """Config text, clusters as lists and the package version."""
         clusters = [list(c) for c in self.clusters] if self.clusters else []
         return {"config": self.config_text, "clusters": clusters, "version": __version__}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Check the saved clusters equal this run's (CheckpointError otherwise)."""
         saved = [tuple(c) for c in state["clusters"]]
         if saved != [tuple(c) for c in (self.clusters or [])]:
             raise CheckpointError(
@@ -89,12 +97,14 @@ class BalancerState:
         self.balancer = balancer
 
     def state_dict(self) -> dict[str, Any]:
+        """{'state': the balancer's non-parameter state, 'weights': its k weights as floats}."""
         params = dict(self.balancer.named_parameters())
         state = {k: v for k, v in self.balancer.state_dict().items() if k not in params}
         weights = [float(w) for w in self.balancer.weights().detach().double().cpu()]
         return {"state": state, "weights": weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the non-parameter state (DeepSpeed restores the parameters)."""
         if state["state"]:
             self.balancer.load_state_dict(state["state"], strict=False)
 
@@ -106,9 +116,11 @@ class RNGState:
         self.generator = generator
 
     def state_dict(self) -> dict[str, Any]:
+        """The RNG states (runtime.rng_state)."""
         return rng_state(self.generator)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore them (runtime.load_rng_state)."""
         load_rng_state(state, self.generator)
 
 
@@ -137,6 +149,8 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
 
     def latest_tag(self) -> str | None:
+        """The tag `latest` names, or None before the first checkpoint; CheckpointError if it names an
+        incomplete one."""
         latest = self.dir / "latest"
         if not latest.is_file():
             return None

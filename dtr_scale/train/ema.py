@@ -127,22 +127,27 @@ class ShardedEMA:
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
+        """Set this rank's EMA shard to the current fp32 master weights."""
         for ema, value in self._views():
             ema.copy_(value.float())
 
     def current_decay(self) -> float:
+        """The decay of the next update: ema_decay, or min(ema_decay, (1 + n) / (10 + n)) with warmup."""
         if self.warmup:  # optional warm-up: (1 + n) / (10 + n), capped at decay
             return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         return self.decay
 
     @torch.no_grad()
     def update(self) -> None:
+        """One EMA step of this rank's shard from the fp32 master weights (after each optimizer step; no
+        communication)."""
         decay = self.current_decay()
         for ema, value in self._views():
             ema.mul_(decay).add_(value.float(), alpha=1 - decay)
         self.num_updates += 1
 
     def state_dict(self) -> dict:
+        """This rank's shard (float32), its segments and the update count."""
         return {
             "shard": self.shard.detach().cpu(),
             "segments": [list(s) for s in self.segments],
@@ -151,6 +156,7 @@ class ShardedEMA:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`; ValueError when the segments differ (another model or world size)."""
         segments = [tuple(s) for s in state["segments"]]
         if segments != self.segments:
             raise ValueError(

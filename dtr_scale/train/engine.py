@@ -46,6 +46,10 @@ accepts_overrides = True
 
 
 class Trainer:
+    """Builds everything from a RunConfig (model, diffusion, ANT clusters, balancer, DeepSpeed engine, EMA,
+    stream, checkpointer), resumes from `latest` when there is one, and trains with `fit()`. Every rank
+    constructs one."""
+
     def __init__(self, cfg: RunConfig, user_ds_config: str | None = None, resume_tag: str | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -195,6 +199,7 @@ class Trainer:
             print(f"resumed from {self.checkpointer.dir / tag} at step {self.step}", flush=True)
 
     def monitor_message(self, text: str) -> None:
+        """A line to the progress bar / log on rank 0."""
         if getattr(self, "monitor", None) is not None:
             self.monitor.message(text)
         elif self.rank == 0:
@@ -253,6 +258,8 @@ class Trainer:
         return scalars
 
     def fit(self) -> dict[str, Any]:
+        """Train to train.max_steps: steps, logging, checkpoints, in-loop grids and evals; returns the last
+        logged scalars."""
         from dtr_scale.train.monitor import Monitor, memory_stats, peak_flops_per_device
 
         cfg, t = self.cfg, self.cfg.train
@@ -319,11 +326,13 @@ class Trainer:
             self.monitor.image("loss/profile_vs_t", self.step, image, png_path=path)
 
     def sample_grid(self) -> None:
+        """The in-loop EMA sample grid (collective; train/inloop.py)."""
         from dtr_scale.train.inloop import sample_grid
 
         sample_grid(self)
 
     def evaluate_in_loop(self) -> None:
+        """The in-loop KID/FID (collective; train/inloop.py)."""
         from dtr_scale.train.inloop import evaluate_in_loop
 
         evaluate_in_loop(self)
@@ -333,6 +342,7 @@ class Trainer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale train`."""
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=1000")
     parser.add_argument(
@@ -358,6 +368,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Config, data and checkpoint errors reach the CLI, which prints them as one line on rank 0 (errors.py).
+    """`dtr-scale train`: train (or with --dry-run print the plan); returns 0."""
     cfg = load_config(args.config, args.overrides or [])
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))

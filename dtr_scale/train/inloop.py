@@ -34,9 +34,10 @@ def ema_model(trainer) -> nn.Module:
 def sample_latents(
     trainer, model: nn.Module, labels: torch.Tensor, steps: int, cfg_scale: float, seeds: list[int]
 ) -> torch.Tensor:
-    """DDIM (eta 0) latents (B, C, H, W) for `labels` (B,), sample i starting from the noise of seed
-    `seeds[i]`: a sample does not depend on which rank draws it or with which others."""
+    """DDIM (eta 0) latents (B, C, H, W) for `labels` (B,), sample i from the noise of seed `seeds[i]`
+    (diffusion/sampling.py, as `dtr-scale sample`): a sample does not depend on which rank draws it."""
     from dtr_scale.diffusion import create_diffusion
+    from dtr_scale.diffusion.sampling import denoise, guided_model_fn
 
     diffusion = create_diffusion(
         f"ddim{steps}",
@@ -44,20 +45,10 @@ def sample_latents(
         learn_sigma=trainer.cfg.model.learn_sigma,
         diffusion_steps=trainer.cfg.diffusion.diffusion_steps,
     )
+    model_fn = guided_model_fn(model, cfg_scale, trainer.device)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
     shape = tuple(trainer.manifest.latent_shape)
-    z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    z = z.to(trainer.device)
-    if cfg_scale > 1.0:
-        null = torch.full_like(labels, model.num_classes)
-        kwargs = {"y": torch.cat([labels, null]), "cfg_scale": cfg_scale}
-        out = diffusion.ddim_sample_loop(
-            model.forward_with_cfg, (2 * len(labels), *shape), noise=torch.cat([z, z]), model_kwargs=kwargs,
-            device=trainer.device,
-        )  # fmt: skip
-        return out[: len(labels)]
-    return diffusion.ddim_sample_loop(
-        model, z.shape, noise=z, model_kwargs={"y": labels}, device=trainer.device
-    )
+    return denoise(diffusion, model_fn, "ddim", generators, labels, shape, trainer.device)
 
 
 def sharded_images(

@@ -23,6 +23,8 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, 
 
 
 def peak_flops_per_device(device: torch.device, configured_tflops: float | None) -> float | None:
+    """Peak dense bf16 FLOP/s of a device for MFU: monitor.peak_tflops if set, else looked up from the CUDA
+    device name; None on CPU or an unknown GPU."""
     if configured_tflops:
         return configured_tflops * 1e12
     if device.type != "cuda":
@@ -35,6 +37,7 @@ def peak_flops_per_device(device: torch.device, configured_tflops: float | None)
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
+    """memory/* scalars: CUDA allocated/reserved peaks (GiB) on a GPU, the process RSS (GiB) on the CPU."""
     if device.type == "cuda":
         return {
             "memory/allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
@@ -189,11 +192,13 @@ class Monitor:
         return scalars
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Log named float scalars at `step` (TensorBoard and metrics.jsonl, rank 0)."""
         if self.active and self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
     def image(self, tag: str, step: int, grid: np.ndarray, png_path: Path | None = None) -> None:
+        """Log a uint8 (H, W, 3) image at `step` to TensorBoard, and to `png_path` if given (rank 0)."""
         if not self.active:
             return
         if self.writer is not None:
@@ -205,6 +210,7 @@ class Monitor:
             Image.fromarray(grid).save(png_path)
 
     def message(self, text: str) -> None:
+        """A line through the progress bar (rank 0)."""
         if not self.active:
             return
         if self.bar is not None:
@@ -213,6 +219,7 @@ class Monitor:
             print(text, flush=True)
 
     def close(self) -> None:
+        """Flush and close TensorBoard and the progress bar."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

@@ -21,6 +21,8 @@ from dtr_scale.errors import UserError
 
 @dataclass
 class DistInfo:
+    """This process in the job: global rank, world size, local rank and its device."""
+
     rank: int
     world_size: int
     local_rank: int
@@ -58,6 +60,8 @@ def map_launcher_env(env: dict[str, str] | os._Environ = os.environ) -> None:
 
 
 def init_distributed() -> DistInfo:
+    """Initialise torch.distributed from the environment (torchrun, deepspeed launcher or SLURM_* mapped), or
+    a single process; NCCL on CUDA, gloo on CPU. Returns DistInfo."""
     map_launcher_env()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -97,12 +101,14 @@ def _destroy_process_group() -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators with `seed`."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Python, numpy and torch (and CUDA) global RNG states and `generator`'s, as checkpointable nested state."""
     np_state = np.random.get_state()
     state = {
         "python": list(random.getstate()),
@@ -121,6 +127,7 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 
 def load_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    """Restore `rng_state`."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]

@@ -89,9 +89,11 @@ class LogSums:
         return {"loss/objective": objective / n, "loss/mse_rank0": mse / n}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The unread sums (CPU)."""
         return {"values": self.values.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore them on this device."""
         self.values = state["values"].to(self.values.device, torch.float64).clone()
 
 

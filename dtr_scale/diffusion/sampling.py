@@ -1,0 +1,76 @@
+"""The one sampling path: classifier-free guidance around a model, and the reverse process with per-sample
+noise. Used by `dtr-scale sample` (sample/sampler.py), the trainer's in-loop grids and evaluations
+(train/inloop.py) and the demo alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def guided_model_fn(model: nn.Module, cfg_scale: float, device: torch.device) -> Callable[..., torch.Tensor]:
+    """model_fn(x, t, y) -> float32 output for the diffusion loops, with classifier-free guidance (Ho &
+    Salimans 2022) when cfg_scale != 1: the conditional and null-label halves run as one doubled batch through
+    the model's `forward_with_cfg` (the reference DiT's; `model.num_classes` is the null label)."""
+    null_label = model.num_classes
+    # bf16 autocast on CUDA only: CPU bf16 matmuls are slow and change results for no gain here.
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            if cfg_scale == 1.0:
+                out = model(x, t, y)
+            else:
+                both = model.forward_with_cfg(
+                    torch.cat([x, x]),
+                    torch.cat([t, t]),
+                    torch.cat([y, torch.full_like(y, null_label)]),
+                    cfg_scale,
+                )
+                out = both[: len(x)]
+        return out.float()
+
+    return model_fn
+
+
+@torch.no_grad()
+def denoise(
+    diffusion: Any,
+    model_fn: Callable[..., torch.Tensor],
+    sampler: str,
+    generators: list[torch.Generator],
+    labels: torch.Tensor,
+    latent_shape: tuple[int, ...],
+    device: torch.device,
+) -> torch.Tensor:
+    """Latents (B, *latent_shape) from noise by the respaced `diffusion`'s reverse process: "ddim" (eta 0,
+    Song et al. 2021 Eq. 12) or "ddpm" (ancestral). Sample b's starting noise, and its ancestral noise,
+    come from `generators[b]`, so a sample is the same whatever batch or rank draws it. labels: (B,) long."""
+
+    def per_sample_noise() -> torch.Tensor:
+        return torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+
+    x = per_sample_noise()
+    kwargs = {"y": labels}
+    # DDIM with eta = 0 adds no noise; the generator it asks for only feeds a term multiplied by 0.
+    scratch = torch.Generator(device).manual_seed(0)
+    for i in range(diffusion.num_timesteps - 1, -1, -1):
+        t = torch.full((len(x),), i, device=device, dtype=torch.long)
+        if sampler == "ddim":
+            x = diffusion.ddim_sample(model_fn, x, t, model_kwargs=kwargs, eta=0.0, generator=scratch)[
+                "sample"
+            ]
+        else:
+            # Ancestral step (Ho et al. 2020, Alg. 2 with ADM's learned variance), the same update as
+            # GaussianDiffusion.p_sample but with each sample's noise from its own generator.
+            out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=False, model_kwargs=kwargs)
+            noise = per_sample_noise()
+            x = out["mean"] + (i > 0) * torch.exp(0.5 * out["log_variance"]) * noise
+    return x

@@ -104,3 +104,40 @@ def build_optimizer(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
     )
     return optimizer, scheduler
+
+
+def build_timestep_sampler(cfg: RunConfig, clusters: list[tuple[int, int]] | None):
+    """ANT's timestep sampler over `clusters` (mtl.sampling: auto stratifies equal-size clusters only);
+    ConfigError when a stratified micro-batch cannot be split evenly over the clusters."""
+    from dtr_scale.mtl.sampling import TimestepSampler, resolve_sampling
+
+    steps = cfg.diffusion.diffusion_steps
+    sampler = TimestepSampler(steps, clusters, stratified=resolve_sampling(cfg.mtl.sampling, clusters, steps))
+    try:
+        sampler.check_batch_size(cfg.train.micro_batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return sampler
+
+
+def build_stream(cfg: RunConfig, manifest, rank: int, world: int, device: torch.device):
+    """This rank's LatentStream of micro-batches (data.*; epoch mode takes full micro-batches only, the same
+    number on every rank)."""
+    from dtr_scale.data.stream import LatentStream
+
+    d = cfg.data
+    return LatentStream(
+        manifest,
+        cfg.train.micro_batch_size,
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world,
+        num_workers=d.num_workers,
+        shuffle_buffer=d.shuffle_buffer,
+        interleave=d.interleave,
+        hflip=d.hflip,
+        resampled=d.resampled,
+        drop_last=True,
+        on_error=d.on_error,
+        pin_memory=device.type == "cuda",
+    )

@@ -1,28 +1,23 @@
-"""`dtr-scale train`: DeepSpeed ZeRO training of a routed DiT with ANT loss balancing.
-
-    dtr-scale train --config configs/dit-xl2-dtr-ant.yaml [key.sub=value ...] [--dry-run]
+"""The Trainer: the loop that ties build (train/build.py), step (train/step.py), checkpoint, EMA and monitor.
 
 Works as a plain single process, under `torchrun`, under the `deepspeed` launcher (hostfile,
-`--module dtr_scale`), and under SLURM (`srun`: SLURM_* variables are mapped to the torch ones).
-Ranks are always the GLOBAL rank / world size of torch.distributed. Re-running the same command on
-an existing `run_dir` resumes from `checkpoints/latest` (or `--resume TAG`).
+`--module dtr_scale`), and under SLURM (`srun`: SLURM_* variables are mapped to the torch ones); the CLI is
+train/cli.py. Ranks are always the GLOBAL rank / world size of torch.distributed. A Trainer on an existing
+`run_dir` resumes from `checkpoints/latest` (or the tag it is given).
 
-One optimizer step = `gradient_accumulation_steps` micro-batches, each:
-    (x, y) from the stream; (t, cluster) from the ANT timestep sampler; noise from a seeded generator;
-    per-sample diffusion loss -> per-cluster means -> balancer -> one scalar -> engine.backward
-then engine.step, the sharded EMA update, logging and periodic checkpoints.
+Each optimizer step (train/step.py): the step's timesteps drawn up front, then per micro-batch
+(x, y) from the stream, noise from the seeded generator, per-sample diffusion loss -> ANT cluster losses ->
+balancer -> engine.backward / engine.step; then the fp32 EMA update, logging every train.log_every and
+checkpoints every train.checkpoint_every.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dtr_scale.config import (
     ConfigError,
@@ -30,17 +25,21 @@ from dtr_scale.config import (
     deepspeed_config,
     dump_yaml,
     gradient_accumulation,
-    load_config,
     merge_user_deepspeed_config,
     resolve_batch_layout,
     resolve_precision,
 )
 from dtr_scale.models.build import build_model
-from dtr_scale.train.build import build_balancer, build_diffusion, build_optimizer, resolve_clusters
+from dtr_scale.train.build import (
+    build_balancer,
+    build_diffusion,
+    build_optimizer,
+    build_stream,
+    build_timestep_sampler,
+    resolve_clusters,
+)
 from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
 from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
-
-accepts_overrides = True
 
 # ------------------------------------------------------------------------------- the trainer
 
@@ -51,66 +50,73 @@ class Trainer:
     constructs one."""
 
     def __init__(self, cfg: RunConfig, user_ds_config: str | None = None, resume_tag: str | None = None):
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-
-        from dtr_scale.data.shards import load_manifest
-        from dtr_scale.data.stream import LatentStream
-        from dtr_scale.mtl.cluster_losses import ClusterLossBuffer
-        from dtr_scale.mtl.sampling import TimestepSampler, resolve_sampling
-        from dtr_scale.train.checkpoint import BalancerState, Checkpointer, RNGState, RunRecord, TrainProgress
-        from dtr_scale.train.ema import ShardedEMA
-
-        self.cfg = cfg
         if not cfg.data.shards:
             raise ConfigError(
                 "data.shards: set it to a manifest.json (e.g. from `dtr-scale prepare-builtin`)"
             )
+        self._setup_runtime(cfg, user_ds_config)
+        self._build_modules()
+        self._build_engine()
+        self._build_state()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        tag = resume_tag or self.checkpointer.latest_tag()
+        if tag is not None:
+            self._resume(tag)
+
+    def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None) -> None:
+        """Process group, device, batch layout for this world size, precision, data manifest, DeepSpeed JSON."""
+        from deepspeed.accelerator import get_accelerator
+
+        from dtr_scale.data.shards import load_manifest
+
         self.dist = info = init_distributed()
-        self.rank, self.world = info.rank, info.world_size
+        self.rank, self.world, self.device = info.rank, info.world_size, info.device
         # The micro-batch for this world size (train.micro_batch_size may be unset): one config, 1..N GPUs.
         self.cfg = cfg = resolve_batch_layout(cfg, self.world)
-        self.device = info.device
-        accelerator = get_accelerator()
-        self.precision = resolve_precision(cfg, info.device.type, accelerator.is_bf16_supported())
+        self.precision = resolve_precision(cfg, self.device.type, get_accelerator().is_bf16_supported())
         self.accumulation = gradient_accumulation(cfg, self.world)
         self.manifest = load_manifest(cfg.data.shards)
         self.run_dir = Path(cfg.run_dir)
-
-        # Same initial weights on every rank (seed shared), then per-rank seeds seed*world + rank.
         self.ds_config = deepspeed_config(cfg, self.world, self.precision, self.device.type)
         ds_file = user_ds_config or cfg.deepspeed.config_file
         if ds_file:
             self.ds_config = merge_user_deepspeed_config(ds_file, self.ds_config)
         if cfg.deepspeed.zero_stage == 3 and self.device.type == "cpu":
             pin_mmap_threshold()  # gathered parameters go back to the OS when freed (runtime.py)
-        seed_everything(cfg.train.seed)
+
+    def _build_modules(self) -> None:
+        """Model, diffusion, ANT clusters and timestep sampler, balancer, and the TrainModule around them."""
+        import deepspeed
+
+        cfg = self.cfg
+        zero3 = cfg.deepspeed.zero_stage == 3
+        seed_everything(cfg.train.seed)  # the same initial weights on every rank
         # ZeRO-3: every submodule is partitioned as soon as it is built (in the training dtype DeepSpeed
         # takes from the config), so no rank ever holds the whole model; DiT's init runs on gathered modules.
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
             model = build_model(cfg, tuple(self.manifest.latent_shape), len(self.manifest.labels))
         self.flops_per_sample = model.flops_per_sample()
         self.diffusion = build_diffusion(cfg)
         self.clusters = resolve_clusters(cfg, np.asarray(self.diffusion.alphas_cumprod, dtype=np.float64))
-        self.k = k = 1 if self.clusters is None else len(self.clusters)
-        # mtl.sampling: stratify only ANT's equal-size intervals unless told otherwise (mtl/sampling.py)
-        stratified = resolve_sampling(cfg.mtl.sampling, self.clusters, cfg.diffusion.diffusion_steps)
-        self.sampler = TimestepSampler(cfg.diffusion.diffusion_steps, self.clusters, stratified=stratified)
-        try:
-            self.sampler.check_batch_size(cfg.train.micro_batch_size)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        self.k = 1 if self.clusters is None else len(self.clusters)
+        self.sampler = build_timestep_sampler(cfg, self.clusters)
         # Under ZeRO-3 the balancer's parameters (UW's s) are partitioned like the model's, in its dtype.
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=cfg.deepspeed.zero_stage == 3):
-            balancer = build_balancer(cfg, k)
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
+            balancer = build_balancer(cfg, self.k)
         self.module = TrainModule(model, balancer, self.diffusion, float(self.accumulation * self.world))
 
+    def _build_engine(self) -> None:
+        """Per-rank seeds (seed * world + rank), the step's generator, and the DeepSpeed engine."""
+        import deepspeed
+
+        cfg = self.cfg
         seed_everything(cfg.train.seed * self.world + self.rank)
         self.generator = torch.Generator(device=self.device).manual_seed(
             cfg.train.seed * self.world + self.rank
         )
-        t = cfg.train
-        optimizer, scheduler = build_optimizer(cfg, model, balancer, self.device)
+        optimizer, scheduler = build_optimizer(cfg, self.module.model, self.module.balancer, self.device)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module,
             optimizer=optimizer,
@@ -120,60 +126,44 @@ class Trainer:
         )
         if cfg.model.compile:
             self.engine.compile()
+
+    def _build_state(self) -> None:
+        """EMA, data stream, logging buffers, the step plan, and the checkpointer that owns their state."""
+        from dtr_scale.mtl.cluster_losses import ClusterLossBuffer
+        from dtr_scale.train.checkpoint import BalancerState, Checkpointer, RNGState, RunRecord, TrainProgress
+        from dtr_scale.train.ema import ShardedEMA
+
+        cfg, t = self.cfg, self.cfg.train
         self.ema = ShardedEMA(self.engine.module.model, t.ema_decay, t.ema_warmup, self.rank, self.world)
-        self.stream = LatentStream(
-            self.manifest,
-            t.micro_batch_size,
-            seed=t.seed,
-            rank=self.rank,
-            world_size=self.world,
-            num_workers=cfg.data.num_workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            interleave=cfg.data.interleave,
-            hflip=cfg.data.hflip,
-            resampled=cfg.data.resampled,
-            drop_last=True,  # epoch mode: full micro-batches only, the same number on every rank
-            on_error=cfg.data.on_error,
-            pin_memory=self.device.type == "cuda",
-        )
-        self.cluster_buffer = ClusterLossBuffer(k, num_timesteps=cfg.diffusion.diffusion_steps)
+        self.stream = build_stream(cfg, self.manifest, self.rank, self.world, self.device)
+        self.cluster_buffer = ClusterLossBuffer(self.k, num_timesteps=cfg.diffusion.diffusion_steps)
         self.log_sums = LogSums(self.device)
         self.plan = StepPlan(
             micro_batch_size=t.micro_batch_size,
             accumulation=self.accumulation,
             world=self.world,
-            num_clusters=k,
+            num_clusters=self.k,
             device=self.device,
             drop_grads_on_nonfinite=cfg.deepspeed.zero_stage == 0 and self.precision == "fp32",
         )
         self.progress = TrainProgress()
         self.nonfinite_in_row = 0
+        global_objects = {
+            "progress": self.progress,
+            "run": RunRecord(dump_yaml(cfg), self.clusters),
+            "balancer": BalancerState(self.engine.module.balancer),
+        }
+        rank_objects = {
+            "ema": self.ema,
+            "stream": self.stream,
+            "rng": RNGState(self.generator),
+            "cluster_buffer": self.cluster_buffer,
+            "log_sums": self.log_sums,
+        }
         self.checkpointer = Checkpointer(
-            self.run_dir,
-            self.engine,
-            global_objects={
-                "progress": self.progress,
-                "run": RunRecord(dump_yaml(cfg), self.clusters),
-                "balancer": BalancerState(self.engine.module.balancer),
-            },
-            rank_objects={
-                "ema": self.ema,
-                "stream": self.stream,
-                "rng": RNGState(self.generator),
-                "cluster_buffer": self.cluster_buffer,
-                "log_sums": self.log_sums,
-            },
-            keep_last=t.keep_last,
-            keep_every=t.keep_every,
-            rank=self.rank,
-            world_size=self.world,
-        )
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        tag = resume_tag or self.checkpointer.latest_tag()
-        if tag is not None:
-            self._resume(tag)
+            self.run_dir, self.engine, global_objects, rank_objects, keep_last=t.keep_last,
+            keep_every=t.keep_every, rank=self.rank, world_size=self.world,
+        )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -336,54 +326,3 @@ class Trainer:
         from dtr_scale.train.inloop import evaluate_in_loop
 
         evaluate_in_loop(self)
-
-
-# ------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """CLI of `dtr-scale train`."""
-    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=1000")
-    parser.add_argument(
-        "--deepspeed-config", default=None, help="your DeepSpeed JSON, checked against the YAML"
-    )
-    parser.add_argument("--resume", default=None, help="checkpoint tag to resume from (default: latest)")
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print resolved config, DeepSpeed JSON and memory estimate, then exit",
-    )
-    parser.add_argument(
-        "--world-size", type=int, default=None, help="world size for --dry-run (default: WORLD_SIZE or 1)"
-    )
-    parser.add_argument(
-        "--device",
-        choices=("cuda", "cpu"),
-        default=None,
-        help="target device for --dry-run (default: this machine's): plan a GPU run from a login node",
-    )
-    parser.add_argument("--gpus-per-node", type=int, default=None, help="for --dry-run's memory estimate")
-
-
-def run(args: argparse.Namespace) -> int:
-    # Config, data and checkpoint errors reach the CLI, which prints them as one line on rank 0 (errors.py).
-    """`dtr-scale train`: train (or with --dry-run print the plan); returns 0."""
-    cfg = load_config(args.config, args.overrides or [])
-    if args.dry_run:
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        from dtr_scale.train.dryrun import dry_run
-
-        print(dry_run(cfg, world, args.deepspeed_config, args.device, args.gpus_per_node))
-        return 0
-    trainer = Trainer(cfg, user_ds_config=args.deepspeed_config, resume_tag=args.resume)
-    trainer.fit()
-    if trainer.rank == 0:
-        print(
-            f"done: step {trainer.step}; run dir {trainer.run_dir} (checkpoints/, tensorboard/, samples/)",
-            flush=True,
-        )
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0

@@ -1,0 +1,66 @@
+"""`dtr-scale train`: train a DiT (DTR + ANT) with DeepSpeed, or plan the run with --dry-run.
+
+dtr-scale train --config configs/dit-xl2-dtr-ant.yaml [key.sub=value ...] [--dry-run --device cuda
+    --world-size 32] [--resume TAG] [--deepspeed-config my.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch.distributed as dist
+
+from dtr_scale.config import load_config
+
+accepts_overrides = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale train`."""
+    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=1000")
+    parser.add_argument(
+        "--deepspeed-config", default=None, help="your DeepSpeed JSON, checked against the YAML"
+    )
+    parser.add_argument("--resume", default=None, help="checkpoint tag to resume from (default: latest)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print resolved config, DeepSpeed JSON and memory estimate, then exit",
+    )
+    parser.add_argument(
+        "--world-size", type=int, default=None, help="world size for --dry-run (default: WORLD_SIZE or 1)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default=None,
+        help="target device for --dry-run (default: this machine's): plan a GPU run from a login node",
+    )
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="for --dry-run's memory estimate")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Config, data and checkpoint errors reach the CLI, which prints them as one line on rank 0 (errors.py).
+    """`dtr-scale train`: train (or with --dry-run print the plan); returns 0."""
+    cfg = load_config(args.config, args.overrides or [])
+    if args.dry_run:
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        from dtr_scale.train.dryrun import dry_run
+
+        print(dry_run(cfg, world, args.deepspeed_config, args.device, args.gpus_per_node))
+        return 0
+    from dtr_scale.train.engine import Trainer
+
+    trainer = Trainer(cfg, user_ds_config=args.deepspeed_config, resume_tag=args.resume)
+    trainer.fit()
+    if trainer.rank == 0:
+        print(
+            f"done: step {trainer.step}; run dir {trainer.run_dir} (checkpoints/, tensorboard/, samples/)",
+            flush=True,
+        )
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0

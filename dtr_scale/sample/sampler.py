@@ -214,6 +214,68 @@ def _assemble(out_dir: Path, settings: dict[str, Any], classes: list[int] | None
     _write_json(out_dir / JSON_NAME, {**settings, "complete": True, "npz": NPZ_NAME})
 
 
+def _resolve_model(
+    model: str | os.PathLike | DiT, config: dict[str, Any] | None, weights: str, device
+) -> tuple[DiT, dict[str, Any], Path | None, torch.device]:
+    """(model, model-dir config, model dir or None, device) from a model directory or a live DiT + config."""
+    if isinstance(model, DiT):
+        # A live model samples where it lives unless told otherwise; a model dir goes to the default device.
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        if config is None:
+            raise ValueError(
+                "sample_to_dir(model=DiT, ...) needs the model-dir config of that model (config=...)"
+            )
+        validate_config(config)
+        return model, config, None, device
+    device = torch.device(device) if device is not None else default_device()
+    model_dir = Path(model)
+    model, config = load_model_dir(model_dir, weights=weights, device=device)
+    return model, config, model_dir, device
+
+
+def _check_guidance(model: DiT, cfg_scale: float, guidance_channels: str | int | None, num_classes: int):
+    """The guided channel count ("all" or 1..in_channels); ValueError for a bad count, or CFG without a null class."""
+    if guidance_channels not in ("all", None):
+        guidance_channels = int(guidance_channels)
+        if not 1 <= guidance_channels <= model.in_channels:
+            raise ValueError(
+                f"guidance_channels must be 'all' or 1..{model.in_channels}, got {guidance_channels}"
+            )
+    if cfg_scale != 1.0 and model.y_embedder.embedding_table.num_embeddings <= num_classes:
+        raise ValueError(
+            "classifier-free guidance needs the null class, but this model was built with "
+            "class_dropout_prob = 0 (no null label); use --cfg-scale 1.0"
+        )
+    return "all" if guidance_channels in ("all", None) else guidance_channels
+
+
+def _draw(model: DiT, job: dict[str, Any], todo: list[int], log: Callable[[str], None], rank: int) -> None:
+    """Draw the samples `todo` in batches and write each as its PNG (resumable: one file per index)."""
+    was_training, previous_channels = model.training, model.guidance_channels
+    model.eval()
+    model.guidance_channels = None if job["guidance_channels"] == "all" else job["guidance_channels"]
+    model_fn = guided_model_fn(model, job["cfg_scale"], job["device"])
+    batch_size, class_list = job["batch_size"], job["class_list"]
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            generators = [sample_generator(job["seed"], i) for i in batch]
+            uniform = [_draw_label(g, job["num_classes"]) for g in generators]
+            labels = uniform if class_list is None else [class_list[i % len(class_list)] for i in batch]
+            y = torch.tensor(labels, device=job["device"], dtype=torch.long)
+            latents = denoise(
+                job["diffusion"], model_fn, job["sampler"], generators, y, job["latent_shape"], job["device"]
+            )
+            with torch.no_grad():
+                images = to_uint8_nhwc(job["decode"](latents))
+            for index, image in zip(batch, images):
+                _write_png(_png_path(job["out_dir"], index), image)
+            log(f"sample: rank {rank}: {min(start + batch_size, len(todo))}/{len(todo)}")
+    finally:
+        model.train(was_training)
+        model.guidance_channels = previous_channels
+
+
 def sample_to_dir(
     model: str | os.PathLike | DiT,
     out_dir: str | os.PathLike,
@@ -234,10 +296,12 @@ def sample_to_dir(
 ) -> dict[str, Any]:
     """Sample `num_samples` images into `out_dir` (PNGs + samples.npz + samples.json); returns the
     samples.json document. Every rank of an initialised torch.distributed group (or of a RANK/WORLD_SIZE
-    launch) must call it with the same arguments.
+    launch) must call it with the same arguments. Images are uint8 RGB (H, W, 3); sample i's noise and
+    label come from its own generator (seed, i), so the result does not depend on the number of ranks.
 
     `model` is a model directory (its `weights` are loaded), or a live DiT together with its model-dir
-    `config` (the trainer's in-loop evaluation passes its EMA model; `weights` is then only recorded).
+    `config` (`weights` is then only recorded). ValueError for bad arguments; resuming into a directory of
+    other settings is refused by name.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -245,32 +309,10 @@ def sample_to_dir(
         raise ValueError(
             f"num_samples, batch_size and steps must be >= 1, got {num_samples}, {batch_size}, {steps}"
         )
-    model_dir = None
-    if isinstance(model, DiT):
-        # A live model samples where it lives unless told otherwise; a model dir goes to the default device.
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-        if config is None:
-            raise ValueError(
-                "sample_to_dir(model=DiT, ...) needs the model-dir config of that model (config=...)"
-            )
-        validate_config(config)
-    else:
-        device = torch.device(device) if device is not None else default_device()
-        model_dir = Path(model)
-        model, config = load_model_dir(model_dir, weights=weights, device=device)
+    model, config, model_dir, device = _resolve_model(model, config, weights, device)
     num_classes = int(config["model"]["num_classes"])
     class_list = parse_classes(classes, num_classes)
-    if guidance_channels not in ("all", None):
-        guidance_channels = int(guidance_channels)
-        if not 1 <= guidance_channels <= model.in_channels:
-            raise ValueError(
-                f"guidance_channels must be 'all' or 1..{model.in_channels}, got {guidance_channels}"
-            )
-    if cfg_scale != 1.0 and model.y_embedder.embedding_table.num_embeddings <= num_classes:
-        raise ValueError(
-            "classifier-free guidance needs the null class, but this model was built with "
-            "class_dropout_prob = 0 (no null label); use --cfg-scale 1.0"
-        )
+    guided = _check_guidance(model, cfg_scale, guidance_channels, num_classes)
     from dtr_scale.diffusion import create_diffusion
 
     schedule = config["diffusion"]
@@ -284,7 +326,6 @@ def sample_to_dir(
     latent_shape = tuple(config["data"]["latent_shape"])
     out_dir = Path(out_dir)
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-
     with _process_group(device) as (rank, world):
         # The image shape is part of a run's identity; one decode of zeros finds it for any codec.
         with torch.no_grad():
@@ -300,7 +341,7 @@ def sample_to_dir(
             "sampler": sampler,
             "steps": int(steps),
             "cfg_scale": float(cfg_scale),
-            "guidance_channels": "all" if guidance_channels in ("all", None) else guidance_channels,
+            "guidance_channels": guided,
             "vae": {"identity": config["data"]["vae"], "dir": str(vae_dir) if vae_dir is not None else None},
             "seed": int(seed),
             "seeding": "per sample index i: torch CPU generator seeded by numpy SeedSequence([seed, i])",
@@ -314,30 +355,15 @@ def sample_to_dir(
         _barrier(world, device)  # every rank has checked the old samples.json before rank 0 replaces it
         if rank == 0:
             _write_json(out_dir / JSON_NAME, settings)
-
         owned = rank_indices(num_samples, rank, world)
         todo = [i for i in owned if not _png_path(out_dir, i).is_file()]
         log(f"sample: rank {rank}/{world}: {len(todo)} of {len(owned)} images to draw")
-        was_training, previous_channels = model.training, model.guidance_channels
-        model.eval()
-        model.guidance_channels = None if settings["guidance_channels"] == "all" else guidance_channels
-        model_fn = guided_model_fn(model, float(cfg_scale), device)
-        try:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                generators = [sample_generator(seed, i) for i in batch]
-                uniform = [_draw_label(g, num_classes) for g in generators]
-                labels = uniform if class_list is None else [class_list[i % len(class_list)] for i in batch]
-                y = torch.tensor(labels, device=device, dtype=torch.long)
-                latents = denoise(diffusion, model_fn, sampler, generators, y, latent_shape, device)
-                with torch.no_grad():
-                    images = to_uint8_nhwc(decode(latents))
-                for index, image in zip(batch, images):
-                    _write_png(_png_path(out_dir, index), image)
-                log(f"sample: rank {rank}: {min(start + batch_size, len(todo))}/{len(todo)}")
-        finally:
-            model.train(was_training)
-            model.guidance_channels = previous_channels
+        job = dict(
+            guidance_channels=guided, cfg_scale=float(cfg_scale), device=device, batch_size=batch_size,
+            class_list=class_list, seed=seed, num_classes=num_classes, diffusion=diffusion, sampler=sampler,
+            latent_shape=latent_shape, decode=decode, out_dir=out_dir,
+        )  # fmt: skip
+        _draw(model, job, todo, log, rank)
         _barrier(world, device)
         if rank == 0:
             _assemble(out_dir, settings, class_list, num_classes)

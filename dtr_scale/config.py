@@ -309,10 +309,20 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         cfg = _build(RunConfig, data, "")
         validate(cfg)
     except ConfigError as err:
-        # Blame the command-line override when the failing key came from one, else the file.
-        culprit = next((o for o in overrides if o.split("=", 1)[0].strip() in str(err)), None)
-        raise ConfigError(f"{f'override {culprit}' if culprit else source}: {err}") from None
+        raise ConfigError(f"{_blame(err, overrides, source)}: {err}") from None
     return cfg
+
+
+def _blame(err: ConfigError, overrides: list[str], source: str) -> str:
+    """The command-line override whose key (or a dotted prefix of it) the error names, else the file. The
+    "(known: ...)" list of an unknown-key error is not searched; a later override wins over an earlier one."""
+    message = str(err).split("(known")[0]
+    for override in reversed(overrides):
+        parts = override.split("=", 1)[0].strip().split(".")
+        prefixes = [".".join(parts[: n + 1]) for n in range(len(parts))]
+        if any(re.search(rf"(?<![\w.]){re.escape(p)}(?![\w.])", message) for p in prefixes[::-1]):
+            return f"override {override}"
+    return source
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -602,10 +612,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, device_typ
     }
 
 
-# Keys of a user's DeepSpeed JSON that must agree with the YAML: json path -> (yaml key, derived value).
 def merge_user_deepspeed_config(path: str | Path, derived: dict[str, Any]) -> dict[str, Any]:
     """The derived DeepSpeed JSON updated by the user's file at `path`; ConfigError when one of the keys the
-    YAML owns disagrees (named with its YAML key)."""
+    YAML owns (batch layout, clipping, ZeRO stage and knobs, precision) disagrees, named with its YAML key.
+    Every other DeepSpeed key of the file (e.g. communication or offload settings) is taken as written."""
     path = Path(path)
     try:
         user = json.loads(path.read_text())
@@ -636,11 +646,22 @@ def merge_user_deepspeed_config(path: str | Path, derived: dict[str, Any]) -> di
         ("bf16", "enabled"): ("train.precision", derived["bf16"]["enabled"]),
         ("fp16", "enabled"): ("train.precision (fp16 is not supported; use bf16)", False),
     }
+    # The ZeRO knobs that are YAML keys (deepspeed.*) must agree too: what config.yaml records is what ran.
+    zero = derived["zero_optimization"]
+    for name in (
+        "reduce_bucket_size", "overlap_comm", "contiguous_gradients", "stage3_max_live_parameters",
+        "stage3_max_reuse_distance", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+    ):  # fmt: skip
+        yaml_key = f"deepspeed.{name}" if name != "contiguous_gradients" else "(always true at ZeRO >= 1)"
+        checks[("zero_optimization", name)] = (
+            yaml_key + ("" if name in zero else f" (not used at deepspeed.zero_stage={zero['stage']})"),
+            zero.get(name),
+        )
     for json_path, (yaml_key, expected) in checks.items():
         node: Any = user
         for part in json_path:
             node = node.get(part) if isinstance(node, dict) else None
-        if node is not None and node != expected:
+        if node is not None and node != expected:  # (a key the derived JSON leaves out: expected None)
             raise ConfigError(
                 f"{path}: {'.'.join(json_path)} = {node!r} disagrees with {yaml_key} (resolved: {expected!r})"
             )

@@ -95,7 +95,7 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "eval.steps": ("DDIM steps", "sampling steps of the in-loop evaluation"),
     "eval.cfg_scale": ("-", "guidance scale of the in-loop evaluation"),
     "eval.reference": ("path", "reference images / ADM stats; null: the built-in held-out split"),
-    "eval.reference_size": ("images", "use the first N reference images (0: all)"),
+    "eval.reference_size": ("images", "use the first N images of the built-in held-out reference (0: all)"),
     "eval.inception_weights": ("path", "torch-fidelity Inception state dict; null: the bundled FID network"),
 }
 

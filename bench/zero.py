@@ -26,13 +26,14 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from dtr_scale.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "ZERO_BENCH_RESULT"
@@ -223,12 +224,6 @@ def worker(args: argparse.Namespace) -> int:
         result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.module.model.parameters())
     print(RESULT_TAG, json.dumps(result), flush=True)
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_stage(args: argparse.Namespace, stage: int, manifest: Path, run_dir: Path) -> list[dict]:

@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare-builtin": ("dtr_scale.data.builtin", "write the bundled MNIST latents as shards"),
     "preprocess": ("dtr_scale.data.preprocess", "encode an image folder to WebDataset latent shards"),
     "train": ("dtr_scale.train.cli", "train a DiT (DTR + ANT) with DeepSpeed"),
-    "cluster": ("dtr_scale.mtl.clustering", "ANT interval clustering of the timesteps"),
+    "cluster": ("dtr_scale.train.cluster", "ANT interval clustering of the timesteps"),
     "affinity": ("dtr_scale.train.affinity", "task-affinity matrix of timestep groups from a checkpoint"),
     "convert": ("dtr_scale.sample.convert", "DeepSpeed checkpoint -> safetensors model dir"),
     "sample": ("dtr_scale.sample.sampler", "sample images (multi-process) -> PNGs + npz"),

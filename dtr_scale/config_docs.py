@@ -1,7 +1,7 @@
-"""Every run-config key in one place: its unit and meaning (the type and default come from config.py).
+"""Every run-config key in one place: its unit and meaning (the type and default come from config/schema.py).
 
 `reference_markdown()` renders the table of docs/config.md (`python -m dtr_scale.config_docs > docs/config.md`);
-a test checks that every dataclass field of config.py has an entry here, that docs/config.md is current,
+a test checks that every dataclass field of config/schema.py has an entry here, that docs/config.md is current,
 and that the README's key table agrees with the defaults.
 """
 
@@ -147,7 +147,7 @@ def reference_markdown() -> str:
     lines = [
         "# Run config keys",
         "",
-        "Generated from dtr_scale/config.py and dtr_scale/config_docs.py "
+        "Generated from dtr_scale/config/schema.py and dtr_scale/config_docs.py "
         "(`python -m dtr_scale.config_docs > docs/config.md`); a test keeps it current.",
         "",
         "| key | type | default | unit | meaning |",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 import pytest
@@ -189,9 +190,18 @@ def test_gram_balancers_start_as_the_mean_and_train_on_weighted_losses(name: str
     counts = torch.full((k,), 2)
     assert balancer(means, counts).item() == pytest.approx(3.0)  # w = 1: (1/k) sum l_k
     grads = conflicting_gradients(k, 0)
-    balancer.update_from_gram(grads @ grads.T)
+    G = grads @ grads.T
+    balancer.update_from_gram(G)
     w = balancer.weights()  # w_m / k with w the solver's update direction weights
     assert balancer(means, counts).item() == pytest.approx((w * means.detach().double()).sum().item())
+    if name == "nash":  # k w solves the bargaining equation of Navon et al.
+        G_hat = G / torch.linalg.matrix_norm(G)
+        torch.testing.assert_close(G_hat @ (k * w), 1.0 / (k * w), rtol=1e-8, atol=0.0)
+    else:  # k w reproduces Algorithm 1 for one of the 6^3 possible projection orders (brute force)
+        rows = [torch.tensor(p) for p in itertools.permutations(range(k))]
+        candidates = [direct_pcgrad(grads, torch.stack(o)) for o in itertools.product(rows, repeat=k)]
+        assert any(torch.allclose((k * w) @ grads, c, rtol=1e-10, atol=1e-12) for c in candidates)
+        assert not torch.allclose(k * w, torch.ones(k, dtype=torch.float64))  # a projection happened
     scalars = balancer.log_scalars()
     assert {"mtl/weight_0", f"mtl/{name}_w_2", "mtl/grad_cos_0_1"} <= set(scalars)
 
@@ -324,6 +334,10 @@ def test_a_cluster_absent_from_the_gram_update_keeps_its_weight(name):
     if name == "nash":  # the sub-solution satisfies (G_sub / |G_sub|_F) w = 1 / w
         w = after[[0, 2]]
         torch.testing.assert_close((sub / torch.linalg.norm(sub)) @ w, 1.0 / w, rtol=1e-6, atol=1e-8)
-    else:  # <g0, g2> = -0.5 < 0: PCGrad projects both, w = sum of the projection coefficients
-        expected = pcgrad_weights(sub, order=torch.tensor([[0, 1], [1, 0]]))
-        torch.testing.assert_close(after[[0, 2]], expected)
+    else:
+        # Worked by hand: <g0, g2> = -0.5 + 0.2 = -0.3 < 0, |g0|^2 = 1.04, |g2|^2 = 1.34. With two present
+        # tasks the order does not matter; each is projected once against the other's original gradient:
+        #   g~0 = g0 + (0.3 / 1.34) g2,  g~2 = g2 + (0.3 / 1.04) g0
+        #   g~0 + g~2 = (1 + 0.3 / 1.04) g0 + (1 + 0.3 / 1.34) g2
+        expected = torch.tensor([1 + 0.3 / 1.04, 1 + 0.3 / 1.34], dtype=torch.float64)
+        torch.testing.assert_close(after[[0, 2]], expected, rtol=1e-12, atol=0)

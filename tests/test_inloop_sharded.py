@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from distributed import run_ranks
 from test_train_distributed import train_args
+
+from dtr_scale.data.images import to_uint8_nhwc
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -32,6 +35,16 @@ if tr.rank == 0:
     torch.save(images, out)
 else:
     assert images is None
+if tr.world == 1:  # the same model through `dtr-scale sample`'s code, for the one-sampling-path check
+    from dtr_scale.models.model_dir import data_section, make_config
+    from dtr_scale.sample.sampler import sample_to_dir
+    model.load_state_dict(weights, strict=False)  # pos_embed is a fixed buffer, not among the EMA weights
+    d = cfg.diffusion
+    config = make_config(model, data_section(tr.manifest), diffusion={"noise_schedule": d.noise_schedule,
+                         "diffusion_steps": d.diffusion_steps, "learn_sigma": cfg.model.learn_sigma})
+    sample_to_dir(model, out + ".sampler", config=config, num_samples=len(labels), batch_size=3, steps=3,
+                  sampler="ddim", cfg_scale=2.0, seed=7, classes=labels, weights="model", device="cpu",
+                  log=lambda m: None)
 """
 
 
@@ -47,3 +60,14 @@ def test_in_loop_samples_are_sharded_and_equal_to_a_single_process(tmp_path, bui
     torch.testing.assert_close(results[2], results[1], rtol=0, atol=1e-5)
     # the samples differ from one another (labels and noise matter), so a shuffled assembly would show
     assert (results[1][0] - results[1][1]).abs().max() > 1e-3
+
+    # One sampling path: sample i of the in-loop grid (seed 7, labels L) is sample i of `dtr-scale sample --seed 7
+    # --classes L` with the same model, steps and guidance (the same label-then-noise stream per index).
+    in_loop = to_uint8_nhwc(results[1])
+    if in_loop.shape[-1] == 1:
+        in_loop = np.repeat(in_loop, 3, axis=-1)
+    with np.load(tmp_path / "world1.pt.sampler" / "samples.npz") as npz:
+        sampled = npz["arr_0"]
+    assert sampled.shape == in_loop.shape, (sampled.shape, in_loop.shape)
+    # equal but for a rounding at a .5 boundary (the two draw in batches of 2 and 3)
+    assert np.abs(sampled.astype(int) - in_loop.astype(int)).max() <= 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -68,4 +66,9 @@ def test_unknown_weighting_and_sampling_with_a_weighting_are_refused():
         mse_loss_weights(np.array([0.5, 0.4]), "snr")
     with pytest.raises(ValueError, match="loss_weighting is a training setting"):
         create_diffusion("ddim50", loss_weighting="p2")
-    assert math.isfinite(float(create_diffusion("", loss_weighting="p2").mse_loss_weights.sum()))
+    # create_diffusion wires the named weighting in: P2 (k = 1, gamma = 1) is 1 / (1 + SNR_t) at every t
+    # (to 1e-5: the diffusion rounds its schedule to float32 as the reference does, DESIGN §4).
+    weights = create_diffusion("", loss_weighting="p2").mse_loss_weights
+    for t in (0, 1, 500, 999):
+        snr = _linear_abar(t) / (1 - _linear_abar(t))
+        assert weights[t] == pytest.approx(1.0 / (1.0 + snr), rel=1e-5)

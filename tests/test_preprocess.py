@@ -127,6 +127,16 @@ def test_center_crop_is_adm_box_then_bicubic_then_center() -> None:
     crop = center_crop(Image.fromarray(pixels), 64)
     assert crop.shape == (64, 64, 3)
     assert crop[:, :20].max() == 0 and crop[:, -20:].min() == 255  # centred: the edge falls mid-crop
+    # Worked by hand. 8x8 of four constant 4x4 blocks, size 2: short side 8 >= 4 -> BOX to 4x4, 4 >= 4 -> BOX
+    # to 2x2, each pixel the exact mean of one block; then scale 1 (no resampling). A BILINEAR or BICUBIC
+    # halving would blend neighbouring blocks.
+    blocks = np.kron(np.array([[10, 50], [90, 200]], np.uint8), np.ones((4, 4), np.uint8))
+    crop = center_crop(Image.fromarray(np.repeat(blocks[..., None], 3, axis=2)), 2)
+    assert crop.shape == (2, 2, 3) and crop[..., 0].tolist() == [[10, 50], [90, 200]]
+    # 6 wide x 2 high, size 2: short side 2 < 4, scale 1, then columns (6 - 2) // 2 = 2 and 3.
+    wide = np.arange(12, dtype=np.uint8).reshape(2, 6) * 20
+    crop = center_crop(Image.fromarray(np.repeat(wide[..., None], 3, axis=2)), 2)
+    assert crop[..., 0].tolist() == [[40, 60], [160, 180]]
 
 
 def test_rerun_skips_finished_shards(encoded: Path, image_dir: Path, vae_dir: Path, capsys) -> None:
@@ -187,11 +197,24 @@ def test_two_worker_processes_write_disjoint_shards_identical_to_one(
     assert load_manifest(out).shards == load_manifest(encoded).shards  # same bytes, whoever wrote them
 
 
-def test_decoder_of_a_vae_manifest_returns_rgb_images(encoded: Path) -> None:
+def test_decoder_of_a_vae_manifest_undoes_the_scaling_and_decodes_with_the_vae(
+    encoded: Path, vae_dir: Path
+) -> None:
+    from diffusers import AutoencoderKL
+
     manifest = load_manifest(encoded)
-    latents = torch.from_numpy(_read(encoded)[0].mean[:1].astype(np.float32)) * manifest.scaling_factor
-    images = build_decoder(manifest)(latents)
-    assert images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and images.abs().max() <= 1
+    posterior_mean = torch.from_numpy(_read(encoded)[0].mean[:1].astype(np.float32))
+    images = build_decoder(manifest)(
+        posterior_mean * manifest.scaling_factor
+    )  # latents as the model sees them
+    # The reference: diffusers' own decode of the unscaled latent, clipped to the image range [-1, 1].
+    vae = AutoencoderKL.from_pretrained(vae_dir, local_files_only=True).eval()
+    with torch.no_grad():
+        expected = vae.decode(posterior_mean).sample.clamp(-1, 1)
+        still_scaled = vae.decode(posterior_mean * manifest.scaling_factor).sample.clamp(-1, 1)
+    assert images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
+    assert (still_scaled - expected).abs().max() > 1e-3  # forgetting 1 / scaling_factor would show
 
 
 def test_missing_vae_directory_is_a_clear_cli_error(image_dir: Path, tmp_path: Path, capsys) -> None:

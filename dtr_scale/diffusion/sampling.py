@@ -1,6 +1,7 @@
 """The one sampling path: classifier-free guidance around a model, and the reverse process with per-sample
 noise. Used by `dtr-scale sample` (sample/sampler.py), the trainer's in-loop grids and evaluations
-(train/inloop.py) and the demo alike.
+(train/inloop.py) and the demo alike. Sample i of a seed owns the generator `sample_generator(seed, i)`: its
+first draw is its uniform label (`draw_label`, drawn even when the label is given), then its noise.
 """
 
 from __future__ import annotations
@@ -9,8 +10,24 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator that owns sample `index`: seeded from SeedSequence([seed, index]), so distinct
+    indices get independent, non-overlapping streams."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed and sample index must be >= 0, got seed={seed}, index={index}")
+    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator("cpu").manual_seed(int(state))
+
+
+def draw_label(generator: torch.Generator, num_classes: int) -> int:
+    """A uniform class index in 0..num_classes-1, the first draw from a sample's `generator`."""
+    # Always drawn first, even with an explicit class list, so that x_T does not depend on `classes`.
+    return int(torch.randint(num_classes, (1,), generator=generator))
 
 
 def guided_model_fn(model: nn.Module, cfg_scale: float, device: torch.device) -> Callable[..., torch.Tensor]:

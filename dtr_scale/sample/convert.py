@@ -27,6 +27,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -40,6 +41,10 @@ from dtr_scale.checkpoint_format import (
     read_state_file,
 )
 from dtr_scale.fileio import atomic_path
+
+if TYPE_CHECKING:
+    from dtr_scale.config import RunConfig
+    from dtr_scale.data.shards import Manifest
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FORMATS = ("dtr", "dit")
@@ -159,30 +164,13 @@ def _check_reference_layout(model: torch.nn.Module) -> None:
         )
 
 
-def convert_checkpoint(
-    run_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    tag: str | None = None,
-    dtype: str = "fp32",
-    fmt: str = "dtr",
-    *,
-    manifest: str | os.PathLike | None = None,
-) -> Path:
-    """Write the model directory of checkpoint `tag` (default: latest) of `run_dir` to `out_dir`; return it.
-
-    `manifest`: the training data's manifest.json, when the path recorded in the run's config
-    (data.shards) no longer resolves, e.g. after moving the run to another machine.
-    """
+def _read_checkpoint(
+    run_dir: Path, tag: str | None, manifest: str | os.PathLike | None
+) -> tuple[str, Path, dict, RunConfig, Manifest]:
+    """(tag, tag dir, global state, the run's Config, the training data's Manifest) of checkpoint `tag`."""
     from dtr_scale.config import config_from_dict
     from dtr_scale.data.shards import load_manifest
-    from dtr_scale.models.build import build_model
-    from dtr_scale.models.model_dir import data_section, make_config, save_model_dir
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
-    run_dir = Path(run_dir)
     tag, tag_dir = resolve_tag(run_dir, tag)
     global_path = global_state_path(tag_dir)
     global_state = read_state_file(global_path)
@@ -198,6 +186,14 @@ def convert_checkpoint(
             f"{err}. The data manifest (data.shards of run {run_dir}) gives the latent shape, labels and VAE "
             "recorded in config.json; pass its current location with --manifest"
         ) from err
+    return tag, tag_dir, global_state, cfg, data
+
+
+def _trained_states(
+    cfg: RunConfig, data: Manifest, tag_dir: Path, global_state: dict, fmt: str
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(meta-device model, fp32 model state, fp32 EMA state), both with the reference DiT key names."""
+    from dtr_scale.models.build import build_model
 
     # The meta device gives the architecture and parameter shapes without allocating the weights.
     with torch.device("meta"):
@@ -213,10 +209,18 @@ def convert_checkpoint(
         model_state["pos_embed"] = fresh.pos_embed.detach().clone()
     ema_state = assembled_ema(tag_dir, int(global_state["world_size"]), shapes)
     ema_state["pos_embed"] = model_state["pos_embed"]
+    return model, model_state, ema_state
+
+
+def _model_config(
+    model: torch.nn.Module, cfg: RunConfig, data: Manifest, global_state: dict, run_dir: Path, tag: str
+) -> dict:
+    """The model directory's config.json document (models/model_dir.py make_config)."""
+    from dtr_scale.models.model_dir import data_section, make_config
 
     clusters = [list(c) for c in global_state["run"]["clusters"]]
     num_clusters = max(1, len(clusters))
-    config = make_config(
+    return make_config(
         model,
         data_section(data),
         name=cfg.model.name,
@@ -238,6 +242,32 @@ def convert_checkpoint(
             "balancer_weights": list(global_state["balancer"]["weights"]),
         },
     )
+
+
+def convert_checkpoint(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    fmt: str = "dtr",
+    *,
+    manifest: str | os.PathLike | None = None,
+) -> Path:
+    """Write the model directory of checkpoint `tag` (default: latest) of `run_dir` to `out_dir`; return it.
+
+    `manifest`: the training data's manifest.json, when the path recorded in the run's config
+    (data.shards) no longer resolves, e.g. after moving the run to another machine.
+    """
+    from dtr_scale.models.model_dir import save_model_dir
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
+    run_dir = Path(run_dir)
+    tag, tag_dir, global_state, cfg, data = _read_checkpoint(run_dir, tag, manifest)
+    model, model_state, ema_state = _trained_states(cfg, data, tag_dir, global_state, fmt)
+    config = _model_config(model, cfg, data, global_state, run_dir, tag)
     out = save_model_dir(out_dir, model_state, ema_state, config, dtype=DTYPES[dtype])
     if fmt == "dit":
         write_reference_checkpoint(out / DIT_CHECKPOINT_NAME, model_state, ema_state, DTYPES[dtype])

@@ -4,7 +4,8 @@
                        [--inception-weights FILE] [--batch-size 50] [--kid-subset-size 1000]
 
 REF: a folder of images, an npz of images (`arr_0` uint8 NHWC), or an ADM reference batch / statistics npz
-(`mu`, `sigma`). The metrics, their sources and the offline Inception weights: dtr_scale/metrics.py.
+(`mu`, `sigma`). The metrics and their sources: dtr_scale/metrics.py; the offline Inception weights:
+dtr_scale/inception.py.
 """
 
 from __future__ import annotations

@@ -8,12 +8,10 @@
 Output: DIR/%06d.png for every sample index, then DIR/samples.npz (`arr_0` uint8 NHWC with 3 channels,
 the ADM evaluator's convention; `arr_1` int64 labels) and DIR/samples.json (the settings that made them).
 
-Seeding. The issue asked for one generator per rank seeded `seed * world + rank`. That makes the
-images depend on the number of processes and on the batch size. Here every sample index i owns its own
-generator, seeded from `numpy.random.SeedSequence([seed, i])`, which draws (in this order) its uniform
-label, its starting noise x_T and, for DDPM, its noise at every step. So sample i is the same image
-whatever the world size, batch size or resume history (up to float non-associativity of batched
-kernels), and streams of different indices never overlap: determinism and disjointness both hold.
+Seeding (sample/seeds.py): every sample index i owns its own generator, seeded from
+`numpy.random.SeedSequence([seed, i])`, which draws its label and all its noise; so sample i is the same
+image whatever the world size, batch size or resume history, and streams of different indices never
+overlap. The output folder's files and the resume check: sample/outputs.py.
 
 Work split: index i belongs to global rank `i % world`; a rank samples only its indices whose PNG is
 missing, so re-running the same command resumes (PNGs are written under a temporary name and renamed, so
@@ -28,144 +26,38 @@ cfg_scale 1.0 runs the conditional model alone (no doubled batch).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from PIL import Image
 
 import dtr_scale
 from dtr_scale.data.images import to_uint8_nhwc
 from dtr_scale.diffusion.sampling import denoise, guided_model_fn
-from dtr_scale.fileio import atomic_path, atomic_write_text
+from dtr_scale.distributed import barrier
 from dtr_scale.models.dit import DiT
 from dtr_scale.models.model_dir import load_model_dir, validate_config
+from dtr_scale.sample.outputs import (
+    FORMAT_NAME,
+    JSON_NAME,
+    NPZ_NAME,
+    assemble,
+    check_resume,
+    png_path,
+    write_json,
+    write_png,
+)
+from dtr_scale.sample.processes import default_device, process_group, rank_indices
+from dtr_scale.sample.seeds import draw_label, parse_classes, sample_generator
 
 SAMPLERS = ("ddpm", "ddim")
-NPZ_NAME = "samples.npz"
-JSON_NAME = "samples.json"
-FORMAT_NAME = "dtr-scale-samples"
-# Settings that decide what image index i is: a resumed run must use the same ones.
-_IDENTITY_KEYS = ("model_step", "model_tag", "sampler", "steps", "cfg_scale", "guidance_channels", "weights")
-_IDENTITY_KEYS += ("seed", "classes", "image_shape")
-
-
-# ----------------------------------------------------------------------------------------------- seeds
-
-
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """The CPU generator that owns sample `index`: seeded from SeedSequence([seed, index]), so distinct
-    indices get independent, non-overlapping streams."""
-    if seed < 0 or index < 0:
-        raise ValueError(f"seed and sample index must be >= 0, got seed={seed}, index={index}")
-    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator("cpu").manual_seed(int(state))
-
-
-def _draw_label(generator: torch.Generator, num_classes: int) -> int:
-    # Always drawn first, even with an explicit class list, so that x_T does not depend on `classes`.
-    return int(torch.randint(num_classes, (1,), generator=generator))
-
-
-def sample_label(seed: int, index: int, classes: list[int] | None, num_classes: int) -> int:
-    """Label of sample `index`: `classes` cycled in order, or uniform from the sample's own generator."""
-    uniform = _draw_label(sample_generator(seed, index), num_classes)
-    return uniform if classes is None else classes[index % len(classes)]
-
-
-def parse_classes(text: str | list[int] | None, num_classes: int) -> list[int] | None:
-    """`uniform` or None -> None; "3,1,4" or a list -> the validated list of class indices."""
-    if text is None or text == "uniform":
-        return None
-    values = text if isinstance(text, list) else [v for v in str(text).split(",") if v.strip()]
-    try:
-        classes = [int(v) for v in values]
-    except ValueError as err:
-        raise ValueError(
-            f"--classes must be 'uniform' or comma-separated class indices, got {text!r}"
-        ) from err
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if not classes or bad:
-        raise ValueError(
-            f"--classes {text!r}: class indices must lie in 0..{num_classes - 1} (got {bad or 'none'})"
-        )
-    return classes
-
-
-# ----------------------------------------------------------------------------------------------- processes
-
-
-@contextlib.contextmanager
-def _process_group(device: torch.device) -> Iterator[tuple[int, int]]:
-    """(rank, world): an initialised torch.distributed group, or one started from RANK/WORLD_SIZE
-    (and MASTER_ADDR/MASTER_PORT) set by torchrun / the deepspeed launcher, or a single process."""
-    if dist.is_available() and dist.is_initialized():
-        yield dist.get_rank(), dist.get_world_size()
-        return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        yield 0, 1
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    # Long timeout: on a resumed run one rank may have far more missing images than another, and the
-    # others wait for it at the final barrier.
-    dist.init_process_group(
-        backend, rank=int(os.environ["RANK"]), world_size=world, timeout=datetime.timedelta(hours=12)
-    )
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        dist.destroy_process_group()
-
-
-def _barrier(world: int, device: torch.device) -> None:
-    if world > 1:
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[device.index or 0])
-        else:
-            dist.barrier()
-
-
-def rank_indices(num_samples: int, rank: int, world: int) -> list[int]:
-    """The sample indices that global `rank` owns: i % world == rank (disjoint; their union is all)."""
-    return list(range(rank, num_samples, world))
-
-
-def default_device() -> torch.device:
-    """cuda:LOCAL_RANK where CUDA is present, else the CPU."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-
-
-def _png_path(out_dir: Path, index: int) -> Path:
-    return out_dir / f"{index:06d}.png"
-
-
-def _write_png(path: Path, image: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
-
-
-def _read_png_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        array = np.asarray(img)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
 
 
 def _decoder(
@@ -175,43 +67,6 @@ def _decoder(
     from dtr_scale.data.vae import build_decoder
 
     return build_decoder(config["data"], vae_dir=vae_dir, device=device)
-
-
-def _check_resume(out_dir: Path, settings: dict[str, Any]) -> None:
-    path = out_dir / JSON_NAME
-    if not path.is_file():
-        return
-    try:
-        previous = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); remove it or choose another --out") from err
-    changed = {k: (previous.get(k), settings[k]) for k in _IDENTITY_KEYS if previous.get(k) != settings[k]}
-    if changed:
-        detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise ValueError(
-            f"{out_dir} holds samples made with other settings ({detail}); resuming would mix them. "
-            "Use another --out or the same settings."
-        )
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
-
-
-def _assemble(out_dir: Path, settings: dict[str, Any], classes: list[int] | None, num_classes: int) -> None:
-    """Rank 0, after every rank finished: samples.npz from the PNGs, then samples.json with complete=True."""
-    count, seed = settings["count"], settings["seed"]
-    missing = [i for i in range(count) if not _png_path(out_dir, i).is_file()]
-    if missing:
-        raise RuntimeError(
-            f"{out_dir}: {len(missing)} of {count} PNGs are missing after sampling (first {missing[:5]}); "
-            "did a rank fail, or do the ranks not share this directory?"
-        )
-    images = np.stack([_read_png_rgb(_png_path(out_dir, i)) for i in range(count)])
-    labels = np.array([sample_label(seed, i, classes, num_classes) for i in range(count)], dtype=np.int64)
-    with atomic_path(out_dir / NPZ_NAME) as tmp, open(tmp, "wb") as handle:
-        np.savez(handle, arr_0=images, arr_1=labels)
-    _write_json(out_dir / JSON_NAME, {**settings, "complete": True, "npz": NPZ_NAME})
 
 
 def _resolve_model(
@@ -260,7 +115,7 @@ def _draw(model: DiT, job: dict[str, Any], todo: list[int], log: Callable[[str],
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             generators = [sample_generator(job["seed"], i) for i in batch]
-            uniform = [_draw_label(g, job["num_classes"]) for g in generators]
+            uniform = [draw_label(g, job["num_classes"]) for g in generators]
             labels = uniform if class_list is None else [class_list[i % len(class_list)] for i in batch]
             y = torch.tensor(labels, device=job["device"], dtype=torch.long)
             latents = denoise(
@@ -269,11 +124,95 @@ def _draw(model: DiT, job: dict[str, Any], todo: list[int], log: Callable[[str],
             with torch.no_grad():
                 images = to_uint8_nhwc(job["decode"](latents))
             for index, image in zip(batch, images):
-                _write_png(_png_path(job["out_dir"], index), image)
+                write_png(png_path(job["out_dir"], index), image)
             log(f"sample: rank {rank}: {min(start + batch_size, len(todo))}/{len(todo)}")
     finally:
         model.train(was_training)
         model.guidance_channels = previous_channels
+
+
+def _check_arguments(sampler: str, num_samples: int, batch_size: int, steps: int) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if num_samples < 1 or batch_size < 1 or steps < 1:
+        raise ValueError(
+            f"num_samples, batch_size and steps must be >= 1, got {num_samples}, {batch_size}, {steps}"
+        )
+
+
+def _make_diffusion(config: dict[str, Any], sampler: str, steps: int):
+    """The model dir's diffusion, respaced to `steps` (DDIM's respacing for the ddim sampler)."""
+    from dtr_scale.diffusion import create_diffusion
+
+    schedule = config["diffusion"]
+    return create_diffusion(
+        timestep_respacing=f"ddim{steps}" if sampler == "ddim" else str(steps),
+        noise_schedule=schedule["noise_schedule"],
+        learn_sigma=schedule["learn_sigma"],
+        diffusion_steps=schedule["diffusion_steps"],
+    )
+
+
+def _settings(
+    config: dict[str, Any],
+    model_dir: Path | None,
+    job: dict[str, Any],
+    image_shape: list[int],
+    *,
+    weights: str,
+    steps: int,
+    vae_dir: str | os.PathLike | None,
+    count: int,
+) -> dict[str, Any]:
+    """The samples.json document (complete=False) of this run."""
+    class_list = job["class_list"]
+    return {
+        "format": FORMAT_NAME,
+        "package_version": dtr_scale.__version__,
+        "model": str(model_dir.resolve()) if model_dir is not None else None,
+        "model_step": int(config["train"]["step"]),
+        "model_tag": config["train"]["tag"],
+        "model_run_dir": config["train"]["run_dir"],
+        "weights": weights,
+        "sampler": job["sampler"],
+        "steps": int(steps),
+        "cfg_scale": job["cfg_scale"],
+        "guidance_channels": job["guidance_channels"],
+        "vae": {"identity": config["data"]["vae"], "dir": str(vae_dir) if vae_dir is not None else None},
+        "seed": int(job["seed"]),
+        "seeding": "per sample index i: torch CPU generator seeded by numpy SeedSequence([seed, i])",
+        "classes": "uniform" if class_list is None else class_list,
+        "count": int(count),
+        "image_shape": image_shape,
+        "complete": False,
+    }
+
+
+def _image_shape(job: dict[str, Any]) -> list[int]:
+    """[H, W, 3] of the images that `job`'s decoder makes from its latent shape."""
+    with torch.no_grad():
+        probe = to_uint8_nhwc(job["decode"](torch.zeros(1, *job["latent_shape"], device=job["device"])))
+    return [int(probe.shape[1]), int(probe.shape[2]), 3]
+
+
+def _sample_on_rank(
+    model: DiT, job: dict[str, Any], settings: dict[str, Any], rank: int, world: int, log: Callable
+) -> None:
+    """Every rank: check the resume, draw this rank's missing PNGs; rank 0 then assembles samples.npz."""
+    out_dir, device = job["out_dir"], job["device"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_resume(out_dir, settings)
+    barrier(device)  # every rank has checked the old samples.json before rank 0 replaces it
+    if rank == 0:
+        write_json(out_dir / JSON_NAME, settings)
+    owned = rank_indices(settings["count"], rank, world)
+    todo = [i for i in owned if not png_path(out_dir, i).is_file()]
+    log(f"sample: rank {rank}/{world}: {len(todo)} of {len(owned)} images to draw")
+    _draw(model, job, todo, log, rank)
+    barrier(device)
+    if rank == 0:
+        assemble(out_dir, settings, job["class_list"], job["num_classes"])
+    barrier(device)  # nobody returns before samples.npz exists
 
 
 def sample_to_dir(
@@ -303,71 +242,33 @@ def sample_to_dir(
     `config` (`weights` is then only recorded). ValueError for bad arguments; resuming into a directory of
     other settings is refused by name.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if num_samples < 1 or batch_size < 1 or steps < 1:
-        raise ValueError(
-            f"num_samples, batch_size and steps must be >= 1, got {num_samples}, {batch_size}, {steps}"
-        )
+    _check_arguments(sampler, num_samples, batch_size, steps)
     model, config, model_dir, device = _resolve_model(model, config, weights, device)
     num_classes = int(config["model"]["num_classes"])
     class_list = parse_classes(classes, num_classes)
     guided = _check_guidance(model, cfg_scale, guidance_channels, num_classes)
-    from dtr_scale.diffusion import create_diffusion
-
-    schedule = config["diffusion"]
-    diffusion = create_diffusion(
-        timestep_respacing=f"ddim{steps}" if sampler == "ddim" else str(steps),
-        noise_schedule=schedule["noise_schedule"],
-        learn_sigma=schedule["learn_sigma"],
-        diffusion_steps=schedule["diffusion_steps"],
-    )
-    decode = _decoder(config, model_dir, vae_dir, device)
-    latent_shape = tuple(config["data"]["latent_shape"])
-    out_dir = Path(out_dir)
+    diffusion = _make_diffusion(config, sampler, steps)
+    job = dict(
+        guidance_channels=guided, cfg_scale=float(cfg_scale), device=device, batch_size=batch_size,
+        class_list=class_list, seed=seed, num_classes=num_classes, diffusion=diffusion, sampler=sampler,
+        latent_shape=tuple(config["data"]["latent_shape"]), out_dir=Path(out_dir),
+        decode=_decoder(config, model_dir, vae_dir, device),
+    )  # fmt: skip
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    with _process_group(device) as (rank, world):
+    with process_group(device) as (rank, world):
         # The image shape is part of a run's identity; one decode of zeros finds it for any codec.
-        with torch.no_grad():
-            probe = to_uint8_nhwc(decode(torch.zeros(1, *latent_shape, device=device)))
-        settings = {
-            "format": FORMAT_NAME,
-            "package_version": dtr_scale.__version__,
-            "model": str(model_dir.resolve()) if model_dir is not None else None,
-            "model_step": int(config["train"]["step"]),
-            "model_tag": config["train"]["tag"],
-            "model_run_dir": config["train"]["run_dir"],
-            "weights": weights,
-            "sampler": sampler,
-            "steps": int(steps),
-            "cfg_scale": float(cfg_scale),
-            "guidance_channels": guided,
-            "vae": {"identity": config["data"]["vae"], "dir": str(vae_dir) if vae_dir is not None else None},
-            "seed": int(seed),
-            "seeding": "per sample index i: torch CPU generator seeded by numpy SeedSequence([seed, i])",
-            "classes": "uniform" if class_list is None else class_list,
-            "count": int(num_samples),
-            "image_shape": [int(probe.shape[1]), int(probe.shape[2]), 3],
-            "complete": False,
-        }
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _check_resume(out_dir, settings)
-        _barrier(world, device)  # every rank has checked the old samples.json before rank 0 replaces it
-        if rank == 0:
-            _write_json(out_dir / JSON_NAME, settings)
-        owned = rank_indices(num_samples, rank, world)
-        todo = [i for i in owned if not _png_path(out_dir, i).is_file()]
-        log(f"sample: rank {rank}/{world}: {len(todo)} of {len(owned)} images to draw")
-        job = dict(
-            guidance_channels=guided, cfg_scale=float(cfg_scale), device=device, batch_size=batch_size,
-            class_list=class_list, seed=seed, num_classes=num_classes, diffusion=diffusion, sampler=sampler,
-            latent_shape=latent_shape, decode=decode, out_dir=out_dir,
-        )  # fmt: skip
-        _draw(model, job, todo, log, rank)
-        _barrier(world, device)
-        if rank == 0:
-            _assemble(out_dir, settings, class_list, num_classes)
-        _barrier(world, device)  # nobody returns before samples.npz exists
+        image_shape = _image_shape(job)
+        settings = _settings(
+            config,
+            model_dir,
+            job,
+            image_shape,
+            weights=weights,
+            steps=steps,
+            vae_dir=vae_dir,
+            count=num_samples,
+        )
+        _sample_on_rank(model, job, settings, rank, world, log)
     return {**settings, "complete": True, "npz": NPZ_NAME}
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
 from dtr_scale import __version__
 from dtr_scale.checkpoint_format import (
@@ -28,6 +27,7 @@ from dtr_scale.checkpoint_format import (
     tag_for_step,
     write_state_file,
 )
+from dtr_scale.distributed import barrier
 from dtr_scale.errors import CheckpointError
 from dtr_scale.fileio import atomic_write_text, fsync_path
 from dtr_scale.train.runtime import load_rng_state, rng_state
@@ -178,13 +178,13 @@ class Checkpointer:
             )
         for path in files_written_by_rank(self.dir / tag, self.rank):
             fsync_path(path)  # DeepSpeed does not fsync its files
-        _barrier()  # every rank has written and fsynced: only now may `latest` move
+        barrier()  # every rank has written and fsynced: only now may `latest` move
         if self.rank == 0:
             for directory in (ours, self.dir / tag, self.dir):  # the new names themselves are durable
                 fsync_path(directory)
             atomic_write_text(self.dir / "latest", tag, durable=True)
             self._prune(step)
-        _barrier()
+        barrier()
         return tag
 
     def _prune(self, current_step: int) -> None:
@@ -244,8 +244,3 @@ def files_written_by_rank(tag_dir: Path, rank: int) -> list[Path]:
         files += [p for p in tag_dir.glob("*.pt") if not _RANK_FILE_RE.search(p.name)]
         files += [global_state_path(tag_dir)]
     return files + [own]
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()

@@ -37,12 +37,13 @@ def sharded_images(
     takes samples r, r + world, ...), returned in order on rank 0 (None elsewhere). Collective."""
     from dtr_scale.data.vae import build_decoder
     from dtr_scale.diffusion import create_diffusion
-    from dtr_scale.diffusion.sampling import denoise, guided_model_fn
+    from dtr_scale.diffusion.sampling import denoise, draw_label, guided_model_fn, sample_generator
 
     model = ema_model(trainer)
     decoder = build_decoder(trainer.manifest, trainer.cfg.data.vae, device=trainer.device)
-    # DDIM (eta 0) through the one sampling path (diffusion/sampling.py, as `dtr-scale sample`); sample i
-    # starts from the noise of seed `seed + i`, so it does not depend on which rank draws it.
+    # DDIM (eta 0) through the one sampling path (diffusion/sampling.py, as `dtr-scale sample`); sample i draws
+    # from its own generator, as `dtr-scale sample --seed seed --classes labels` does (label draw first, then
+    # the noise), so it does not depend on which rank draws it.
     d = trainer.cfg.diffusion
     diffusion = create_diffusion(
         f"ddim{steps}",
@@ -57,7 +58,9 @@ def sharded_images(
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
         y = torch.tensor([labels[i] for i in chunk], device=trainer.device)
-        generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
+        generators = [sample_generator(seed, i) for i in chunk]
+        for generator in generators:
+            draw_label(generator, model.num_classes)  # the sampler's first draw, kept so x_T matches it
         with torch.no_grad():
             z = denoise(diffusion, model_fn, "ddim", generators, y, shape, trainer.device)
             pieces.append(decoder(z).float().cpu())

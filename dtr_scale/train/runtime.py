@@ -8,7 +8,6 @@ from __future__ import annotations
 import atexit
 import os
 import random
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dtr_scale.distributed import free_port
 from dtr_scale.errors import UserError
 
 
@@ -27,12 +27,6 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def map_launcher_env(env: dict[str, str] | os._Environ = os.environ) -> None:
@@ -55,7 +49,7 @@ def map_launcher_env(env: dict[str, str] | os._Environ = os.environ) -> None:
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("LOCAL_RANK", "0")
 
 

@@ -1,0 +1,180 @@
+"""Runtime resolution of a config for a world size and device: the batch layout (micro-batch x accumulation x
+world = global batch), the precision, and the DeepSpeed JSON derived from the config (or a user's JSON checked
+against it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from dtr_scale.config.schema import ConfigError, RunConfig
+from dtr_scale.config.validation import stratifies
+
+
+def resolve_batch_layout(cfg: RunConfig, world_size: int) -> RunConfig:
+    """A copy of `cfg` with train.micro_batch_size (and the accumulation) fixed for `world_size` ranks.
+
+    Given micro_batch_size: checked as it is. Unset: per rank = global / world must be whole; the micro-
+    batch is per rank when <= train.max_micro_batch_size, else the largest divisor of it that is (and that
+    k divides, when stratifying), the rest made up by gradient accumulation. ConfigError when none exists.
+    """
+    t = cfg.train
+    if t.micro_batch_size is None:
+        if t.global_batch_size % world_size:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} cannot be split evenly over {world_size} ranks"
+            )
+        per_rank = t.global_batch_size // world_size
+        k = cfg.mtl.num_clusters if stratifies(cfg) else 1
+        fits = [
+            d for d in range(1, min(per_rank, t.max_micro_batch_size) + 1) if per_rank % d == 0 and d % k == 0
+        ]
+        if not fits:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} over {world_size} ranks is {per_rank} per rank, "
+                f"with no micro-batch <= train.max_micro_batch_size={t.max_micro_batch_size} that divides it"
+                + (f" and that k={k} clusters divide (stratified sampling)" if k > 1 else "")
+            )
+        train = dataclasses.replace(t, micro_batch_size=max(fits), gradient_accumulation_steps=None)
+        cfg = dataclasses.replace(cfg, train=train)
+    gradient_accumulation(cfg, world_size)  # raises for an impossible layout
+    return cfg
+
+
+def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:
+    """micro_batch x accumulation x world must equal the global batch; returns the accumulation."""
+    if cfg.train.micro_batch_size is None:
+        cfg = resolve_batch_layout(cfg, world_size)
+    t = cfg.train
+    per_step = t.micro_batch_size * world_size
+    if t.gradient_accumulation_steps is not None:
+        if per_step * t.gradient_accumulation_steps != t.global_batch_size:
+            raise ConfigError(
+                f"train.micro_batch_size ({t.micro_batch_size}) x train.gradient_accumulation_steps "
+                f"({t.gradient_accumulation_steps}) x world size ({world_size}) = "
+                f"{per_step * t.gradient_accumulation_steps} != train.global_batch_size ({t.global_batch_size})"
+            )
+        return t.gradient_accumulation_steps
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size "
+            f"({t.micro_batch_size}) x world size ({world_size})"
+        )
+    return t.global_batch_size // per_step
+
+
+def resolve_precision(cfg: RunConfig, device_type: str, bf16_supported: bool) -> str:
+    """train.precision for a device: auto = bf16 on a CUDA device that supports it, else fp32. bf16 is
+    also allowed on CPU, through DeepSpeed's CPU accelerator (its bf16 optimizer and checkpoints: the
+    CPU twin of the GPU path that the tests exercise). ConfigError when bf16 is asked of a device without it."""
+    p = cfg.train.precision
+    if p == "auto":
+        return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+    if p == "bf16" and not bf16_supported:
+        raise ConfigError(
+            f"train.precision=bf16 requested but the {device_type} device here has no bf16 training support"
+        )
+    return p
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed JSON derived from the run config (the optimizer is passed as a torch object)."""
+    cfg = resolve_batch_layout(cfg, world_size)
+    accumulation = gradient_accumulation(cfg, world_size)
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage > 0:
+        zero.update(
+            contiguous_gradients=True,
+            overlap_comm=bool(cfg.deepspeed.overlap_comm and device_type == "cuda"),
+            reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
+        )
+    if cfg.deepspeed.zero_stage == 3:
+        ds = cfg.deepspeed
+        zero.update(
+            stage3_max_live_parameters=ds.stage3_max_live_parameters,
+            stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+        )
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def merge_user_deepspeed_config(path: str | Path, derived: dict[str, Any]) -> dict[str, Any]:
+    """The derived DeepSpeed JSON updated by the user's file at `path`; ConfigError when one of the keys the
+    YAML owns (batch layout, clipping, ZeRO stage and knobs, precision) disagrees, named with its YAML key.
+    Every other DeepSpeed key of the file (e.g. communication or offload settings) is taken as written."""
+    path = Path(path)
+    try:
+        user = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config_file {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config_file {path} is not valid JSON: {err}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"deepspeed.config_file {path}: expected a JSON object")
+    for section in ("optimizer", "scheduler"):
+        if section in user:
+            raise ConfigError(
+                f"{path}: '{section}' is set by dtr-scale from the YAML (train.lr, train.betas, "
+                f"train.weight_decay, train.warmup_steps); remove it from the DeepSpeed JSON"
+            )
+    checks = _yaml_owned_keys(derived)
+    for json_path, (yaml_key, expected) in checks.items():
+        node: Any = user
+        for part in json_path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and node != expected:  # (a key the derived JSON leaves out: expected None)
+            raise ConfigError(
+                f"{path}: {'.'.join(json_path)} = {node!r} disagrees with {yaml_key} (resolved: {expected!r})"
+            )
+    merged = json.loads(json.dumps(derived))
+    for key, value in user.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _yaml_owned_keys(derived: dict[str, Any]) -> dict[tuple[str, ...], tuple[str, Any]]:
+    """The DeepSpeed JSON paths that the YAML owns, each with its YAML key and the derived value."""
+    checks = {
+        ("train_batch_size",): ("train.global_batch_size", derived["train_batch_size"]),
+        ("train_micro_batch_size_per_gpu",): (
+            "train.micro_batch_size",
+            derived["train_micro_batch_size_per_gpu"],
+        ),
+        ("gradient_accumulation_steps",): (
+            "train.gradient_accumulation_steps",
+            derived["gradient_accumulation_steps"],
+        ),
+        ("gradient_clipping",): ("train.grad_clip", derived["gradient_clipping"]),
+        ("zero_optimization", "stage"): ("deepspeed.zero_stage", derived["zero_optimization"]["stage"]),
+        ("bf16", "enabled"): ("train.precision", derived["bf16"]["enabled"]),
+        ("fp16", "enabled"): ("train.precision (fp16 is not supported; use bf16)", False),
+    }
+    # The ZeRO knobs that are YAML keys (deepspeed.*) must agree too: what config.yaml records is what ran.
+    zero = derived["zero_optimization"]
+    for name in (
+        "reduce_bucket_size", "overlap_comm", "contiguous_gradients", "stage3_max_live_parameters",
+        "stage3_max_reuse_distance", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+    ):  # fmt: skip
+        yaml_key = f"deepspeed.{name}" if name != "contiguous_gradients" else "(always true at ZeRO >= 1)"
+        checks[("zero_optimization", name)] = (
+            yaml_key + ("" if name in zero else f" (not used at deepspeed.zero_stage={zero['stage']})"),
+            zero.get(name),
+        )
+    return checks

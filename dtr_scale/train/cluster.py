@@ -1,0 +1,90 @@
+"""`dtr-scale cluster`: print (and write as JSON for `mtl.clusters_file`) ANT's interval clusters of a named
+schedule's timesteps, or of a task-affinity matrix from `dtr-scale affinity`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dtr_scale.diffusion.schedules import get_named_beta_schedule, snr
+from dtr_scale.mtl.clustering import OBJECTIVES, expand_group_intervals, interval_clustering, interval_cost
+
+
+def schedule_snr(schedule: str = "linear", num_timesteps: int = 1000) -> np.ndarray:
+    """Per-timestep SNR abar / (1 - abar), float64, of a named beta schedule."""
+    alphas_cumprod = np.cumprod(1.0 - get_named_beta_schedule(schedule, num_timesteps))
+    return snr(alphas_cumprod)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CLI of `dtr-scale cluster`."""
+    parser.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="snr",
+        help="clustering cost: snr | log_snr | timestep (equal intervals) | affinity",
+    )
+    parser.add_argument("--k", type=int, required=True, help="number of clusters")
+    parser.add_argument("--schedule", default="linear", help="beta schedule for the SNR (linear|cosine)")
+    parser.add_argument("--timesteps", type=int, default=1000, help="diffusion training timesteps T")
+    parser.add_argument(
+        "--affinity",
+        type=Path,
+        help="task-affinity matrix .npy (T x T, or groups x groups from `dtr-scale affinity`) for --objective affinity",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="write the clusters as JSON here (for mtl.clusters in a config)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dtr-scale cluster`: print (and with --out write) ANT's interval clusters; returns 0."""
+    T = args.timesteps
+    group_size = 1
+    if args.objective == "affinity":
+        if args.affinity is None:
+            raise SystemExit("--objective affinity needs --affinity FILE.npy (see `dtr-scale affinity`)")
+        values = np.load(args.affinity, allow_pickle=False)
+        n = values.shape[0]
+        if values.ndim != 2 or values.shape[1] != n or T % n != 0:
+            raise SystemExit(
+                f"{args.affinity}: expected a square matrix whose size divides --timesteps {T}, got shape {values.shape}"
+            )
+        group_size = T // n
+    else:
+        if args.affinity is not None:
+            raise SystemExit(f"--affinity is only used with --objective affinity, not {args.objective!r}")
+        values = schedule_snr(args.schedule, T)
+    intervals = interval_clustering(values, args.k, args.objective)
+    costs = [interval_cost(values, left, right, args.objective) for left, right in intervals]
+    intervals = expand_group_intervals(intervals, group_size)
+
+    source = f"affinity {args.affinity}" if args.objective == "affinity" else f"{args.schedule} schedule"
+    print(
+        f"objective {args.objective}, k={args.k}, T={T} ({source}"
+        + (f", groups of {group_size})" if group_size > 1 else ")")
+    )
+    print(f"{'cluster':>7}  {'interval':>13}  {'size':>5}  {'share':>7}  {'cost':>12}")
+    for j, ((left, right), cost) in enumerate(zip(intervals, costs)):
+        size = right - left + 1
+        print(f"{j:>7}  {f'[{left}, {right}]':>13}  {size:>5}  {100 * size / T:>6.2f}%  {cost:>12.6g}")
+    total = float(sum(costs))
+    print(f"total cost {total:.6g}")
+    if args.out is not None:
+        record = {
+            "objective": args.objective,
+            "k": args.k,
+            "num_timesteps": T,
+            "schedule": args.schedule if args.objective != "affinity" else None,
+            "affinity": str(args.affinity) if args.affinity is not None else None,
+            "intervals": [list(pair) for pair in intervals],
+            "costs": costs,
+            "total_cost": total,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0

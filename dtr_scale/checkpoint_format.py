@@ -29,6 +29,8 @@ from dtr_scale.errors import CheckpointError
 from dtr_scale.fileio import atomic_path
 
 TAG_RE = re.compile(r"^step(\d{8,})$")
+CHECKPOINTS_DIR = "checkpoints"  # under run_dir: the DeepSpeed tags and `latest`
+LATEST_NAME = "latest"
 
 
 def tag_for_step(step: int) -> str:
@@ -135,6 +137,12 @@ def deepspeed_safe_globals() -> list:
 _RANK_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
+def partition_rank(path: Path) -> int | None:
+    """The rank whose partition a DeepSpeed file `*zero_pp_rank_{r}_*` holds; None for a shared file."""
+    match = _RANK_FILE_RE.search(path.name)
+    return None if match is None else int(match.group(1))
+
+
 def files_loaded_by_rank(tag_dir: Path, rank: int | None) -> list[Path]:
     """DeepSpeed's files in `tag_dir` that `rank` reads on resume: the shared model-states file(s) and its
     own `*zero_pp_rank_{rank}_*` partitions (DeepSpeed reads another rank's partition only for elastic
@@ -142,7 +150,28 @@ def files_loaded_by_rank(tag_dir: Path, rank: int | None) -> list[Path]:
     files = sorted(tag_dir.glob("*.pt"))
     if rank is None:
         return files
-    return [p for p in files if (m := _RANK_FILE_RE.search(p.name)) is None or int(m.group(1)) == rank]
+    return [p for p in files if partition_rank(p) in (None, rank)]
+
+
+def complete_tags(checkpoints_dir: Path) -> list[str]:
+    """The tags under a run's `checkpoints/` whose dtr-scale global state was written (sorted)."""
+    return sorted(
+        p.parent.parent.name for p in checkpoints_dir.glob(f"*/{global_state_path(Path()).as_posix()}")
+    )
+
+
+def read_latest(checkpoints_dir: Path) -> str | None:
+    """The tag `checkpoints/latest` names, or None before the first checkpoint; CheckpointError if it names
+    an incomplete one (`latest` only moves after every rank wrote, so that means files were removed)."""
+    latest = checkpoints_dir / LATEST_NAME
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not global_state_path(checkpoints_dir / tag).is_file():
+        raise CheckpointError(
+            f"{latest} names {tag!r}, but {checkpoints_dir / tag} is not a complete dtr-scale checkpoint"
+        )
+    return tag
 
 
 def check_deepspeed_files_safe(tag_dir: Path, rank: int | None = None) -> None:

@@ -33,7 +33,7 @@ def _build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | No
     # The deepspeed launcher inserts --local_rank before the subcommand; ranks come from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)  # not a flag's value (--local_rank 0)
     module = None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DTR_SCALE_DEBUG"):
             raise
         # One line on rank 0 (every rank usually meets the same error); exit 2 everywhere.
-        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
-        if rank == "0":
+        from dtr_scale.distributed import launcher_ranks
+
+        if launcher_ranks()[0] == 0:
             print(f"dtr-scale {args.command}: error: {err}", file=sys.stderr, flush=True)
         return 2
 

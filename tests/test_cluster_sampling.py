@@ -175,3 +175,19 @@ def test_monitor_writes_the_cluster_layout_and_a_loss_profile_image(tmp_path):
     assert charts["cluster losses"] == ["cluster/loss_0", "cluster/loss_1", "cluster/loss_2"]
     assert charts["cluster weights"] == ["cluster/weight_0", "cluster/weight_1", "cluster/weight_2"]
     assert "loss/profile_vs_t" in images
+
+
+def test_resume_drops_a_torn_metrics_line_and_the_steps_after_the_checkpoint(tmp_path):
+    """A kill mid-write leaves a half line at the end of metrics.jsonl; resuming at step 2 keeps steps 1-2,
+    drops step 3 (logged after the checkpoint) and the torn line, with a warning naming the file."""
+    import json
+
+    from dtr_scale.train.monitor import Monitor
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo'
+    )
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl:4: dropped a torn line"):
+        Monitor(tmp_path, 0, 1, 10, 1.0, None, tensorboard=False, progress=False, start_step=2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

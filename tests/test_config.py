@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from distributed import REPO, rank_env
@@ -311,3 +312,37 @@ def test_user_deepspeed_json_may_not_change_the_zero_knobs_the_yaml_owns(tmp_pat
     merged = merge_user_deepspeed_config(user, derived)  # keys the YAML does not own are taken as written
     assert merged["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
     assert merged["zero_optimization"]["reduce_bucket_size"] == cfg.deepspeed.reduce_bucket_size
+
+
+def test_dry_run_plans_with_the_clusters_training_would_use(tmp_path):
+    """A clusters file decides stratification only once it is read: 4 equal clusters (ANT's uniform split, which
+    mtl.sampling=auto stratifies) need a micro-batch that 4 divides, 5 unequal ones do not stratify; a missing
+    file fails the dry run as it would fail training. Hand-worked layouts: global 48 over world 2 = 24 per rank,
+    max micro-batch 10 -> the largest divisor of 24 that is <= 10 is 8 (4 | 8); stratified over 5 clusters none
+    of 1, 2, 3, 4, 6, 8 works."""
+    from dtr_scale.train.dryrun import dry_run
+
+    def write(name: str, intervals: list[list[int]]) -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps({"intervals": intervals, "num_timesteps": 1000}))
+        return path
+
+    equal4 = write("equal4.json", [[0, 249], [250, 499], [500, 749], [750, 999]])
+    equal5 = write("equal5.json", [[0, 199], [200, 399], [400, 599], [600, 799], [800, 999]])
+    unequal5 = write("unequal5.json", [[0, 99], [100, 299], [300, 599], [600, 899], [900, 999]])
+    base = ["train.global_batch_size=48", "train.max_micro_batch_size=10", "data.shards=", "mtl.method=uw"]
+
+    def plan(path: Path, k: int) -> str:
+        cfg = load_config(
+            REPO / "configs/dit-b2-dtr.yaml", [*base, f"mtl.num_clusters={k}", f"mtl.clusters_file={path}"]
+        )
+        return dry_run(cfg, 2, None, device_type="cuda")
+
+    assert "micro-batch 8 x gradient accumulation 3 x world size 2" in plan(equal4, 4)
+    with pytest.raises(ConfigError, match=r"is 24 per rank, with no micro-batch .* that k=5 clusters divide"):
+        plan(equal5, 5)
+    assert "micro-batch 8 x gradient accumulation 3 x world size 2" in plan(
+        unequal5, 5
+    )  # uniform t: no k rule
+    with pytest.raises(FileNotFoundError, match=r"cluster file .*missing\.json does not exist"):
+        plan(tmp_path / "missing.json", 5)

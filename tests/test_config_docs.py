@@ -21,7 +21,7 @@ def test_every_config_key_is_documented_and_nothing_else():
 
 def test_defaults_are_read_from_the_dataclasses():
     fields = config_fields()
-    # hand-picked against config.py's source text
+    # hand-picked against config/schema.py's source text
     assert fields["train.lr"][1] == 1e-4 and fields["deepspeed.zero_stage"][1] == 2
     assert fields["monitor.sample_classes"][1] == [207, 360, 387, 974, 88, 979, 417, 279]
     assert fields["train.micro_batch_size"][1] is None

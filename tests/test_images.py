@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dtr_scale.data.image_folder import load_image
 from dtr_scale.data.images import UnsupportedImage, open_rgb8
-from dtr_scale.data.preprocess import load_image
 
 
 def _img(array: np.ndarray, mode: str) -> Image.Image:

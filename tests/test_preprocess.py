@@ -12,13 +12,9 @@ import pytest
 import torch
 
 from dtr_scale.cli import main as cli_main
-from dtr_scale.data.preprocess import (
-    UnreadableImageWarning,
-    center_crop,
-    preprocess,
-    shard_range,
-    write_order,
-)
+from dtr_scale.data.image_folder import UnreadableImageWarning, center_crop
+from dtr_scale.data.preprocess import preprocess
+from dtr_scale.data.preprocess_state import shard_range, write_order
 from dtr_scale.data.shards import (
     decode_sample,
     iter_raw_samples,

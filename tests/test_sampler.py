@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from dtr_scale.diffusion.sampling import sample_generator
 from dtr_scale.distributed import free_port
 from dtr_scale.models.dit import DiT
 from dtr_scale.models.model_dir import load_model_dir, make_config, save_model_dir
 from dtr_scale.sample.sampler import rank_indices, sample_to_dir
-from dtr_scale.sample.seeds import sample_generator, sample_label
+from dtr_scale.sample.seeds import sample_label
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10

@@ -18,13 +18,8 @@ from dtr_scale.data.shards import (
     write_manifest,
     write_shard,
 )
-from dtr_scale.data.stream import (
-    LatentStream,
-    ShardError,
-    ShardWarning,
-    emission_order,
-    interleaved_arrival,
-)
+from dtr_scale.data.stream import LatentStream, ShardError, ShardWarning
+from dtr_scale.data.stream_order import emission_order, interleaved_arrival
 
 SHAPE = (1, 2, 2)
 SHARD_SIZES = (5, 7, 6, 5, 8, 4)  # 35 samples, uneven on purpose
@@ -396,7 +391,7 @@ def test_epoch_mode_for_training_takes_equal_full_batches_and_rolls_over(tmp_pat
 def test_epoch_mode_ranks_take_the_minimum_share(tmp_path: Path) -> None:
     # Shards of 5, 7, 6, 5, 8, 4 over 2 ranks: each rank's share depends on the epoch's shard order; the
     # count every rank takes is the smaller floor(share / 4), computed by hand from the same order.
-    from dtr_scale.data.stream import consumer_slots, epoch_shard_list
+    from dtr_scale.data.stream_order import consumer_slots, epoch_shard_list
 
     manifest = _write_dataset(tmp_path / "d")
     streams = [

@@ -13,12 +13,14 @@ from dtr_scale.config.schema import ConfigError, RunConfig
 from dtr_scale.config.validation import stratifies
 
 
-def resolve_batch_layout(cfg: RunConfig, world_size: int) -> RunConfig:
+def resolve_batch_layout(cfg: RunConfig, world_size: int, stratify_over: int | None = None) -> RunConfig:
     """A copy of `cfg` with train.micro_batch_size (and the accumulation) fixed for `world_size` ranks.
 
     Given micro_batch_size: checked as it is. Unset: per rank = global / world must be whole; the micro-
     batch is per rank when <= train.max_micro_batch_size, else the largest divisor of it that is (and that
     k divides, when stratifying), the rest made up by gradient accumulation. ConfigError when none exists.
+    stratify_over: the k every micro-batch is split over, from the resolved clusters (train/plan.py); None =
+    judged from the config alone (`stratifies`), which cannot see the sizes in an `mtl.clusters_file`.
     """
     t = cfg.train
     if t.micro_batch_size is None:
@@ -27,7 +29,7 @@ def resolve_batch_layout(cfg: RunConfig, world_size: int) -> RunConfig:
                 f"train.global_batch_size={t.global_batch_size} cannot be split evenly over {world_size} ranks"
             )
         per_rank = t.global_batch_size // world_size
-        k = cfg.mtl.num_clusters if stratifies(cfg) else 1
+        k = stratify_over or (cfg.mtl.num_clusters if stratifies(cfg) else 1)
         fits = [
             d for d in range(1, min(per_rank, t.max_micro_batch_size) + 1) if per_rank % d == 0 and d % k == 0
         ]

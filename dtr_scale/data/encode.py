@@ -28,12 +28,14 @@ from dtr_scale.data.preprocess_state import (
 )
 from dtr_scale.data.shards import LatentSample, shard_name, write_shard
 from dtr_scale.data.vae import load_vae
+from dtr_scale.distributed import cuda_device
 from dtr_scale.fileio import atomic_write_text
 
 
 def _device(choice: str, local_rank: int) -> torch.device:
+    """--device cuda (or auto with CUDA present): this local rank's GPU; else the CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+        return cuda_device(local_rank)
     return torch.device("cpu")
 
 

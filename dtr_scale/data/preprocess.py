@@ -38,47 +38,21 @@ from pathlib import Path
 
 import torch
 
-from dtr_scale.data.encode import encode_images, encode_shard_range
-from dtr_scale.data.image_folder import (
-    IMAGE_EXTENSIONS,
-    UnreadableImageWarning,
-    center_crop,
-    list_image_folder,
-    load_image,
-)
+from dtr_scale.data.encode import encode_shard_range
+from dtr_scale.data.image_folder import list_image_folder
 from dtr_scale.data.preprocess_state import (
-    PROGRESS_DIR,
-    WEIGHT_SUFFIXES,
     count_shards,
     finished_records,
     input_fingerprint,
-    inputs_digest,
     settings_change,
     shard_inputs_digest,
-    shard_members,
-    shard_range,
     vae_weights_sha256,
     wait_for_shards,
     write_order,
 )
 from dtr_scale.data.shards import shard_name, write_manifest
 from dtr_scale.data.vae import load_vae, vae_identity
-
-# What moved to image_folder.py, preprocess_state.py and encode.py stays importable from here.
-__all__ = [
-    "IMAGE_EXTENSIONS", "PROGRESS_DIR", "WEIGHT_SUFFIXES", "UnreadableImageWarning", "add_arguments",
-    "center_crop", "encode_images", "encode_shard_range", "input_fingerprint", "inputs_digest",
-    "list_image_folder", "load_image", "preprocess", "run", "shard_members", "shard_range",
-    "vae_weights_sha256", "wait_for_shards", "write_order",
-]  # fmt: skip
-
-
-def _env_rank() -> tuple[int, int, int]:
-    """(global rank, world size, local rank) from the launcher's environment (torchrun, deepspeed, Slurm)."""
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-    return rank, world, local
+from dtr_scale.distributed import launcher_ranks
 
 
 def _vae_config(vae_dir: Path) -> dict | None:
@@ -160,7 +134,7 @@ def preprocess(
     paths, labels, classes = list_image_folder(input_dir)
     identity, settings = _settings(vae_dir, vae_config, vae_name, image_size, shard_size, shuffle_seed)
     fingerprint = input_fingerprint(paths, classes, settings)
-    env_rank, env_world, local_rank = _env_rank()
+    env_rank, env_world, local_rank = launcher_ranks()
     change = settings_change(out_dir, settings, fingerprint)
     if change and not quiet and env_rank == 0:
         print(f"preprocess: {out_dir} holds shards made with other settings ({change} changed); re-encoding")

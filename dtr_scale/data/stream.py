@@ -54,14 +54,8 @@ import numpy as np
 import torch
 
 from dtr_scale.data.shards import Manifest, load_manifest
-from dtr_scale.data.stream_order import consumer_slots, emission_order, epoch_shard_list, interleaved_arrival
+from dtr_scale.data.stream_order import consumer_slots, epoch_shard_list
 from dtr_scale.data.stream_worker import ShardError, WorkerStream
-
-# The schedule (stream_order.py) and ShardError (stream_worker.py) stay importable from here.
-__all__ = [
-    "ON_ERROR_CHOICES", "STATE_FORMAT", "LatentStream", "ShardError", "ShardWarning",
-    "consumer_slots", "emission_order", "epoch_shard_list", "interleaved_arrival",
-]  # fmt: skip
 
 STATE_FORMAT = "dtr-scale-stream/1"
 ON_ERROR_CHOICES = ("warn", "raise", "ignore")

@@ -62,10 +62,13 @@ class SamplingLoops:
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """One ancestral (DDPM) step x_t -> x_{t-1}; no noise is added at t = 0."""
+        """One ancestral (DDPM) step x_t -> x_{t-1} (Ho et al. 2020, Alg. 2); no noise is added at t = 0.
+        `noise` (x's shape) replaces the draw from `generator`, e.g. per-sample noise from per-sample generators."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = _randn(x.shape, x.device, generator)
+        if noise is None:
+            noise = _randn(x.shape, x.device, generator)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         sample = out["mean"] + nonzero_mask * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -80,8 +83,10 @@ class SamplingLoops:
         model_kwargs: dict[str, Any] | None = None,
         eta: float = 0.0,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, Eq. 12; eta = 0 is deterministic)."""
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, Eq. 12; eta = 0 is deterministic). `noise` (x's shape)
+        replaces the draw from `generator`; at eta = 0 it is multiplied by 0, so zeros do."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         # Re-derive eps from x_0 so that clipping or denoised_fn are reflected in it.
         eps = self._predict_eps_from_xstart(x.float(), t, out["pred_xstart"])
@@ -93,8 +98,8 @@ class SamplingLoops:
             * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
-        # Drawn even for eta = 0 so that a seed consumes the same random stream as the reference.
-        noise = _randn(x.shape, x.device, generator)
+        if noise is None:  # drawn even for eta = 0, so that a seed consumes the reference's random stream
+            noise = _randn(x.shape, x.device, generator)
         mean_pred = (
             out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
         )
@@ -149,24 +154,11 @@ class SamplingLoops:
 
         yield from self._sample_loop_progressive(step, shape, noise, device, progress, generator)
 
-    def p_sample_loop(
-        self,
-        model: ModelFn,
-        shape: Sequence[int],
-        noise: Tensor | None = None,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Ancestral (DDPM) sampling; ``generator`` drives every noise draw, so a seed fixes the result."""
-        return _last_sample(
-            self.p_sample_loop_progressive(
-                model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, generator
-            )
-        )
+    def p_sample_loop(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Ancestral (DDPM) sampling, the final sample (B, ...) of `p_sample_loop_progressive` (same arguments:
+        model, shape, noise, clip_denoised, denoised_fn, model_kwargs, device, progress, generator).
+        ``generator`` drives every noise draw, so a seed fixes the result."""
+        return _last_sample(self.p_sample_loop_progressive(*args, **kwargs))
 
     def ddim_sample_loop_progressive(
         self,
@@ -189,31 +181,8 @@ class SamplingLoops:
 
         yield from self._sample_loop_progressive(step, shape, noise, device, progress, generator)
 
-    def ddim_sample_loop(
-        self,
-        model: ModelFn,
-        shape: Sequence[int],
-        noise: Tensor | None = None,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = False,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """DDIM sampling over this diffusion's steps (respace it for fewer, e.g. "ddim50")."""
-        return _last_sample(
-            self.ddim_sample_loop_progressive(
-                model,
-                shape,
-                noise,
-                clip_denoised,
-                denoised_fn,
-                model_kwargs,
-                device,
-                progress,
-                eta,
-                generator,
-            )
-        )
+    def ddim_sample_loop(self, *args: Any, **kwargs: Any) -> Tensor:
+        """DDIM sampling over this diffusion's steps (respace it for fewer, e.g. "ddim50"): the final sample of
+        `ddim_sample_loop_progressive` (same arguments: model, shape, noise, clip_denoised, denoised_fn,
+        model_kwargs, device, progress, eta, generator)."""
+        return _last_sample(self.ddim_sample_loop_progressive(*args, **kwargs))

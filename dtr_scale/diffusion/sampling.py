@@ -30,6 +30,18 @@ def draw_label(generator: torch.Generator, num_classes: int) -> int:
     return int(torch.randint(num_classes, (1,), generator=generator))
 
 
+def sample_generators(
+    seed: int, indices: list[int], num_classes: int, classes: list[int] | None = None
+) -> tuple[list[torch.Generator], list[int]]:
+    """The generators of sample `indices` of `seed`, each past its first draw (its uniform label), and the
+    labels: the uniform draws, or `classes` cycled by index (classes[i % len(classes)]). The label is drawn
+    even when `classes` is given, so that a sample's noise does not depend on the class list."""
+    generators = [sample_generator(seed, i) for i in indices]
+    uniform = [draw_label(g, num_classes) for g in generators]
+    labels = uniform if classes is None else [classes[i % len(classes)] for i in indices]
+    return generators, labels
+
+
 def guided_model_fn(model: nn.Module, cfg_scale: float, device: torch.device) -> Callable[..., torch.Tensor]:
     """model_fn(x, t, y) -> float32 output for the diffusion loops, with classifier-free guidance (Ho &
     Salimans 2022) when cfg_scale != 1: the conditional and null-label halves run as one doubled batch through
@@ -76,18 +88,13 @@ def denoise(
 
     x = per_sample_noise()
     kwargs = {"y": labels}
-    # DDIM with eta = 0 adds no noise; the generator it asks for only feeds a term multiplied by 0.
-    scratch = torch.Generator(device).manual_seed(0)
     for i in range(diffusion.num_timesteps - 1, -1, -1):
         t = torch.full((len(x),), i, device=device, dtype=torch.long)
-        if sampler == "ddim":
-            x = diffusion.ddim_sample(model_fn, x, t, model_kwargs=kwargs, eta=0.0, generator=scratch)[
-                "sample"
-            ]
-        else:
-            # Ancestral step (Ho et al. 2020, Alg. 2 with ADM's learned variance), the same update as
-            # GaussianDiffusion.p_sample but with each sample's noise from its own generator.
-            out = diffusion.p_mean_variance(model_fn, x, t, clip_denoised=False, model_kwargs=kwargs)
-            noise = per_sample_noise()
-            x = out["mean"] + (i > 0) * torch.exp(0.5 * out["log_variance"]) * noise
+        if sampler == "ddim":  # eta 0: the step's noise is multiplied by 0, so none is drawn
+            step = diffusion.ddim_sample(
+                model_fn, x, t, model_kwargs=kwargs, eta=0.0, noise=torch.zeros_like(x)
+            )
+        else:  # ancestral, each sample's noise from its own generator
+            step = diffusion.p_sample(model_fn, x, t, model_kwargs=kwargs, noise=per_sample_noise())
+        x = step["sample"]
     return x

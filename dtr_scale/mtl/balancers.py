@@ -12,7 +12,7 @@ ZeRO-3 gathers s for it.
   l_k its minimiser is s_k = log(l_k / k). s has its own optimizer group (lr 0.025, no weight decay).
 - ``nash`` (Navon et al. 2022, Nash-MTL) and ``pcgrad`` (Yu et al. 2020): both update directions are
   sum_m w_m g_m for a weight vector w that depends only on the Gram matrix G of the global
-  per-cluster gradients (``gram.global_cluster_gram``). Every ``update_every`` steps the trainer
+  per-cluster gradients (``gram.global_cluster_gram_from_fn``, called by train/step.py's ``cluster_gram``). Every ``update_every`` steps the trainer
   computes G and calls ``update_from_gram(G)``; in between w is held. The training loss is
   (1/k) * sum_k w_k l_k: the 1/k follows the official ANT code (Nash: ``loss / len(losses)``;
   PCGrad: each l_k divided by the number of clusters), so that w = 1 (the initial value, and

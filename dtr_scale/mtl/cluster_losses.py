@@ -2,9 +2,9 @@
 
 Two pieces:
 
-- ``per_cluster_mean``: the differentiable per-micro-batch means that a balancer combines into the
-  training loss. A cluster with no sample in the micro-batch gets mean 0 and count 0 (never NaN), so
-  it contributes nothing to the loss or its gradient.
+- ``step_cluster_means``: the differentiable l_k of the optimizer step that a balancer combines into the
+  training loss (``per_cluster_mean``: the same for one micro-batch on its own). A cluster with no sample
+  gets 0 (never NaN), so it contributes nothing to the loss or its gradient.
 - ``ClusterLossBuffer``: detached sums and counts accumulated over the micro-batches of one optimizer
   step or more, all-reduced across ranks in one collective when read, giving the global per-cluster
   means for logging (and a loss-vs-t profile).
@@ -16,27 +16,31 @@ import torch
 import torch.distributed as dist
 
 
-def per_cluster_mean(
-    per_sample_loss: torch.Tensor, cluster_idx: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(means (k,), counts (k,) long) of ``per_sample_loss`` (B,) grouped by ``cluster_idx`` (B,).
-
-    Differentiable in ``per_sample_loss``. Sums run in at least float32 so bf16 losses keep precision.
-    """
+def _cluster_sums(per_sample_loss: torch.Tensor, cluster_idx: torch.Tensor, k: int) -> torch.Tensor:
+    """Differentiable (k,) sums of ``per_sample_loss`` (B,) by ``cluster_idx`` (B,), in at least float32 so
+    bf16 losses keep precision. ValueError for shapes that are not both (B,)."""
     if per_sample_loss.ndim != 1 or per_sample_loss.shape != cluster_idx.shape:
         raise ValueError(
             f"per_sample_loss and cluster_idx must both have shape (B,), got "
             f"{tuple(per_sample_loss.shape)} and {tuple(cluster_idx.shape)}"
         )
     dtype = torch.promote_types(per_sample_loss.dtype, torch.float32)
-    sums = torch.zeros(k, dtype=dtype, device=per_sample_loss.device).index_add(
+    return torch.zeros(k, dtype=dtype, device=per_sample_loss.device).index_add(
         0, cluster_idx, per_sample_loss.to(dtype)
     )
+
+
+def per_cluster_mean(
+    per_sample_loss: torch.Tensor, cluster_idx: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means (k,), counts (k,) long) of ``per_sample_loss`` (B,) grouped by ``cluster_idx`` (B,): one
+    micro-batch's l_k on its own (a cluster without samples: mean 0, count 0). Differentiable; ValueError for
+    bad shapes or a cluster index >= k. The trainer uses ``step_cluster_means`` (l_k over the whole step)."""
+    sums = _cluster_sums(per_sample_loss, cluster_idx, k)
     counts = torch.bincount(cluster_idx, minlength=k)
     if counts.numel() != k:
         raise ValueError(f"cluster_idx has values >= k={k} (max {int(cluster_idx.max())})")
-    means = sums / counts.clamp(min=1).to(dtype)
-    return means, counts
+    return sums / counts.clamp(min=1).to(sums.dtype), counts
 
 
 def step_cluster_means(
@@ -54,17 +58,8 @@ def step_cluster_means(
     skip it: UW's s_k gets no gradient). With stratified sampling every N_k = scale * B / k and this is the
     plain micro-batch mean.
     """
-    if per_sample_loss.ndim != 1 or per_sample_loss.shape != cluster_idx.shape:
-        raise ValueError(
-            f"per_sample_loss and cluster_idx must both have shape (B,), got "
-            f"{tuple(per_sample_loss.shape)} and {tuple(cluster_idx.shape)}"
-        )
-    k = step_counts.shape[0]
-    dtype = torch.promote_types(per_sample_loss.dtype, torch.float32)
-    sums = torch.zeros(k, dtype=dtype, device=per_sample_loss.device).index_add(
-        0, cluster_idx, per_sample_loss.to(dtype)
-    )
-    counts = step_counts.to(device=sums.device, dtype=dtype)
+    sums = _cluster_sums(per_sample_loss, cluster_idx, step_counts.shape[0])
+    counts = step_counts.to(device=sums.device, dtype=sums.dtype)
     return sums * scale / counts.clamp(min=1)
 
 

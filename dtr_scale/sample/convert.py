@@ -33,11 +33,15 @@ import torch
 import yaml
 
 from dtr_scale.checkpoint_format import (
+    CHECKPOINTS_DIR,
+    LATEST_NAME,
     assemble_ema_shards,
     check_deepspeed_files_safe,
+    complete_tags,
     deepspeed_safe_globals,
     global_state_path,
     rank_state_path,
+    read_latest,
     read_state_file,
 )
 from dtr_scale.fileio import atomic_path
@@ -56,19 +60,18 @@ DIT_CHECKPOINT_NAME = "dit.pt"
 
 def resolve_tag(run_dir: Path, tag: str | None) -> tuple[str, Path]:
     """The checkpoint tag to convert (`latest` when None) and its directory; errors name what is missing."""
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINTS_DIR
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    available = sorted(p.parent.parent.name for p in ckpt_dir.glob("*/dtr_scale/global.safetensors"))
+    available = complete_tags(ckpt_dir)
     if tag is None:
-        latest = ckpt_dir / "latest"
-        if not latest.is_file():
+        tag = read_latest(ckpt_dir)
+        if tag is None:
             raise FileNotFoundError(
-                f"{latest} does not exist: {run_dir} has no complete checkpoint yet (the trainer writes one "
-                f"every train.checkpoint_every steps and at the last step)"
+                f"{ckpt_dir / LATEST_NAME} does not exist: {run_dir} has no complete checkpoint yet (the trainer "
+                f"writes one every train.checkpoint_every steps and at the last step)"
                 + (f"; complete tags found: {available} (pass --tag)" if available else "")
             )
-        tag = latest.read_text().strip()
     tag_dir = ckpt_dir / tag
     if not global_state_path(tag_dir).is_file():
         state = "is not a complete dtr-scale checkpoint" if tag_dir.is_dir() else "does not exist"

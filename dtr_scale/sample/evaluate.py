@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", required=True, help="image folder, images npz, or ADM statistics npz")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     parser.add_argument("--inception-weights", default=None, help="torch-fidelity Inception state dict file")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--kid-subset-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
+    parser.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (torch-fidelity)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 

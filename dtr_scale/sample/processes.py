@@ -9,30 +9,31 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
+from dtr_scale.distributed import cuda_device, launcher_ranks, map_launcher_env
+
 
 @contextlib.contextmanager
 def process_group(device: torch.device) -> Iterator[tuple[int, int]]:
-    """(rank, world): an initialised torch.distributed group, or one started from RANK/WORLD_SIZE
-    (and MASTER_ADDR/MASTER_PORT) set by torchrun / the deepspeed launcher, or a single process."""
+    """(rank, world): an initialised torch.distributed group, or one started from the launcher's ranks
+    (torchrun / the deepspeed launcher, or `srun` with MASTER_ADDR exported: dtr_scale.distributed), or a
+    single process."""
     if dist.is_available() and dist.is_initialized():
         yield dist.get_rank(), dist.get_world_size()
         return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, _ = launcher_ranks()
     if world <= 1:
         yield 0, 1
         return
+    map_launcher_env()  # SLURM's variables -> torch's, for the env:// rendezvous
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Long timeout: on a resumed run one rank may have far more missing images than another, and the
     # others wait for it at the final barrier.
-    dist.init_process_group(
-        backend, rank=int(os.environ["RANK"]), world_size=world, timeout=datetime.timedelta(hours=12)
-    )
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(hours=12))
     try:
         yield dist.get_rank(), dist.get_world_size()
     finally:
@@ -45,9 +46,7 @@ def rank_indices(num_samples: int, rank: int, world: int) -> list[int]:
 
 
 def default_device() -> torch.device:
-    """cuda:LOCAL_RANK where CUDA is present, else the CPU."""
+    """This local rank's GPU where CUDA is present (made current), else the CPU."""
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
+        return cuda_device(launcher_ranks()[2])
     return torch.device("cpu")

@@ -37,8 +37,9 @@ import torch
 
 import dtr_scale
 from dtr_scale.data.images import to_uint8_nhwc
-from dtr_scale.diffusion.sampling import denoise, guided_model_fn
-from dtr_scale.distributed import barrier
+from dtr_scale.data.vae import build_decoder
+from dtr_scale.diffusion.sampling import denoise, guided_model_fn, sample_generators
+from dtr_scale.distributed import barrier, launcher_ranks
 from dtr_scale.models.dit import DiT
 from dtr_scale.models.model_dir import load_model_dir, validate_config
 from dtr_scale.sample.outputs import (
@@ -52,21 +53,12 @@ from dtr_scale.sample.outputs import (
     write_png,
 )
 from dtr_scale.sample.processes import default_device, process_group, rank_indices
-from dtr_scale.sample.seeds import draw_label, parse_classes, sample_generator
+from dtr_scale.sample.seeds import parse_classes
 
 SAMPLERS = ("ddpm", "ddim")
 
 
 # ----------------------------------------------------------------------------------------------- sampling
-
-
-def _decoder(
-    config: dict[str, Any], where: Path | None, vae_dir: str | os.PathLike | None, device: torch.device
-):
-    """The model dir's data section's decoder (built-in pixel codec or a diffusers VAE; data/vae.py)."""
-    from dtr_scale.data.vae import build_decoder
-
-    return build_decoder(config["data"], vae_dir=vae_dir, device=device)
 
 
 def _resolve_model(
@@ -114,9 +106,7 @@ def _draw(model: DiT, job: dict[str, Any], todo: list[int], log: Callable[[str],
     try:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            generators = [sample_generator(job["seed"], i) for i in batch]
-            uniform = [draw_label(g, job["num_classes"]) for g in generators]
-            labels = uniform if class_list is None else [class_list[i % len(class_list)] for i in batch]
+            generators, labels = sample_generators(job["seed"], batch, job["num_classes"], class_list)
             y = torch.tensor(labels, device=job["device"], dtype=torch.long)
             latents = denoise(
                 job["diffusion"], model_fn, job["sampler"], generators, y, job["latent_shape"], job["device"]
@@ -252,7 +242,7 @@ def sample_to_dir(
         guidance_channels=guided, cfg_scale=float(cfg_scale), device=device, batch_size=batch_size,
         class_list=class_list, seed=seed, num_classes=num_classes, diffusion=diffusion, sampler=sampler,
         latent_shape=tuple(config["data"]["latent_shape"]), out_dir=Path(out_dir),
-        decode=_decoder(config, model_dir, vae_dir, device),
+        decode=build_decoder(config["data"], vae_dir=vae_dir, device=device),  # data/vae.py's codec
     )  # fmt: skip
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     with process_group(device) as (rank, world):
@@ -282,14 +272,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=50_000, help="total images over all ranks")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass on one rank")
     parser.add_argument("--steps", type=int, default=250, help="sampling steps (respacing of the 1000)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    parser.add_argument(
+        "--sampler", choices=SAMPLERS, default="ddpm", help="ddpm (ancestral, the DiT paper) or ddim (eta 0)"
+    )
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance; 1.0 = none")
     parser.add_argument(
         "--guidance-channels", default="all", choices=("all", "3"),
         help="latent channels CFG applies to: all (DTR) or 3 (reference DiT)",
     )  # fmt: skip
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sample i draws from SeedSequence([seed, i])")
     parser.add_argument("--vae", default=None, help="diffusers VAE directory (default: the one recorded)")
     parser.add_argument("--classes", default="uniform", help="'uniform' or comma-separated class indices")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
@@ -313,6 +307,6 @@ def run(args: argparse.Namespace) -> int:
         classes=args.classes,
         device=args.device,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launcher_ranks()[0] == 0:
         print(json.dumps({"npz": str(Path(args.out) / NPZ_NAME), "count": result["count"]}))
     return 0

@@ -29,9 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--group-size", type=int, default=50, help="timesteps per group G (1: full T x T)")
     parser.add_argument("--batches", type=int, default=4, help="number of batches per group gradient")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=32, help="latents per gradient batch (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batches, timesteps and noise")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available"
+    )
     parser.add_argument(
         "--max-memory-gb", type=float, default=32.0, help="limit on the stored group gradients"
     )

@@ -23,6 +23,7 @@ def resolve_clusters(cfg: RunConfig, alphas_cumprod: np.ndarray) -> list[tuple[i
     programming over contiguous intervals) of the per-timestep SNR abar_t / (1 - abar_t) (alphas_cumprod:
     float64 (T,)) or of the task-affinity matrix in `mtl.affinity_file` (mtl.objective=affinity).
     """
+    from dtr_scale.diffusion.schedules import snr
     from dtr_scale.mtl.clustering import interval_clustering, load_clusters
 
     m, steps = cfg.mtl, cfg.diffusion.diffusion_steps
@@ -45,7 +46,7 @@ def resolve_clusters(cfg: RunConfig, alphas_cumprod: np.ndarray) -> list[tuple[i
                 f"mtl.affinity_file {path}: expected a {steps}x{steps} matrix, got {values.shape}"
             )
     else:
-        values = alphas_cumprod / (1.0 - alphas_cumprod)  # per-timestep SNR (ANT)
+        values = snr(alphas_cumprod)  # per-timestep SNR abar / (1 - abar) (ANT)
     return interval_clustering(values, m.num_clusters, m.objective)
 
 
@@ -106,13 +107,18 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def build_timestep_sampler(cfg: RunConfig, clusters: list[tuple[int, int]] | None):
-    """ANT's timestep sampler over `clusters` (mtl.sampling: auto stratifies equal-size clusters only);
-    ConfigError when a stratified micro-batch cannot be split evenly over the clusters."""
+def build_timestep_sampler(
+    cfg: RunConfig, clusters: list[tuple[int, int]] | None, stratified: bool | None = None
+):
+    """ANT's timestep sampler over `clusters` (mtl.sampling: auto stratifies equal-size clusters only; pass
+    `stratified` when already resolved); ConfigError when a stratified micro-batch cannot be split evenly over
+    the clusters."""
     from dtr_scale.mtl.sampling import TimestepSampler, resolve_sampling
 
     steps = cfg.diffusion.diffusion_steps
-    sampler = TimestepSampler(steps, clusters, stratified=resolve_sampling(cfg.mtl.sampling, clusters, steps))
+    if stratified is None:
+        stratified = resolve_sampling(cfg.mtl.sampling, clusters, steps)
+    sampler = TimestepSampler(steps, clusters, stratified=stratified)
     try:
         sampler.check_batch_size(cfg.train.micro_batch_size)
     except ValueError as err:

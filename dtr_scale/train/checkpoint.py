@@ -18,11 +18,15 @@ import torch
 
 from dtr_scale import __version__
 from dtr_scale.checkpoint_format import (
-    _RANK_FILE_RE,
+    CHECKPOINTS_DIR,
+    LATEST_NAME,
     TAG_RE,
     check_deepspeed_files_safe,
+    files_loaded_by_rank,
     global_state_path,
+    partition_rank,
     rank_state_path,
+    read_latest,
     read_state_file,
     tag_for_step,
     write_state_file,
@@ -142,7 +146,7 @@ class Checkpointer:
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.dir = Path(run_dir) / "checkpoints"
+        self.dir = Path(run_dir) / CHECKPOINTS_DIR
         self.engine = engine
         self.global_objects, self.rank_objects = global_objects or {}, rank_objects or {}
         self.keep_last, self.keep_every = keep_last, keep_every
@@ -151,15 +155,7 @@ class Checkpointer:
     def latest_tag(self) -> str | None:
         """The tag `latest` names, or None before the first checkpoint; CheckpointError if it names an
         incomplete one."""
-        latest = self.dir / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
-        if not global_state_path(self.dir / tag).is_file():
-            raise CheckpointError(
-                f"{latest} names {tag!r}, but {self.dir / tag} is not a complete dtr-scale checkpoint"
-            )
-        return tag
+        return read_latest(self.dir)
 
     def save(self, step: int) -> str:
         """Write the checkpoint of optimizer step `step` on every rank (collective); return its tag."""
@@ -182,7 +178,7 @@ class Checkpointer:
         if self.rank == 0:
             for directory in (ours, self.dir / tag, self.dir):  # the new names themselves are durable
                 fsync_path(directory)
-            atomic_write_text(self.dir / "latest", tag, durable=True)
+            atomic_write_text(self.dir / LATEST_NAME, tag, durable=True)
             self._prune(step)
         barrier()
         return tag
@@ -237,10 +233,7 @@ class Checkpointer:
 def files_written_by_rank(tag_dir: Path, rank: int) -> list[Path]:
     """The files of a tag that `rank` wrote: its own partitions and state file, and on rank 0 the shared ones."""
     own = rank_state_path(tag_dir, rank)
-    files = [
-        p for p in tag_dir.glob("*.pt") if (m := _RANK_FILE_RE.search(p.name)) and int(m.group(1)) == rank
-    ]
+    files = [p for p in files_loaded_by_rank(tag_dir, rank) if rank == 0 or partition_rank(p) == rank]
     if rank == 0:
-        files += [p for p in tag_dir.glob("*.pt") if not _RANK_FILE_RE.search(p.name)]
         files += [global_state_path(tag_dir)]
     return files + [own]

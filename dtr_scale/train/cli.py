@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Config, data and checkpoint errors reach the CLI, which prints them as one line on rank 0 (errors.py).
-    """`dtr-scale train`: train (or with --dry-run print the plan); returns 0."""
+    """`dtr-scale train`: train (or with --dry-run print the plan); returns 0. Config, data and checkpoint errors
+    reach cli.py, which prints them as one line on rank 0 (errors.py)."""
     cfg = load_config(args.config, args.overrides or [])
     if args.dry_run:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dtr_scale.diffusion.schedules import get_named_beta_schedule, snr
+from dtr_scale.errors import UserError
 from dtr_scale.mtl.clustering import OBJECTIVES, expand_group_intervals, interval_clustering, interval_cost
 
 
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="task-affinity matrix .npy (T x T, or groups x groups from `dtr-scale affinity`) for --objective affinity",
     )
     parser.add_argument(
-        "--out", type=Path, help="write the clusters as JSON here (for mtl.clusters in a config)"
+        "--out", type=Path, help="write the clusters as JSON here (for mtl.clusters_file in a config)"
     )
 
 
@@ -46,17 +47,17 @@ def run(args: argparse.Namespace) -> int:
     group_size = 1
     if args.objective == "affinity":
         if args.affinity is None:
-            raise SystemExit("--objective affinity needs --affinity FILE.npy (see `dtr-scale affinity`)")
+            raise UserError("--objective affinity needs --affinity FILE.npy (see `dtr-scale affinity`)")
         values = np.load(args.affinity, allow_pickle=False)
         n = values.shape[0]
         if values.ndim != 2 or values.shape[1] != n or T % n != 0:
-            raise SystemExit(
+            raise UserError(
                 f"{args.affinity}: expected a square matrix whose size divides --timesteps {T}, got shape {values.shape}"
             )
         group_size = T // n
     else:
         if args.affinity is not None:
-            raise SystemExit(f"--affinity is only used with --objective affinity, not {args.objective!r}")
+            raise UserError(f"--affinity is only used with --objective affinity, not {args.objective!r}")
         values = schedule_snr(args.schedule, T)
     intervals = interval_clustering(values, args.k, args.objective)
     costs = [interval_cost(values, left, right, args.objective) for left, right in intervals]

@@ -11,16 +11,9 @@ from pathlib import Path
 
 import torch
 
-from dtr_scale.config import (
-    RunConfig,
-    deepspeed_config,
-    dump_yaml,
-    gradient_accumulation,
-    merge_user_deepspeed_config,
-    resolve_batch_layout,
-    resolve_precision,
-)
+from dtr_scale.config import RunConfig, dump_yaml
 from dtr_scale.models.build import build_model
+from dtr_scale.train.plan import plan_run
 
 
 def dry_run(
@@ -39,12 +32,10 @@ def dry_run(
     """
     here = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = device_type or here
-    cfg = resolve_batch_layout(cfg, world_size)
-    precision = resolve_precision(cfg, device_type, _bf16_supported(device_type, here))
-    accumulation = gradient_accumulation(cfg, world_size)
-    ds = deepspeed_config(cfg, world_size, precision, device_type)
-    if user_ds_config or cfg.deepspeed.config_file:
-        ds = merge_user_deepspeed_config(user_ds_config or cfg.deepspeed.config_file, ds)
+    # The plan the trainer would make there (train/plan.py): missing cluster files and micro-batches that
+    # stratified sampling cannot split fail here as they would in training.
+    plan = plan_run(cfg, world_size, device_type, _bf16_supported(device_type, here), user_ds_config)
+    cfg, precision, accumulation, ds = plan.cfg, plan.precision, plan.accumulation, plan.ds_config
     latent_shape, labels, note = _data_shape(cfg)
     with torch.device("meta"):
         model = build_model(cfg, latent_shape, labels)
@@ -55,6 +46,11 @@ def dry_run(
     stage = cfg.deepspeed.zero_stage
     return "\n".join(
         [
+            *(
+                ["# target device: cpu (plan a GPU cluster from here with --device cuda)"]
+                if device_type == "cpu"
+                else []
+            ),
             "# resolved config",
             dump_yaml(cfg),
             f"# layout: micro-batch {cfg.train.micro_batch_size} x gradient accumulation {accumulation} x "

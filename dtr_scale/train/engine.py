@@ -16,28 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from dtr_scale.config import (
-    ConfigError,
-    RunConfig,
-    deepspeed_config,
-    dump_yaml,
-    gradient_accumulation,
-    merge_user_deepspeed_config,
-    resolve_batch_layout,
-    resolve_precision,
-)
+from dtr_scale.config import ConfigError, RunConfig, dump_yaml
 from dtr_scale.models.build import build_model
-from dtr_scale.train.build import (
-    build_balancer,
-    build_diffusion,
-    build_optimizer,
-    build_stream,
-    build_timestep_sampler,
-    resolve_clusters,
-)
+from dtr_scale.train.build import build_balancer, build_optimizer, build_stream
+from dtr_scale.train.plan import plan_run
 from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
 from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
 
@@ -66,28 +50,28 @@ class Trainer:
             self._resume(tag)
 
     def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None) -> None:
-        """Process group, device, batch layout for this world size, precision, data manifest, DeepSpeed JSON."""
+        """Process group, device, the run plan for this world size (train/plan.py: layout, precision, DeepSpeed
+        JSON, diffusion, clusters, timestep sampler) and the data manifest."""
         from deepspeed.accelerator import get_accelerator
 
         from dtr_scale.data.shards import load_manifest
 
-        self.dist = info = init_distributed()
+        info = init_distributed()
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        bf16 = bool(get_accelerator().is_bf16_supported())
+        plan = plan_run(cfg, self.world, self.device.type, bf16, user_ds_config)
         # The micro-batch for this world size (train.micro_batch_size may be unset): one config, 1..N GPUs.
-        self.cfg = cfg = resolve_batch_layout(cfg, self.world)
-        self.precision = resolve_precision(cfg, self.device.type, get_accelerator().is_bf16_supported())
-        self.accumulation = gradient_accumulation(cfg, self.world)
-        self.manifest = load_manifest(cfg.data.shards)
-        self.run_dir = Path(cfg.run_dir)
-        self.ds_config = deepspeed_config(cfg, self.world, self.precision, self.device.type)
-        ds_file = user_ds_config or cfg.deepspeed.config_file
-        if ds_file:
-            self.ds_config = merge_user_deepspeed_config(ds_file, self.ds_config)
-        if cfg.deepspeed.zero_stage == 3 and self.device.type == "cpu":
+        self.cfg, self.precision, self.accumulation = plan.cfg, plan.precision, plan.accumulation
+        self.ds_config, self.diffusion, self.clusters = plan.ds_config, plan.diffusion, plan.clusters
+        self.timestep_sampler = plan.timestep_sampler
+        self.k = 1 if self.clusters is None else len(self.clusters)
+        self.manifest = load_manifest(self.cfg.data.shards)
+        self.run_dir = Path(self.cfg.run_dir)
+        if self.cfg.deepspeed.zero_stage == 3 and self.device.type == "cpu":
             pin_mmap_threshold()  # gathered parameters go back to the OS when freed (runtime.py)
 
     def _build_modules(self) -> None:
-        """Model, diffusion, ANT clusters and timestep sampler, balancer, and the TrainModule around them."""
+        """Model and balancer (partitioned as they are built under ZeRO-3), and the TrainModule around them."""
         import deepspeed
 
         cfg = self.cfg
@@ -98,10 +82,6 @@ class Trainer:
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
             model = build_model(cfg, tuple(self.manifest.latent_shape), len(self.manifest.labels))
         self.flops_per_sample = model.flops_per_sample()
-        self.diffusion = build_diffusion(cfg)
-        self.clusters = resolve_clusters(cfg, np.asarray(self.diffusion.alphas_cumprod, dtype=np.float64))
-        self.k = 1 if self.clusters is None else len(self.clusters)
-        self.sampler = build_timestep_sampler(cfg, self.clusters)
         # Under ZeRO-3 the balancer's parameters (UW's s) are partitioned like the model's, in its dtype.
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
             balancer = build_balancer(cfg, self.k)
@@ -214,7 +194,7 @@ class Trainer:
         applied = train_step(
             self.engine,
             batches,
-            self.sampler,
+            self.timestep_sampler,
             self.generator,
             self.plan,
             self.cluster_buffer,

@@ -37,7 +37,7 @@ def sharded_images(
     takes samples r, r + world, ...), returned in order on rank 0 (None elsewhere). Collective."""
     from dtr_scale.data.vae import build_decoder
     from dtr_scale.diffusion import create_diffusion
-    from dtr_scale.diffusion.sampling import denoise, draw_label, guided_model_fn, sample_generator
+    from dtr_scale.diffusion.sampling import denoise, guided_model_fn, sample_generators
 
     model = ema_model(trainer)
     decoder = build_decoder(trainer.manifest, trainer.cfg.data.vae, device=trainer.device)
@@ -57,10 +57,8 @@ def sharded_images(
     pieces = []
     for start in range(0, len(mine), batch_size):
         chunk = mine[start : start + batch_size]
-        y = torch.tensor([labels[i] for i in chunk], device=trainer.device)
-        generators = [sample_generator(seed, i) for i in chunk]
-        for generator in generators:
-            draw_label(generator, model.num_classes)  # the sampler's first draw, kept so x_T matches it
+        generators, chunk_labels = sample_generators(seed, chunk, model.num_classes, labels)
+        y = torch.tensor(chunk_labels, device=trainer.device)
         with torch.no_grad():
             z = denoise(diffusion, model_fn, "ddim", generators, y, shape, trainer.device)
             pieces.append(decoder(z).float().cpu())
@@ -108,9 +106,7 @@ def evaluate_in_loop(trainer) -> None:
     images = sharded_images(trainer, labels, e.steps, e.cfg_scale, trainer.cfg.train.seed + 1)
     if images is None:
         return
-    if images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)
-    array = to_uint8_nhwc(images)  # the one quantiser (data/images.py), as the sampler
+    array = to_uint8_nhwc(images)  # the one quantiser (data/images.py), as the sampler; metrics make it RGB
     reference = e.reference or default_reference(trainer.manifest)
     if e.reference_size and isinstance(reference, np.ndarray):
         reference = reference[: e.reference_size]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dtr_scale.data.images import quantize_uint8
+from dtr_scale.fileio import atomic_write_text
 
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -148,15 +150,26 @@ class Monitor:
             self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True, desc="train")
 
     def _truncate_metrics(self, start_step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (the resumed run writes them again)."""
+        """On resume, drop lines logged after the checkpoint (the resumed run writes them again). A line cut
+        short by a kill mid-write (the only torn line there can be: the file is appended a line at a time) is
+        dropped with a warning naming the file and line; the rewrite is atomic."""
         if not self.metrics_path.exists():
             return
-        kept = [
-            line
-            for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= start_step
-        ]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                warnings.warn(
+                    f"{self.metrics_path}:{number}: dropped a torn line (not JSON): {line[:80]!r}",
+                    stacklevel=1,
+                )
+                continue
+            if record.get("step", 0) <= start_step:
+                kept.append(line)
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def step(self, step: int, scalars: dict[str, float], samples_per_step: int) -> dict[str, float]:
         """Log one optimizer step's scalars; adds throughput, MFU and memory figures."""

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dtr_scale.distributed import free_port
-from dtr_scale.errors import UserError
+from dtr_scale.distributed import cuda_device, map_launcher_env
 
 
 @dataclass
@@ -27,30 +26,6 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-
-
-def map_launcher_env(env: dict[str, str] | os._Environ = os.environ) -> None:
-    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* present for every way of launching.
-
-    SLURM with one task per GPU (`srun python -m dtr_scale train ...`): DeepSpeed would look for
-    mpi4py, so SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID are mapped here (MASTER_ADDR must be exported
-    by the batch script, see launch/slurm.sbatch). A bare single process gets rank 0 of 1 on a free
-    loopback port.
-    """
-    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        if "MASTER_ADDR" not in env:
-            raise UserError(
-                "running under SLURM without torchrun: export MASTER_ADDR (first node's host name)"
-            )
-        env.setdefault("MASTER_PORT", "29500")
-    if "RANK" not in env:
-        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(free_port()))
-    env.setdefault("LOCAL_RANK", "0")
 
 
 def init_distributed() -> DistInfo:
@@ -72,21 +47,10 @@ def init_distributed() -> DistInfo:
         atexit.register(_destroy_process_group)
     local_rank = int(os.environ["LOCAL_RANK"])
     if accelerator.device_name() == "cuda":
-        device = torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
-        torch.cuda.set_device(device)
+        device = cuda_device(local_rank)
     else:
         device = torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
-
-
-def device_index(local_rank: int, visible_devices: int) -> int:
-    """The CUDA device of a local rank: local_rank modulo the visible devices. Under SLURM with one GPU bound
-    per task (CUDA_VISIBLE_DEVICES of one device), SLURM_LOCALID can be 3 while only device 0 exists."""
-    if visible_devices < 1:
-        raise UserError(
-            "no CUDA device is visible to this process (check CUDA_VISIBLE_DEVICES / the job's GPUs)"
-        )
-    return local_rank % visible_devices
 
 
 def _destroy_process_group() -> None:

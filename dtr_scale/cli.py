@@ -64,13 +64,21 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return int(module.run(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (
+        UserError,
+        ValueError,
+        OSError,
+    ) as err:  # OSError: a path that is missing, a directory, unreadable
         if os.environ.get("DTR_SCALE_DEBUG"):
             raise
         # One line on rank 0 (every rank usually meets the same error); exit 2 everywhere.
         from dtr_scale.distributed import launcher_ranks
 
-        if launcher_ranks()[0] == 0:
+        try:
+            rank = launcher_ranks()[0]
+        except ValueError:  # a malformed RANK: still say what went wrong
+            rank = 0
+        if rank == 0:
             print(f"dtr-scale {args.command}: error: {err}", file=sys.stderr, flush=True)
         return 2
 

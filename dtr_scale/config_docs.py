@@ -40,7 +40,10 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "mtl.num_clusters": ("clusters", "k, the number of contiguous timestep clusters (1 = no clustering)"),
     "mtl.objective": ("-", "interval clustering cost: timestep (equal intervals), snr, log_snr or affinity"),
     "mtl.clusters_file": ("path", "clusters JSON from `dtr-scale cluster` (overrides objective)"),
-    "mtl.affinity_file": ("path", "T x T task-affinity .npy from `dtr-scale affinity` (objective affinity)"),
+    "mtl.affinity_file": (
+        "path",
+        "T x T task-affinity .npy (objective affinity); for the groups x groups matrix of `dtr-scale affinity`, cluster it with `dtr-scale cluster --out` and set mtl.clusters_file",
+    ),
     "mtl.sampling": ("-", "timesteps: auto (stratify equal-size clusters only), stratified or uniform"),
     "mtl.update_every": ("steps", "Nash/PCGrad weight update interval; null: nash 25, pcgrad 1"),
     "mtl.uw_lr": ("1/step", "learning rate of UW's log-variances s_k (ANT: 0.025)"),

@@ -36,11 +36,11 @@ def map_launcher_env(env: Env = os.environ) -> None:
     """
     rank, world, local = launcher_ranks(env)
     if "RANK" not in env and world > 1:
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         if "MASTER_ADDR" not in env:
             raise UserError(
                 "running under SLURM without torchrun: export MASTER_ADDR (first node's host name)"
             )
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         env.setdefault("MASTER_PORT", "29500")
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

@@ -1,7 +1,7 @@
 """Errors that are the user's to fix, not the program's: the CLI prints them as one line and exits 2.
 
-`dtr-scale SUBCOMMAND` turns a `UserError` (and the standard ValueError / FileNotFoundError that library
-code raises for bad values and missing files) into `dtr-scale SUBCOMMAND: error: MESSAGE` on rank 0 only,
+`dtr-scale SUBCOMMAND` turns a `UserError` (and the standard ValueError / OSError that library code raises for
+bad values and for paths that are missing, directories or unreadable) into `dtr-scale SUBCOMMAND: error: MESSAGE` on rank 0 only,
 with exit status 2 on every rank: a config typo on 32 GPUs is one line, not 32 tracebacks. Set
 DTR_SCALE_DEBUG=1 to get the traceback instead.
 """

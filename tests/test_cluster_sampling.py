@@ -178,16 +178,30 @@ def test_monitor_writes_the_cluster_layout_and_a_loss_profile_image(tmp_path):
 
 
 def test_resume_drops_a_torn_metrics_line_and_the_steps_after_the_checkpoint(tmp_path):
-    """A kill mid-write leaves a half line at the end of metrics.jsonl; resuming at step 2 keeps steps 1-2,
-    drops step 3 (logged after the checkpoint) and the torn line, with a warning naming the file."""
+    """A kill mid-write leaves a half line at the end of metrics.jsonl; resuming at step 2 keeps steps 1-2 (and
+    a record without a step, which counts as step 0), drops step 3 (logged after the checkpoint), the torn line,
+    a non-object line, a non-integer step and undecodable bytes, each with a warning naming file and line. A
+    raw U+2028 inside a string is not a line break."""
     import json
 
     from dtr_scale.train.monitor import Monitor
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text(
-        '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo'
-    )
-    with pytest.warns(UserWarning, match=r"metrics\.jsonl:4: dropped a torn line"):
+    lines = [
+        '{"step": 1, "loss": 0.5, "note": "a\u2028b"}',  # 1
+        "[1, 2]",  # 2: not an object
+        '{"loss": 0.45}',  # 3: no step -> 0, kept
+        '{"step": "2"}',  # 4: not an integer step
+        '{"step": 2, "loss": 0.4}',  # 5
+        '{"step": 3, "loss": 0.3}',  # 6: after the checkpoint
+    ]
+    path.write_bytes(
+        "\n".join(lines).encode() + b"\n\xff\xfe\n" + b'{"step": 4, "lo'
+    )  # 7: bad bytes, 8: torn
+    with pytest.warns(UserWarning) as caught:
         Monitor(tmp_path, 0, 1, 10, 1.0, None, tensorboard=False, progress=False, start_step=2)
-    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    dropped = sorted(int(str(w.message).split(":")[1]) for w in caught if "metrics.jsonl" in str(w.message))
+    assert dropped == [2, 4, 7, 8]
+    kept = path.read_text(encoding="utf-8").split("\n")
+    assert [json.loads(line).get("step", 0) for line in kept if line] == [1, 0, 2]
+    assert json.loads(kept[0])["note"] == "a\u2028b"

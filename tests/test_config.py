@@ -344,5 +344,7 @@ def test_dry_run_plans_with_the_clusters_training_would_use(tmp_path):
     assert "micro-batch 8 x gradient accumulation 3 x world size 2" in plan(
         unequal5, 5
     )  # uniform t: no k rule
-    with pytest.raises(FileNotFoundError, match=r"cluster file .*missing\.json does not exist"):
+    with pytest.raises(
+        ConfigError, match=r"^mtl\.clusters_file: cluster file .*missing\.json does not exist"
+    ):
         plan(tmp_path / "missing.json", 5)

@@ -28,7 +28,10 @@ def resolve_clusters(cfg: RunConfig, alphas_cumprod: np.ndarray) -> list[tuple[i
 
     m, steps = cfg.mtl, cfg.diffusion.diffusion_steps
     if m.clusters_file:
-        clusters = load_clusters(m.clusters_file, steps)
+        try:
+            clusters = load_clusters(m.clusters_file, steps)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"mtl.clusters_file: {err}") from None
         if len(clusters) != m.num_clusters:
             raise ConfigError(
                 f"mtl.clusters_file {m.clusters_file} has {len(clusters)} clusters, mtl.num_clusters is {m.num_clusters}"

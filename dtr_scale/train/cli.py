@@ -12,6 +12,7 @@ import os
 import torch.distributed as dist
 
 from dtr_scale.config import load_config
+from dtr_scale.errors import UserError
 
 accepts_overrides = True
 
@@ -46,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
     reach cli.py, which prints them as one line on rank 0 (errors.py)."""
     cfg = load_config(args.config, args.overrides or [])
     if args.dry_run:
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        if world < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
+            raise UserError(
+                f"--world-size and --gpus-per-node must be >= 1, got {world} and {args.gpus_per_node}"
+            )
         from dtr_scale.train.dryrun import dry_run
 
         print(dry_run(cfg, world, args.deepspeed_config, args.device, args.gpus_per_node))

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         if args.affinity is None:
             raise UserError("--objective affinity needs --affinity FILE.npy (see `dtr-scale affinity`)")
         values = np.load(args.affinity, allow_pickle=False)
-        n = values.shape[0]
-        if values.ndim != 2 or values.shape[1] != n or T % n != 0:
+        n = values.shape[0] if values.ndim == 2 else 0
+        if n == 0 or values.shape[1] != n or T % n != 0:
             raise UserError(
                 f"{args.affinity}: expected a square matrix whose size divides --timesteps {T}, got shape {values.shape}"
             )

@@ -150,24 +150,24 @@ class Monitor:
             self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True, desc="train")
 
     def _truncate_metrics(self, start_step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (the resumed run writes them again). A line cut
-        short by a kill mid-write (the only torn line there can be: the file is appended a line at a time) is
+        """On resume, drop lines logged after the checkpoint (the resumed run writes them again). A line that is
+        not a JSON object with an integer step (a line torn by a kill mid-write, or one edited by hand) is
         dropped with a warning naming the file and line; the rewrite is atomic."""
         if not self.metrics_path.exists():
             return
+        text = self.metrics_path.read_bytes().decode("utf-8", errors="replace")
         kept = []
-        for number, line in enumerate(self.metrics_path.read_text().splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+            step = _logged_step(line)
+            if step is None:
                 warnings.warn(
-                    f"{self.metrics_path}:{number}: dropped a torn line (not JSON): {line[:80]!r}",
+                    f"{self.metrics_path}:{number}: dropped a line that is not a metrics record (torn by a kill?): "
+                    f"{line[:80]!r}",
                     stacklevel=1,
                 )
-                continue
-            if record.get("step", 0) <= start_step:
+            elif step <= start_step:
                 kept.append(line)
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
@@ -247,3 +247,15 @@ def cosine_image(gram: torch.Tensor, cell: int = 16) -> np.ndarray:
     cos = cosine_from_gram(gram).float().clamp(-1, 1)
     image = ((cos + 1) * 127.5).round().to(torch.uint8).cpu()
     return image.repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(-1).repeat(1, 1, 3).numpy()
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line (a JSON object; a missing step counts as 0), None if it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step", 0)
+    return step if isinstance(step, int) and not isinstance(step, bool) else None

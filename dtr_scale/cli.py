@@ -64,11 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return int(module.run(args) or 0)
-    except (
-        UserError,
-        ValueError,
-        OSError,
-    ) as err:  # OSError: a path that is missing, a directory, unreadable
+    # OSError: a path the user gave that is missing, a directory or unreadable.
+    except (UserError, ValueError, OSError) as err:
         if os.environ.get("DTR_SCALE_DEBUG"):
             raise
         # One line on rank 0 (every rank usually meets the same error); exit 2 everywhere.

@@ -1,8 +1,8 @@
 """The processes of a `dtr-scale sample` launch: the torch.distributed group and the work split.
 
 Index i belongs to global rank `i % world`. The group is the caller's if one is initialised, else one
-started from the RANK/WORLD_SIZE (and MASTER_ADDR/MASTER_PORT) that torchrun or the deepspeed launcher
-set, else a single process.
+started from the launcher's ranks (torchrun, the deepspeed launcher, or SLURM with MASTER_ADDR exported:
+dtr_scale/distributed.py), else a single process.
 """
 
 from __future__ import annotations

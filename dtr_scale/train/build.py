@@ -110,18 +110,12 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def build_timestep_sampler(
-    cfg: RunConfig, clusters: list[tuple[int, int]] | None, stratified: bool | None = None
-):
-    """ANT's timestep sampler over `clusters` (mtl.sampling: auto stratifies equal-size clusters only; pass
-    `stratified` when already resolved); ConfigError when a stratified micro-batch cannot be split evenly over
-    the clusters."""
-    from dtr_scale.mtl.sampling import TimestepSampler, resolve_sampling
+def build_timestep_sampler(cfg: RunConfig, clusters: list[tuple[int, int]] | None, stratified: bool):
+    """ANT's timestep sampler over `clusters`, stratified or not (`mtl.sampling.resolve_sampling`, decided in
+    train/plan.py); ConfigError when a stratified micro-batch cannot be split evenly over the clusters."""
+    from dtr_scale.mtl.sampling import TimestepSampler
 
-    steps = cfg.diffusion.diffusion_steps
-    if stratified is None:
-        stratified = resolve_sampling(cfg.mtl.sampling, clusters, steps)
-    sampler = TimestepSampler(steps, clusters, stratified=stratified)
+    sampler = TimestepSampler(cfg.diffusion.diffusion_steps, clusters, stratified=stratified)
     try:
         sampler.check_batch_size(cfg.train.micro_batch_size)
     except ValueError as err:

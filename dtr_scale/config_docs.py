@@ -53,7 +53,14 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "data.interleave": ("shards", "shards each loader worker reads at once, round robin (class mixing)"),
     "data.hflip": ("-", "random horizontal flips; null: the manifest's hflip (digits: off)"),
     "data.resampled": ("-", "true: endless shuffled stream; false: epochs of equal full batches per rank"),
-    "data.on_error": ("-", "a corrupt shard: warn (counted, named, skipped) or raise"),
+    "data.on_error": (
+        "-",
+        "an unusable sample or shard: warn (counted, one line per shard and kind, skipped), raise, or ignore (counted only)",
+    ),
+    "data.max_skipped_fraction": (
+        "fraction",
+        "stop before the next checkpoint when a rank skipped more than this share of the samples it saw since the last one (1: never)",
+    ),
     "data.vae": ("path", "local diffusers VAE dir for decoding grids; null: the manifest's"),
     "train.max_steps": ("optimizer steps", "length of the run"),
     "train.global_batch_size": ("samples", "samples per optimizer step over all ranks"),

@@ -84,13 +84,18 @@ def test_undecodable_files_are_reasons_that_name_the_path(tmp_path: Path, monkey
     truncated.write_bytes(truncated.read_bytes()[:60])
     for path in (garbage, truncated, tmp_path / "missing.png"):
         reason = load_image(path, 8)
-        assert isinstance(reason, str) and str(path) in reason
+        assert reason.kind == "undecodable" and str(path) in reason.message
     big = _save(tmp_path, "bomb.png", Image.new("L", (300, 300)))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 90,000 px > 2 x 1000: Pillow refuses it
     reason = load_image(big, 8)
-    assert isinstance(reason, str) and "bomb.png" in reason and "DecompressionBomb" in reason
+    assert (
+        reason.kind == "undecodable"
+        and "bomb.png" in reason.message
+        and "DecompressionBomb" in reason.message
+    )
     hdr = _save(tmp_path, "hdr.tif", _img(np.array([[0.0, 3.0]], dtype=np.float32), "F"))
-    assert "hdr.tif: floating-point image" in load_image(hdr, 8)
+    reason = load_image(hdr, 8)
+    assert reason.kind == "unsupported" and "hdr.tif: floating-point image" in reason.message
 
 
 def test_preprocess_crop_of_a_16_bit_png_equals_that_of_its_8_bit_twin(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def encoded(image_dir: Path, vae_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("latents")
     with pytest.warns(UnreadableImageWarning, match="dog/dog9_broken.jpg"):
-        preprocess(image_dir, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3, quiet=True)
+        preprocess(image_dir, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3, quiet=True,
+                   max_skipped_fraction=0.2)  # fmt: skip
     return out
 
 
@@ -137,7 +139,8 @@ def test_center_crop_is_adm_box_then_bicubic_then_center() -> None:
 
 def test_rerun_skips_finished_shards(encoded: Path, image_dir: Path, vae_dir: Path, capsys) -> None:
     stamps = {p.name: p.stat().st_mtime_ns for p in encoded.glob("shard-*.tar")}
-    preprocess(image_dir, vae_dir, encoded, image_size=IMAGE_SIZE, shard_size=2, batch_size=3)
+    preprocess(image_dir, vae_dir, encoded, image_size=IMAGE_SIZE, shard_size=2, batch_size=3,
+               max_skipped_fraction=0.2)  # fmt: skip
     assert "4 of 4 shards of rank 0 already done" in capsys.readouterr().out
     assert stamps == {p.name: p.stat().st_mtime_ns for p in encoded.glob("shard-*.tar")}
 
@@ -150,7 +153,8 @@ def test_rerun_rewrites_only_a_damaged_shard(
     damaged, intact = out / "shard-000001.tar", out / "shard-000000.tar"
     good, stamp = damaged.read_bytes(), intact.stat().st_mtime_ns
     damaged.write_bytes(good[: len(good) // 2])
-    preprocess(image_dir, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3, quiet=True)
+    preprocess(image_dir, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3, quiet=True,
+               max_skipped_fraction=0.2)  # fmt: skip
     assert damaged.read_bytes() == good and intact.stat().st_mtime_ns == stamp
 
 
@@ -178,7 +182,8 @@ def test_two_worker_processes_write_disjoint_shards_identical_to_one(
 ) -> None:
     out = tmp_path / "two"
     code = cli_main(["preprocess", "--input", str(image_dir), "--vae", str(vae_dir), "--out", str(out),
-                     "--image-size", str(IMAGE_SIZE), "--shard-size", "2", "--workers", "2", "--quiet"])  # fmt: skip
+                     "--image-size", str(IMAGE_SIZE), "--shard-size", "2", "--workers", "2", "--quiet",
+                     "--max-skipped-fraction", "0.2"])  # fmt: skip
     assert code == 0
     writers = {
         json.loads(p.read_text())["name"]: json.loads(p.read_text())["rank"]
@@ -244,7 +249,8 @@ def test_rerun_re_encodes_the_shard_of_an_edited_image_and_says_so(
     os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))
     shard = shard_name(write_order(7, 0).index(1) // 2)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("shard-*.tar")}
-    preprocess(images, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3)
+    preprocess(images, vae_dir, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3,
+               max_skipped_fraction=0.2)  # fmt: skip
     text = capsys.readouterr().out
     assert "1 shard(s) of rank 0 were written from input images that have changed" in text, (text, size)
     assert shard in text
@@ -267,7 +273,8 @@ def test_new_vae_weights_under_the_same_config_make_every_shard_stale(
     vae.save_pretrained(new_vae)
     (new_vae / "config.json").write_text(config_before)  # new weights, config.json byte for byte unchanged
     before = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
-    preprocess(image_dir, new_vae, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3)
+    preprocess(image_dir, new_vae, out, image_size=IMAGE_SIZE, shard_size=2, batch_size=3,
+               max_skipped_fraction=0.2)  # fmt: skip
     assert "vae_weights_sha256 changed" in capsys.readouterr().out
     after = {p.name: p.read_bytes() for p in out.glob("shard-*.tar")}
     changed = [name for name in before if after[name] != before[name]]
@@ -290,7 +297,8 @@ def test_ranks_sync_through_shard_files_so_an_idle_rank_never_waits_on_a_busy_on
 
     out = tmp_path / "ranks"
     args = [sys.executable, "-m", "dtr_scale", "preprocess", "--input", str(image_dir), "--vae", str(vae_dir),
-            "--out", str(out), "--image-size", str(IMAGE_SIZE), "--shard-size", "2", "--quiet"]  # fmt: skip
+            "--out", str(out), "--image-size", str(IMAGE_SIZE), "--shard-size", "2", "--quiet",
+            "--max-skipped-fraction", "0.2"]  # fmt: skip
     rank0 = subprocess.Popen(
         args, env=rank_env(0, 2, 0), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -307,7 +315,9 @@ def test_hash_inputs_catches_an_edit_that_kept_size_and_timestamp(
 ) -> None:
     images, out = tmp_path / "images", tmp_path / "out"
     shutil.copytree(image_dir, images)
-    kwargs = dict(image_size=IMAGE_SIZE, shard_size=2, batch_size=3, hash_inputs=True)
+    kwargs = dict(
+        image_size=IMAGE_SIZE, shard_size=2, batch_size=3, hash_inputs=True, max_skipped_fraction=0.2
+    )
     preprocess(images, vae_dir, out, **kwargs)
     edited = images / "cat" / "cat0.JPEG"
     stat = edited.stat()
@@ -324,3 +334,44 @@ def test_hash_inputs_catches_an_edit_that_kept_size_and_timestamp(
         images, vae_dir, out, **{**kwargs, "hash_inputs": False}
     )  # by size + mtime: switching re-encodes
     assert "re-encoding" in capsys.readouterr().out
+
+
+def test_unusable_images_are_one_line_per_shard_and_kind_then_a_table_and_a_bound(
+    image_dir: Path, vae_dir: Path, tmp_path: Path, capsys
+) -> None:
+    # One shard of 10: 6 good images, 3 undecodable and 1 with no faithful 8-bit form (a float TIFF past 1).
+    from PIL import Image
+
+    images = tmp_path / "images"
+    shutil.copytree(image_dir, images)
+    for k in range(2):
+        (images / "cat" / f"zz{k}_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    Image.fromarray(np.array([[0.0, 3.0]], dtype=np.float32), "F").save(images / "dog" / "zz_hdr.tif")
+    out, args = tmp_path / "out", dict(image_size=IMAGE_SIZE, shard_size=10, batch_size=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(
+            ValueError, match=r"4 of 10 images could not be used \(40\.00% > --max-skipped-frac"
+        ):
+            preprocess(images, vae_dir, out, **args)
+    lines = [str(w.message) for w in caught if issubclass(w.category, UnreadableImageWarning)]
+    assert sorted(line.split(" first ")[0] for line in lines) == [
+        "shard-000000.tar: 1 unsupported image skipped,",
+        "shard-000000.tar: 3 undecodable images skipped,",
+    ]
+    table = capsys.readouterr().out
+    assert (
+        "| shard-000000.tar | undecodable | 3 |" in table
+        and "| shard-000000.tar | unsupported | 1 |" in table
+    )
+    assert "| total | | 4 of 10 (40.00%) |" in table
+    assert not (out / "manifest.json").exists() and (out / "shard-000000.tar").exists()
+    # The CLI says it in one line with exit 2; a larger bound writes the manifest without encoding again.
+    common = ["preprocess", "--input", str(images), "--vae", str(vae_dir), "--out", str(out),
+              "--image-size", str(IMAGE_SIZE), "--shard-size", "10", "--quiet"]  # fmt: skip
+    assert cli_main(common) == 2
+    assert "worst shards: shard-000000.tar (3 undecodable, first " in capsys.readouterr().err
+    stamp = (out / "shard-000000.tar").stat().st_mtime_ns
+    assert cli_main([*common, "--max-skipped-fraction", "0.5"]) == 0
+    assert load_manifest(out).extra["num_unreadable"] == 4
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == stamp

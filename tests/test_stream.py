@@ -210,9 +210,9 @@ def test_truncated_shard_is_named_counted_and_its_readable_samples_kept(dataset:
     stream = LatentStream(dataset, 4, seed=0, rank=0, world_size=1, resampled=False)
     with pytest.warns(ShardWarning, match=shard_name(4)):
         labels = torch.cat([y for _, y in stream]).tolist()
-    assert stream.stats["errors"] == {shard_name(4): 1}
     lost = set(range(23, 31)) - set(labels)
     assert 0 < len(lost) < 8  # the first samples of the shard were read before the cut
+    assert stream.skipped.by_shard == {shard_name(4): {"short_shard": len(lost)}}
     assert sorted(labels + sorted(lost)) == list(range(35))
     assert stream.stats["samples"] == len(labels)
 
@@ -230,7 +230,7 @@ def test_corrupt_member_is_named_counted_and_skipped(dataset: Path) -> None:
     with pytest.warns(ShardWarning, match=r"s0002\.mean\.npy: not a valid \.npy"):
         labels = torch.cat([y for _, y in stream]).tolist()
     assert sorted(labels) == [i for i in range(35) if i != 2]
-    assert stream.stats["errors"] == {shard_name(0): 1}
+    assert stream.skipped.by_shard == {shard_name(0): {"undecodable": 1}}
 
 
 def test_on_error_raise_stops_at_a_truncated_shard(dataset: Path) -> None:
@@ -252,7 +252,7 @@ def test_missing_shard_is_warned_counted_and_skipped(dataset: Path) -> None:
         stream = LatentStream(dataset, 4, seed=0, rank=0, world_size=1, resampled=False)
         labels = torch.cat([y for _, y in stream]).tolist()
     assert sorted(labels) == [i for i in range(35) if not 18 <= i <= 22]
-    assert stream.stats["errors"][shard_name(3)] >= 1
+    assert stream.skipped.by_shard == {shard_name(3): {"unreadable_shard": 5}}
 
 
 def test_latent_shape_mismatch_is_an_error_naming_the_manifest(dataset: Path) -> None:
@@ -357,7 +357,8 @@ def test_label_outside_the_manifest_is_named_with_its_shard_and_key(tmp_path: Pa
                               image_size=4, labels=[str(c) for c in range(10)])  # fmt: skip
     stream = LatentStream(manifest, 2, seed=0, rank=0, world_size=1, resampled=False)
     with pytest.warns(
-        ShardWarning, match=rf"{shard_name(0)}:bad0\.cls: label {bad_label} is outside the manifest's 10"
+        ShardWarning,
+        match=rf"{shard_name(0)}: 1 sample with a label outside 0\.\.9, first bad0 \(bad0\.cls: label {bad_label} is out",
     ):
         labels = torch.cat([y for _, y in stream]).tolist()
     assert sorted(labels) == sorted(s.label for s in good)

@@ -87,7 +87,8 @@ class DataConfig:
     interleave: int = 8  # shards each loader worker reads at once, round robin (class mixing)
     hflip: bool | None = None  # random horizontal flip; None = the manifest's `hflip` (digits: off)
     resampled: bool = True
-    on_error: str = "warn"  # warn | raise
+    on_error: str = "warn"  # warn | raise | ignore
+    max_skipped_fraction: float = 0.01  # of the samples a rank saw between two checkpoints; then stop
     vae: str | None = None  # local diffusers VAE dir for decoding sample grids (None: from manifest)
 
 

@@ -76,8 +76,12 @@ def _check_mtl(cfg: RunConfig) -> None:
 
 def _check_data(cfg: RunConfig) -> None:
     d = cfg.data
-    if d.on_error not in ("warn", "raise"):
-        raise ConfigError(f"data.on_error must be warn or raise, got {d.on_error!r}")
+    if d.on_error not in ("warn", "raise", "ignore"):
+        raise ConfigError(f"data.on_error must be warn, raise or ignore, got {d.on_error!r}")
+    if not 0.0 <= d.max_skipped_fraction <= 1.0:
+        raise ConfigError(
+            f"data.max_skipped_fraction must be in [0, 1] (1: never stop), got {d.max_skipped_fraction}"
+        )
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
     if d.interleave < 1:

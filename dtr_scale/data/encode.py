@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtr_scale.data.image_folder import ImageList, UnreadableImageWarning, collate_as_list
+from dtr_scale.data.image_folder import ImageList, UnreadableImageWarning, UnusableImage, collate_as_list
 from dtr_scale.data.preprocess_state import (
     PROGRESS_DIR,
     count_shards,
@@ -101,21 +101,30 @@ def _encode_shard(job: dict[str, Any], shard: int, inputs_sha256: str, vae, devi
         num_workers=job["loader_workers"],
         collate_fn=collate_as_list,
     )
-    samples, unreadable = [], []
+    samples, unreadable, kinds, first = [], [], [], {}
     for batch in loader:
-        good = [b for b in batch if not isinstance(b[3], str)]
-        for _, rel, _, reason in (b for b in batch if isinstance(b[3], str)):
+        good = [b for b in batch if not isinstance(b[3], UnusableImage)]
+        for _, rel, _, reason in (b for b in batch if isinstance(b[3], UnusableImage)):
             unreadable.append(rel)
-            warnings.warn(f"{reason}; skipped", UnreadableImageWarning, stacklevel=1)
+            kinds.append(reason.kind)
+            first.setdefault(reason.kind, reason.message)
         if good:
             mean, std = encode_images(vae, np.stack([b[3] for b in good]), device, job["precision"])
             for k, (number, _, label, _) in enumerate(good):
                 samples.append(LatentSample(key=f"{number:09d}", label=label, mean=mean[k], std=std[k]))
         bar.update(len(batch))
+    for kind, message in first.items():  # one line per shard and kind, with the count and the first file
+        warnings.warn(
+            f"{shard_name(shard)}: {kinds.count(kind)} {kind} image{'' if kinds.count(kind) == 1 else 's'} "
+            f"skipped, first {message}",
+            UnreadableImageWarning,
+            stacklevel=1,
+        )
     record = write_shard(out_dir / shard_name(shard), samples)
     record.update(
-        fingerprint=job["fingerprint"], unreadable=unreadable, rank=job["rank"], inputs_sha256=inputs_sha256
-    )
+        fingerprint=job["fingerprint"], unreadable=unreadable, unreadable_kinds=kinds, rank=job["rank"],
+        inputs_sha256=inputs_sha256,
+    )  # fmt: skip
     progress = out_dir / PROGRESS_DIR / f"{shard_name(shard)}.json"
     atomic_write_text(progress, json.dumps(record, indent=1))
     return unreadable

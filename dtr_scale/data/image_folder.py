@@ -2,25 +2,36 @@
 
 Layout: `INPUT/<class name>/<image>` (ImageNet's `train/<wnid>/*.JPEG`); classes are the sorted folder
 names, images the sorted file names with one of `IMAGE_EXTENSIONS`. An image is decoded to faithful 8-bit
-RGB (data/images.py) and ADM-center-cropped; one that cannot be used comes back as the reason, a message
-naming the file, never as an exception, so one bad file never aborts an encode.
+RGB (data/images.py) and ADM-center-cropped; one that cannot be used comes back as an `UnusableImage` (its
+kind and a message naming the file), never as an exception, so one bad file never aborts an encode.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dtr_scale.data.images import open_rgb8
+from dtr_scale.data.images import UnsupportedImage, open_rgb8
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
 
 
 class UnreadableImageWarning(UserWarning):
-    """An input image could not be decoded; it is skipped and counted."""
+    """Input images could not be used; they are skipped, counted and named once per shard and kind."""
+
+
+@dataclass(frozen=True)
+class UnusableImage:
+    """Why an image cannot be used: kind "undecodable" (Pillow or the OS could not read it, including Pillow's
+    decompression-bomb refusal) or "unsupported" (pixels with no faithful 8-bit RGB form), and the message,
+    which names the file."""
+
+    kind: str
+    message: str
 
 
 def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
@@ -58,8 +69,8 @@ def center_crop(image, image_size: int) -> np.ndarray:
     return pixels[top : top + image_size, left : left + image_size]
 
 
-def load_image(path: Path, image_size: int) -> np.ndarray | str:
-    """Center-cropped uint8 HWC RGB image, or the reason (a message naming the file) it cannot be used.
+def load_image(path: Path, image_size: int) -> np.ndarray | UnusableImage:
+    """Center-cropped uint8 HWC RGB image, or why it cannot be used (an UnusableImage naming the file).
 
     Any mode Pillow opens is turned into 8-bit RGB faithfully (data/images.py: 16-bit, float, alpha, CMYK
     ...); a file that cannot be opened or decoded for any reason Pillow or the OS gives (including Pillow's
@@ -69,15 +80,17 @@ def load_image(path: Path, image_size: int) -> np.ndarray | str:
 
     try:
         return center_crop(Image.fromarray(open_rgb8(path)), image_size)
-    except (OSError, ValueError) as err:  # UnsupportedImage is a ValueError
-        return str(err)
+    except UnsupportedImage as err:
+        return UnusableImage("unsupported", str(err))
+    except (OSError, ValueError) as err:
+        return UnusableImage("undecodable", str(err))
 
 
 class ImageList(torch.utils.data.Dataset):
     """Images of an ImageFolder as a Dataset, for a DataLoader's decoding workers.
 
     items: (image number, path relative to `root`, class index) per entry. Entry i is
-    (number, path, label, uint8 (image_size, image_size, 3) RGB or the reason it is unreadable, a str).
+    (number, path, label, uint8 (image_size, image_size, 3) RGB or an UnusableImage).
     """
 
     def __init__(self, root: Path, items: list[tuple[int, str, int]], image_size: int) -> None:
@@ -86,11 +99,11 @@ class ImageList(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, str, int, np.ndarray | str]:
+    def __getitem__(self, i: int) -> tuple[int, str, int, np.ndarray | UnusableImage]:
         number, rel, label = self.items[i]
         return number, rel, label, load_image(self.root / rel, self.image_size)
 
 
 def collate_as_list(batch: list) -> list:
     """A DataLoader batch of ImageList entries, left as the list of entries (no stacking)."""
-    return batch  # images may be reasons (str: unreadable); the encoder loop sorts them out
+    return batch  # images may be UnusableImage; the encoder loop sorts them out

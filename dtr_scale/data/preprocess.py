@@ -81,6 +81,13 @@ def _settings(
     return identity, settings
 
 
+def _check_arguments(image_size: int, max_skipped_fraction: float) -> None:
+    if image_size % 8:
+        raise ValueError(f"--image-size must be a multiple of 8 (the VAE's downsampling), got {image_size}")
+    if not 0.0 <= max_skipped_fraction <= 1.0:
+        raise ValueError(f"--max-skipped-fraction must be in [0, 1], got {max_skipped_fraction}")
+
+
 def _run_consumers(job: dict, workers: int, env_rank: int, local_rank: int) -> None:
     """Encode this env rank's share: in-process, or in `workers` spawned processes (consumers)."""
     if workers == 1:
@@ -119,6 +126,7 @@ def preprocess(
     shuffle_seed: int = 0,
     hflip: bool = True,
     hash_inputs: bool = False,
+    max_skipped_fraction: float = 0.01,
 ) -> Path | None:
     """Encode `input_dir` into shards under `out_dir`; returns the manifest path on rank 0 (None elsewhere).
 
@@ -126,11 +134,12 @@ def preprocess(
     default of `data.hflip` (True for natural images; False where a mirror image is another symbol).
     hash_inputs: judge whether a finished shard's images changed by their bytes, not size + mtime (switching
     this setting re-encodes once, since the records are kept in the other form).
+    max_skipped_fraction: past this share of unusable images, ValueError names the worst shards instead of a
+    manifest (the encoded shards stay: a rerun with a larger bound encodes nothing again).
     """
     input_dir, out_dir, vae_dir = Path(input_dir), Path(out_dir), Path(vae_dir)
     vae_config = _vae_config(vae_dir)
-    if image_size % 8:
-        raise ValueError(f"--image-size must be a multiple of 8 (the VAE's downsampling), got {image_size}")
+    _check_arguments(image_size, max_skipped_fraction)
     paths, labels, classes = list_image_folder(input_dir)
     identity, settings = _settings(vae_dir, vae_config, vae_name, image_size, shard_size, shuffle_seed)
     fingerprint = input_fingerprint(paths, classes, settings)
@@ -138,9 +147,8 @@ def preprocess(
     change = settings_change(out_dir, settings, fingerprint)
     if change and not quiet and env_rank == 0:
         print(f"preprocess: {out_dir} holds shards made with other settings ({change} changed); re-encoding")
-    workers = max(1, workers)
     out_dir.mkdir(parents=True, exist_ok=True)
-    order = write_order(len(paths), shuffle_seed)
+    workers, order = max(1, workers), write_order(len(paths), shuffle_seed)
     job = {
         "input": str(input_dir), "out": str(out_dir), "vae": str(vae_dir), "paths": paths, "labels": labels,
         "order": order,
@@ -156,9 +164,38 @@ def preprocess(
         shard_name(j): shard_inputs_digest(input_dir, paths, order, j, shard_size, hash_inputs)
         for j in range(count_shards(len(paths), shard_size))
     }, quiet=quiet)  # fmt: skip
+    _judge_skipped(out_dir, fingerprint, len(paths), shard_size, max_skipped_fraction, quiet)
     extra = {"shuffle_seed": shuffle_seed, "hflip": hflip, "settings": settings}
     return _write_final_manifest(out_dir, fingerprint, len(paths), shard_size, classes, vae_config, identity,
                                  image_size, scaling_factor, extra)  # fmt: skip
+
+
+def _judge_skipped(
+    out_dir: Path, fingerprint: str, num_images: int, shard_size: int, max_fraction: float, quiet: bool
+) -> None:
+    """Print the table of skipped images by shard and kind; ValueError past `max_fraction` of the images."""
+    records = finished_records(out_dir, fingerprint)
+    rows = []
+    for name in (shard_name(j) for j in range(count_shards(num_images, shard_size))):
+        record = records.get(name, {})
+        paths = record.get("unreadable", [])
+        # Records of shards encoded before kinds were recorded (or rebuilt from a manifest) have none.
+        kinds = record.get("unreadable_kinds") or ["unusable"] * len(paths)
+        for kind in dict.fromkeys(kinds):
+            rows.append((name, kind, kinds.count(kind), paths[kinds.index(kind)]))
+    total = sum(count for _, _, count, _ in rows)
+    if rows and not quiet:
+        print("preprocess: skipped images\n| shard | kind | images | first |\n|---|---|---|---|")
+        print("\n".join(f"| {name} | {kind} | {count} | {first} |" for name, kind, count, first in rows))
+        print(f"| total | | {total} of {num_images} ({total / num_images:.2%}) | |")
+    if total > max_fraction * num_images:
+        worst = sorted(rows, key=lambda row: (-row[2], row[0]))[:3]
+        raise ValueError(
+            f"{out_dir}: {total} of {num_images} images could not be used ({total / num_images:.2%} > "
+            f"--max-skipped-fraction={max_fraction:g}); worst shards: "
+            + ", ".join(f"{name} ({count} {kind}, first {first})" for name, kind, count, first in worst)
+            + "; manifest.json not written (the encoded shards are kept)"
+        )
 
 
 def _write_final_manifest(
@@ -231,6 +268,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shuffle-seed", type=int, default=0, help="seed of the global order samples are written in"
     )
     parser.add_argument(
+        "--max-skipped-fraction",
+        type=float,
+        default=0.01,
+        help="refuse to write the manifest when more than this share of the images cannot be used (default 0.01)",
+    )
+    parser.add_argument(
         "--hflip",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -246,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, workers=args.workers, loader_workers=args.loader_workers,
             device=args.device, precision=args.precision, scaling_factor=args.scaling_factor,
             vae_name=args.vae_name, quiet=args.quiet, shuffle_seed=args.shuffle_seed, hflip=args.hflip,
-            hash_inputs=args.hash_inputs,
+            hash_inputs=args.hash_inputs, max_skipped_fraction=args.max_skipped_fraction,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         print(f"dtr-scale preprocess: error: {err}", file=sys.stderr)

@@ -292,23 +292,37 @@ def _load_npy(data: bytes, what: str) -> np.ndarray:
     return array
 
 
+class SampleError(ValueError):
+    """A sample that cannot be used; `kind` is its skip kind (data/skipped.py), `key` the sample's key."""
+
+    def __init__(self, message: str, kind: str, key: str) -> None:
+        super().__init__(message)
+        self.kind, self.key = kind, key
+
+
 def decode_sample(raw: dict[str, Any], latent_shape: tuple[int, ...], where: str = "") -> LatentSample:
-    """Decode the known members of a raw sample; ValueError naming the key and member on any defect."""
+    """Decode the known members of a raw sample; SampleError (a ValueError) naming the key and member on any
+    defect, with kind "undecodable" (missing or corrupt member) or "wrong_shape"."""
     key = raw.get("__key__", "?")
     what = f"{where}:{key}" if where else str(key)
     missing = [m for m in SAMPLE_MEMBERS if m not in raw]
     if missing:
-        raise ValueError(f"{what}: sample lacks member(s) {missing}")
+        raise SampleError(f"{what}: sample lacks member(s) {missing}", "undecodable", key)
     try:
         label = int(raw[MEMBER_CLASS].decode("ascii"))
     except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{what}.{MEMBER_CLASS}: not an ASCII integer") from err
+        raise SampleError(f"{what}.{MEMBER_CLASS}: not an ASCII integer", "undecodable", key) from err
     arrays = {}
     for member in (MEMBER_MEAN, MEMBER_STD):
-        array = _load_npy(raw[member], f"{what}.{member}")
+        try:
+            array = _load_npy(raw[member], f"{what}.{member}")
+        except ValueError as err:
+            raise SampleError(str(err), "undecodable", key) from err
         if array.shape != (2, *latent_shape) or array.dtype != np.float16:
-            raise ValueError(
-                f"{what}.{member}: expected float16 of shape {(2, *latent_shape)}, got {array.dtype} {array.shape}"
+            raise SampleError(
+                f"{what}.{member}: expected float16 of shape {(2, *latent_shape)}, got {array.dtype} {array.shape}",
+                "wrong_shape",
+                key,
             )
         arrays[member] = array
     return LatentSample(key=key, label=label, mean=arrays[MEMBER_MEAN], std=arrays[MEMBER_STD])

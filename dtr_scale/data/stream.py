@@ -32,12 +32,13 @@ content, so a stream can be *recomputed* instead of saved:
    worker k to logical worker (pointer + k) mod R: it yields exactly the batches the original would have.
    The cost of a resume is re-reading at most the shards still in the shuffle buffer.
 
-Errors: a shard that is missing, truncated or unreadable, or holds fewer samples than the manifest says,
-and a member that fails to decode, are named in a warning (`on_error="warn"`), counted in `stats`, and the
-lost samples skipped; `on_error="raise"` raises ShardError instead, `"ignore"` only counts. Errors are
-deterministic, so skipping keeps the stream deterministic (and resume exact). Missing files are detected
-up front. After a resume, a broken shard whose lost samples were due both before and after the saved
-position is counted again when it is re-read; the counts are diagnostics, not part of the position.
+Errors: every sample the stream cannot use (a shard missing, unreadable, cut or short, a member that fails
+to decode, latents of the wrong shape, a label outside the manifest) is counted by kind and shard in
+`skipped` (a SkipLedger, data/skipped.py) and skipped; `on_error="warn"` names each shard and kind once, with
+a count and the first key, when the shard's samples of the epoch have all been handed out; `"raise"` raises
+ShardError at the first one; `"ignore"` only counts. Errors are deterministic, so skipping keeps the stream
+deterministic (and resume exact). Missing files are also reported up front. Each skipped sample is counted
+once, when its turn in the emission order comes, so a resume neither loses nor repeats counts.
 
 Modules: stream_order.py computes the schedule (1, 2), stream_worker.py runs in the loader workers (reads,
 shuffles, augments: 2, 3); this one is the trainer side (positions, state_dict: 4).
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 
 from dtr_scale.data.shards import Manifest, load_manifest
+from dtr_scale.data.skipped import SkipLedger
 from dtr_scale.data.stream_order import consumer_slots, epoch_shard_list
 from dtr_scale.data.stream_worker import ShardError, WorkerStream
 
@@ -163,16 +165,19 @@ class LatentStream:
         self._workers = [[0, 0] for _ in range(self.cfg["num_workers"])]
         self._next_worker = 0
         self._batches = 0
-        self.stats: dict[str, Any] = {"samples": 0, "batches": 0, "errors": {}}
+        self.stats: dict[str, Any] = {"samples": 0, "batches": 0}
+        self.skipped = SkipLedger()
         self._report_missing_files()
 
     def _report_missing_files(self) -> None:
-        """Report missing shard files up front, per `on_error` (not counted in `stats`)."""
-        missing = [
-            s["name"] for i, s in enumerate(self.manifest.shards) if not self.manifest.shard_path(i).is_file()
-        ]
-        if missing:
-            self._report([(name, "file is missing") for name in missing], count=False)
+        """Report missing shard files up front, per `on_error`; their samples are counted when their turn
+        comes (as "unreadable_shard"), without a second warning."""
+        for i, shard in enumerate(self.manifest.shards):
+            if not self.manifest.shard_path(i).is_file():
+                self._say(
+                    shard["name"], f"file is missing; its {shard['num_samples']} samples will be skipped"
+                )
+                self.skipped.mark_warned(shard["name"], "unreadable_shard")
 
     # -------------------------------------------------------------------------------- iteration
 
@@ -204,8 +209,7 @@ class LatentStream:
             role = message["role"]
             self._workers[role] = [message["epoch"], message["position"]]
             self._next_worker = (role + 1) % workers
-            if message["errors"]:
-                self._report(message["errors"])
+            self._account(message)
             if message["latents"] is None:
                 continue
             if cap is not None and len(message["labels"]) < self.cfg["micro_batch_size"]:
@@ -215,6 +219,8 @@ class LatentStream:
             self.stats["batches"] = self._batches
             self.stats["samples"] += len(message["labels"])
             yield message["latents"], message["labels"]
+        for name, line in self.skipped.finish(None, len(self.manifest.labels)):
+            self._say(name, line)  # shards the pass left unfinished (drop_last)
         if not self.cfg["resampled"]:  # the pass is complete: the next iter() starts the next epoch
             epoch = max(e for e, _ in self._workers) + 1
             self._workers = [[epoch, 0] for _ in range(workers)]
@@ -266,15 +272,27 @@ class LatentStream:
                     f"{self.manifest.path}: an epoch delivered no micro-batch on rank {self.cfg['rank']}"
                 )
 
-    def _report(self, errors: list[tuple[str, str]], count: bool = True) -> None:
-        for name, message in errors:
-            if count:
-                self.stats["errors"][name] = self.stats["errors"].get(name, 0) + 1
-            text = f"{self.manifest.root / name}: {message}"
+    def _account(self, message: dict[str, Any]) -> None:
+        """Count a message's samples and skips (raising at the first skip when on_error="raise"), and warn
+        once per shard and kind for the shards it finished."""
+        for rec in message["skips"]:
             if self.on_error == "raise":
-                raise ShardError(f"{text} (data.on_error=raise)")
-            if self.on_error == "warn":
-                warnings.warn(f"{text}; skipped", ShardWarning, stacklevel=3)
+                raise ShardError(
+                    f"{rec['detail']} ({self.manifest.root / rec['shard']}; data.on_error=raise)"
+                )
+            self.skipped.add(rec)
+        self.skipped.delivered(len(message["labels"]))
+        for name in message["finished"]:
+            for shard, line in self.skipped.finish(name, len(self.manifest.labels)):
+                self._say(shard, line)
+
+    def _say(self, name: str, text: str) -> None:
+        """Report `text` about shard `name` per on_error: raise, warn, or stay silent (ignore)."""
+        text = f"{self.manifest.root / name}: {text}"
+        if self.on_error == "raise":
+            raise ShardError(f"{text} (data.on_error=raise)")
+        if self.on_error == "warn":
+            warnings.warn(text, ShardWarning, stacklevel=3)
 
     @property
     def epoch(self) -> int:
@@ -294,7 +312,7 @@ class LatentStream:
             "workers": [list(w) for w in self._workers],
             "epoch_batches": self._epoch_batches,
             "samples": int(self.stats["samples"]),
-            "errors": dict(self.stats["errors"]),
+            "skipped": self.skipped.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -317,8 +335,6 @@ class LatentStream:
         self._next_worker = int(state["next_worker"])
         self._batches = int(state["batches"])
         self._epoch_batches = int(state.get("epoch_batches", 0))
-        self.stats = {
-            "samples": int(state["samples"]),
-            "batches": self._batches,
-            "errors": dict(state["errors"]),
-        }
+        self.stats = {"samples": int(state["samples"]), "batches": self._batches}
+        if "skipped" in state:  # absent in checkpoints written before skip accounting
+            self.skipped.load_state_dict(state["skipped"])

@@ -2,8 +2,8 @@
 
 A worker reads its shards of the epoch (stream_order.py's plan) front to back, several at once, hands the
 samples out in the plan's emission order, decodes and augments them (points 3 and 4 of data/stream.py's
-docstring), and sends each micro-batch to the main process with the worker's new position and the errors
-it met on the way. LatentStream (stream.py) turns these messages into batches and a resumable position.
+docstring), and sends each micro-batch to the main process with the worker's new position and the samples
+it had to skip on the way (data/skipped.py). LatentStream (stream.py) turns these messages into batches and a resumable position.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtr_scale.data.shards import Manifest, ShardReadError, decode_sample, iter_raw_samples
+from dtr_scale.data.shards import Manifest, SampleError, ShardReadError, decode_sample, iter_raw_samples
+from dtr_scale.data.skipped import record
 from dtr_scale.data.stream_order import TAG_AUGMENT, WorkerPlan
 from dtr_scale.errors import UserError
 
@@ -26,19 +27,22 @@ class ShardError(UserError, RuntimeError):
 class _EpochReader:
     """Reads a worker's shards, each front to back, and hands out samples in the plan's emission order.
 
-    Yields (plan position, shard index, slot, member, raw sample or None) for q = start.., where None means
-    the sample was lost with a broken shard. Several shards are open at once (interleaving); a sample read
-    before its turn waits in `store` (about the shuffle buffer's size). Samples emitted before a resume
+    Yields (plan position q, position of the shard in the worker's list, index in the shard, raw sample or
+    None) for q = start.., where None means the sample was lost with a broken shard; `lost[pos]` then holds
+    (skip kind, detail) for that shard. Several shards are open at once (interleaving); a sample read before
+    its turn waits in `store` (about the shuffle buffer's size). Samples emitted before a resume
     (`order[:start]`) are skipped without being kept, and shards holding none still due are never opened.
-    Broken shards add (shard name, message) to `errors`.
+    A shard holding more samples than listed adds a "surplus" record to `notices`.
     """
 
-    def __init__(self, manifest: Manifest, plan: WorkerPlan, start: int, errors: list) -> None:
-        self.manifest, self.plan, self.start, self.errors = manifest, plan, start, errors
+    def __init__(self, manifest: Manifest, plan: WorkerPlan, start: int) -> None:
+        self.manifest, self.plan, self.start = manifest, plan, start
         self.needed = np.zeros(int(plan.offsets[-1]), dtype=bool)
         self.needed[plan.order[start:]] = True
+        self.lost: dict[int, tuple[str, str]] = {}
+        self.notices: list[dict] = []
 
-    def __iter__(self) -> Iterator[tuple[int, int, int, int, dict | None]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int, dict | None]]:
         plan, store = self.plan, {}
         readers: dict[int, Any] = {}  # plan position -> open sample iterator
         read = np.zeros(len(plan.shards), dtype=np.int64)  # members read so far, per plan position
@@ -49,7 +53,7 @@ class _EpochReader:
                 pos, index = plan.locate(item)
                 while item not in store and index < lost_from[pos] and read[pos] <= index:
                     self._read_one(pos, readers, read, lost_from, store)
-                yield q, int(plan.shards[pos]), int(plan.slots[pos]), index, store.pop(item, None)
+                yield q, pos, index, store.pop(item, None)
         finally:
             for samples in readers.values():
                 samples.close()
@@ -60,7 +64,6 @@ class _EpochReader:
         """Read the next member of the shard at plan position `pos` (opening it first if needed)."""
         plan = self.plan
         shard = int(plan.shards[pos])
-        name = self.manifest.shards[shard]["name"]
         lo, hi = int(plan.offsets[pos]), int(plan.offsets[pos + 1])
         if pos not in readers:
             readers[pos] = iter_raw_samples(self.manifest.shard_path(shard))
@@ -68,10 +71,12 @@ class _EpochReader:
             raw = next(readers[pos])
         except StopIteration:
             raw = None
-            self.errors.append((name, f"ended after {read[pos]} of {hi - lo} samples (truncated?)"))
+            self.lost[pos] = ("short_shard", f"the tar ends after {read[pos]} of {hi - lo} samples")
         except ShardReadError as err:
             raw = None
-            self.errors.append((name, f"{err}; lost {hi - lo - read[pos]} of {hi - lo} samples"))
+            kind = "corrupt_tar" if read[pos] else "unreadable_shard"
+            reason = str(err).removeprefix(f"{self.manifest.shard_path(shard)}: ")  # the report names it
+            self.lost[pos] = (kind, f"{reason}; lost {hi - lo - read[pos]} of {hi - lo} samples")
         if raw is None:
             lost_from[pos] = read[pos]
             readers.pop(pos).close()
@@ -86,8 +91,18 @@ class _EpochReader:
             except ShardReadError:
                 extra = False  # every listed sample was read; a broken tail loses nothing
             if extra:
-                self.errors.append((name, f"holds more than the {hi - lo} samples the manifest lists"))
+                name = self.manifest.shards[shard]["name"]
+                detail = f"the shard holds more than the {hi - lo} samples the manifest lists"
+                self.notices.append(record(name, "surplus", f"member {hi - lo}", detail, count=0))
             samples.close()
+
+
+def _add_skip(skips: list[dict], rec: dict) -> None:
+    """Append a skip record, merging it into the previous one of the same shard and kind."""
+    if skips and skips[-1]["shard"] == rec["shard"] and skips[-1]["kind"] == rec["kind"]:
+        skips[-1]["count"] += rec["count"]
+    else:
+        skips.append(rec)
 
 
 class WorkerStream(torch.utils.data.IterableDataset):
@@ -95,9 +110,11 @@ class WorkerStream(torch.utils.data.IterableDataset):
 
     roles[k] / starts[k]: the logical worker and its (epoch, position) that physical worker k continues.
     Yields one message per micro-batch: latents float32 (B, C, H, W), scaled and augmented, or None (only
-    errors to report), labels int64 (B,), the logical worker ("role") and its position after the batch
-    ("epoch", "position"), and "errors", (shard name, message) pairs. Raises ShardError when in resampled
-    mode two epochs in a row deliver no readable sample.
+    skips to report), labels int64 (B,), the logical worker ("role") and its position after the batch
+    ("epoch", "position"), "skips", the skip records (data/skipped.py) of the samples handed out since the
+    last message, and "finished", the names of shards whose samples of this epoch were all handed out (so
+    their skips can be reported once, with a count). Raises ShardError when in resampled mode two epochs in
+    a row deliver no readable sample.
     """
 
     def __init__(self, cfg: dict[str, Any], manifest: Manifest, roles: list[int], starts: list[list[int]]):
@@ -110,41 +127,31 @@ class WorkerStream(torch.utils.data.IterableDataset):
         role = self.roles[physical]
         epoch, position = self.starts[physical]
         cfg, manifest = self.cfg, self.manifest
-        batch_size, shape = cfg["micro_batch_size"], tuple(manifest.latent_shape)
-        num_labels = len(manifest.labels)
-        latents, labels, errors = [], [], []
+        out = {"latents": [], "labels": [], "skips": [], "finished": []}
         empty_epochs = 0
         while True:
             plan = WorkerPlan(cfg, manifest, role, epoch)
+            # Samples of each shard still to be handed out this epoch: at 0 the shard is finished.
+            due = np.bincount(np.searchsorted(plan.offsets, plan.order[position:], side="right") - 1,
+                              minlength=len(plan.shards))  # fmt: skip
+            reader = _EpochReader(manifest, plan, position)
             delivered = 0
-            for q, shard, slot, member, raw in _EpochReader(manifest, plan, position, errors):
+            for q, pos, index, raw in reader:
                 position = q + 1
-                if raw is None:
-                    continue  # lost with its shard; the error was recorded when the shard broke
-                where = f"{manifest.root / manifest.shards[shard]['name']}"
-                try:
-                    sample = decode_sample(raw, shape, where)
-                    if not 0 <= sample.label < num_labels:  # num_labels is the CFG null class: never data
-                        raise ValueError(
-                            f"{where}:{sample.key}.cls: label {sample.label} is outside the manifest's "
-                            f"{num_labels} labels (expected 0..{num_labels - 1})"
-                        )
-                except ValueError as err:
-                    errors.append((manifest.shards[shard]["name"], str(err)))
-                    continue
-                latents.append(self._augment(sample, epoch, slot, member))
-                labels.append(sample.label)
-                delivered += 1
-                if len(latents) == batch_size:
+                delivered += self._take(plan, reader, pos, index, raw, epoch, out)
+                due[pos] -= 1
+                if due[pos] == 0:
+                    out["finished"].append(manifest.shards[int(plan.shards[pos])]["name"])
+                out["skips"].extend(reader.notices)
+                reader.notices.clear()
+                if len(out["latents"]) == cfg["micro_batch_size"]:
                     next_epoch, next_position = epoch, position
                     if cfg["resampled"] and position == len(plan.order):
                         next_epoch, next_position = epoch + 1, 0
-                    yield self._message(role, next_epoch, next_position, latents, labels, errors)
-                    latents, labels = [], []
-                    errors.clear()  # in place: the epoch reader appends to this very list
+                    yield self._message(role, next_epoch, next_position, out)
             if not cfg["resampled"]:
-                if latents or errors:  # the partial last batch of the pass, and late errors
-                    yield self._message(role, epoch, position, latents, labels, errors)
+                if out["latents"] or out["skips"] or out["finished"]:  # the pass's partial last batch
+                    yield self._message(role, epoch, position, out)
                 return
             # An epoch that delivers nothing at all means every shard of this worker is unreadable.
             empty_epochs = 0 if delivered else empty_epochs + 1
@@ -152,6 +159,34 @@ class WorkerStream(torch.utils.data.IterableDataset):
                 names = sorted({manifest.shards[int(s)]["name"] for s in plan.shards})
                 raise ShardError(f"{manifest.path}: no readable sample in shards {names} for two epochs")
             epoch, position = epoch + 1, 0
+
+    def _take(
+        self, plan: WorkerPlan, reader: _EpochReader, pos: int, index: int, raw, epoch: int, out
+    ) -> int:
+        """Decode, check and augment one sample into `out`, or add its skip record; returns 1 if taken."""
+        manifest = self.manifest
+        shard = int(plan.shards[pos])
+        name = manifest.shards[shard]["name"]
+        if raw is None:  # lost with its shard
+            kind, detail = reader.lost[pos]
+            _add_skip(out["skips"], record(name, kind, f"member {index}", detail))
+            return 0
+        num_labels = len(manifest.labels)
+        try:
+            # Details name the key, not the shard: the report puts the shard's path in front once.
+            sample = decode_sample(raw, tuple(manifest.latent_shape))
+            if not 0 <= sample.label < num_labels:  # num_labels is the CFG null class: never data
+                raise SampleError(
+                    f"{sample.key}.cls: label {sample.label} is outside the manifest's {num_labels} labels",
+                    "label",
+                    sample.key,
+                )
+        except SampleError as err:
+            _add_skip(out["skips"], record(name, err.kind, err.key, str(err)))
+            return 0
+        out["latents"].append(self._augment(sample, epoch, int(plan.slots[pos]), index))
+        out["labels"].append(sample.label)
+        return 1
 
     def _augment(self, sample, epoch: int, slot: int, member: int) -> np.ndarray:
         # Random flip per sample (only where the data allows it: data.hflip), then a posterior draw
@@ -166,12 +201,17 @@ class WorkerStream(torch.utils.data.IterableDataset):
         return z * np.float32(self.manifest.scaling_factor)
 
     @staticmethod
-    def _message(role, epoch, position, latents, labels, errors) -> dict[str, Any]:
-        return {
-            "latents": torch.from_numpy(np.stack(latents)) if latents else None,
-            "labels": torch.tensor(labels, dtype=torch.int64),
+    def _message(role: int, epoch: int, position: int, out: dict[str, list]) -> dict[str, Any]:
+        """The message for what `out` holds; empties `out` for the next batch."""
+        message = {
+            "latents": torch.from_numpy(np.stack(out["latents"])) if out["latents"] else None,
+            "labels": torch.tensor(out["labels"], dtype=torch.int64),
             "role": role,
             "epoch": epoch,
             "position": position,
-            "errors": list(errors),
+            "skips": out["skips"],
+            "finished": out["finished"],
         }
+        for key in out:
+            out[key] = []
+        return message

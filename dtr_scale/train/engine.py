@@ -21,6 +21,7 @@ import torch
 from dtr_scale.config import ConfigError, RunConfig, dump_yaml
 from dtr_scale.models.build import build_model
 from dtr_scale.train.build import build_balancer, build_optimizer, build_stream
+from dtr_scale.train.data_health import check_skipped_fraction, skipped_scalars
 from dtr_scale.train.plan import plan_run
 from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
 from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
@@ -212,6 +213,7 @@ class Trainer:
         total = counts.sum().clamp_min(1)
         scalars = {"loss/mean": float((means * counts).sum() / total), **self.log_sums.read()}
         scalars["lr"] = float(self.scheduler.get_last_lr()[0])
+        scalars.update(skipped_scalars(self.stream.skipped, self.device))
         if not self.cfg.data.resampled:  # epoch mode: which pass over the data this step came from
             scalars["data/epoch"] = float(self.stream.epoch)
         grad_norm = self.engine.get_global_grad_norm()
@@ -261,6 +263,7 @@ class Trainer:
                 scalars = {**self.read_scalars(), **memory_stats(self.device)}
                 last_scalars = self.monitor.step(self.step, scalars, t.global_batch_size)
             if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
+                check_skipped_fraction(self.stream.skipped, cfg.data.max_skipped_fraction, cfg.data.shards)
                 self.save()
             if cfg.monitor.sample_every and self.step % cfg.monitor.sample_every == 0:
                 self.sample_grid()

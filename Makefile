@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.wri
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test test-slow demo lint bench clean
 
 $(TORCH_STAMP): pyproject.toml
 	if ls $(VENV)/.installed-torch-* >/dev/null 2>&1 && [ ! -e $@ ]; then rm -rf $(VENV); fi
@@ -29,8 +29,13 @@ $(TORCH_STAMP): pyproject.toml
 
 setup: $(TORCH_STAMP)
 
+# `make test`: every test but the few that need minutes (marker `minutes`: the whole demo, a cold
+# torch.compile); `make test-slow` runs those. CI runs both.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not minutes" --durations=10 tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m minutes --durations=10 tests
 
 demo: setup
 	$(PY) -m dtr_scale demo --out runs/demo

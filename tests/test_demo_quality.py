@@ -27,6 +27,7 @@ def test_digit_classifier_reads_real_heldout_digits_and_not_noise(tmp_path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.minutes  # the whole demo: ~7 min on 2 cores
 def test_make_demo_draws_digits_a_classifier_reads_as_their_class(tmp_path) -> None:
     # The whole chain as `make demo` runs it (prepare 16x16 digits, DeepSpeed training with DTR + ANT-UW,
     # convert, sample 500 class-conditional digits, classify, KID/FID): ~7 minutes on 2 CPU cores.

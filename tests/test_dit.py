@@ -439,6 +439,7 @@ def test_guidance_channels_outside_the_latent_channels_are_rejected():
 
 
 @pytest.mark.slow
+@pytest.mark.minutes  # a cold torch.compile: ~1 min on 2 cores
 def test_compiled_routed_dit_s8_matches_eager():
     torch.manual_seed(0)
     model = DiT_models["DiT-S/8"](input_size=16, routing={"beta": 0.8, "num_tasks": NUM_TASKS}).eval()

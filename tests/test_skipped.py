@@ -164,3 +164,13 @@ def test_kinds_are_the_documented_scalar_names() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
     for kind in SKIP_KINDS:
         assert f"data/skipped_{kind}" in doc
+
+
+def test_a_shard_longer_than_its_manifest_entry_is_named_but_loses_nothing(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path, [_good("g", 5)])
+    write_shard(tmp_path / shard_name(0), _good("g", 7))  # two samples more than the manifest lists
+    stream = LatentStream(manifest, 5, seed=0, rank=0, world_size=1, resampled=False)
+    labels, lines = _drain(stream)
+    assert len(labels) == 5 and stream.skipped.totals == dict.fromkeys(SKIP_KINDS, 0)
+    assert lines == [f"{tmp_path / shard_name(0)}: the shard holds more than the 5 samples the manifest lists; "
+                     "the samples past that are ignored"]  # fmt: skip

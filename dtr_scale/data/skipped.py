@@ -31,12 +31,13 @@ _WHAT = {
     "corrupt_tar": "samples lost to a corrupt or cut tar",
     "unreadable_shard": "samples lost because the shard could not be read",
     "short_shard": "samples missing (the shard ends early: cut short?)",
-    "surplus": "samples more than the manifest lists (ignored)",
 }
 
 
 def describe(kind: str, count: int, first: str, detail: str, num_labels: int) -> str:
     """One line for one shard and kind, e.g. '32 samples with a label outside 0..9, first mnist01861 (...)'."""
+    if kind == "surplus":
+        return f"{detail}; the samples past that are ignored"
     what = _WHAT[kind].format(top=num_labels - 1)
     if count == 1:
         what = what.replace("samples", "sample", 1)

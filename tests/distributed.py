@@ -1,4 +1,5 @@
-"""Launch N local ranks of a command on 127.0.0.1 (gloo), the way torchrun would, for tests."""
+"""Launch N local ranks of a command on 127.0.0.1 (gloo), the way torchrun would, for tests; `leave` ends a
+rank of such a script."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from dtr_scale.distributed import free_port
 
@@ -38,6 +40,25 @@ def launcher_env() -> dict[str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key)
     return env
+
+
+def leave() -> NoReturn:
+    """The end of a rank's script: meet the other ranks, then exit without finalizing the interpreter.
+
+    DeepSpeed keeps its process groups referenced (its engine, ZeRO-3 parameters), so destroy_process_group()
+    cannot join their gloo worker threads, and a worker that has just completed a collective still drops its
+    tensors afterwards, taking the GIL to release their Python objects. If it gets the GIL while the
+    interpreter finalizes, CPython ends the thread (pthread_exit) and the unwinding through torch's noexcept
+    decref aborts the rank: "terminate called without an active exception" after the work was done.
+    os._exit never finalizes, so nothing is left to race it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still communicates
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(

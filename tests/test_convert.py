@@ -49,7 +49,8 @@ ema = tr.ema.gather(dst=0)
 if tr.rank == 0:
     save_file(live, out + "/live_model.safetensors")
     save_file({k: v.contiguous() for k, v in ema.items()}, out + "/live_ema.safetensors")
-torch.distributed.barrier()  # no rank leaves while another still communicates
+from distributed import leave
+leave()  # not through interpreter exit while gloo threads still release tensors (tests/distributed.py)
 """
 
 RUNS = {0: ["routing.enabled=false"], 1: [], 2: [], 3: []}  # zero stage -> extra overrides

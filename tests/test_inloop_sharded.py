@@ -45,6 +45,8 @@ if tr.world == 1:  # the same model through `dtr-scale sample`'s code, for the o
     sample_to_dir(model, out + ".sampler", config=config, num_samples=len(labels), batch_size=3, steps=3,
                   sampler="ddim", cfg_scale=2.0, seed=7, classes=labels, weights="model", device="cpu",
                   log=lambda m: None)
+from distributed import leave
+leave()  # not through interpreter exit while gloo threads still release tensors (tests/distributed.py)
 """
 
 

@@ -19,6 +19,7 @@ def test_local_rank_maps_onto_the_visible_devices():
 
 
 RSS_SCRIPT = r"""
+import ctypes
 import sys
 import torch
 from dtr_scale.train.runtime import pin_mmap_threshold
@@ -27,11 +28,11 @@ def rss():
 if sys.argv[1] == "pinned":
     assert pin_mmap_threshold()
 torch.empty(8 << 20, dtype=torch.uint8).fill_(1)  # one large free: glibc would raise its threshold here
+# M_TRIM_THRESHOLD (-1) past anything freed below, in both runs: the heap's top is never trimmed. Set after the
+# large free, as any mallopt of a threshold also switches glibc's raising of them off.
+assert ctypes.CDLL(None).mallopt(-1, 1 << 30)
 before = rss()
-blocks, pins = [], []
-for _ in range(64):  # 64 x 4 MiB, allocated and touched, each followed by a small block that stays alive
-    blocks.append(torch.ones(1 << 20))
-    pins.append(torch.ones(64))  # (a live neighbour keeps a freed heap block from being trimmed away)
+blocks = [torch.ones(1 << 20) for _ in range(64)]  # 64 x 4 MiB, allocated and touched
 del blocks
 print(rss() - before)
 """
@@ -48,7 +49,10 @@ def test_pinned_mmap_threshold_returns_freed_blocks_to_the_os():
         return float(out.stdout.split()[-1])
 
     # MiB still held after freeing 256 MiB of 4 MiB blocks. Without the pin, glibc's first large free raised
-    # its mmap threshold (to 8 MiB) and trim threshold (to 2x that), so the blocks came from the heap and
-    # ~16 MiB of them stay; with it every block was mmapped and went straight back.
+    # its mmap threshold (to 8 MiB), so the blocks came from the heap and all of them stay; with it every
+    # block was mmapped and went straight back. The trim threshold is fixed because otherwise how much of the
+    # heap is given back is chance: freed blocks that coalesce into the top chunk are trimmed once it passes
+    # 2x the raised threshold, and which do depends on where glibc put the process's other small allocations
+    # (unpinned runs held 1, 17, 33 or 257 MiB).
     assert grown("pinned") < 4
-    assert grown("default") > 8
+    assert grown("default") > 200

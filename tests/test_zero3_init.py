@@ -27,6 +27,8 @@ plain = build_model(cfg, tuple(tr.manifest.latent_shape), len(tr.manifest.labels
 worst = max((gathered[n] - p.detach()).abs().max().item() for n, p in plain.named_parameters())
 nonzero = sum(int(p.detach().abs().sum() > 0) for p in plain.parameters())
 print(f"RANK {tr.rank} LOCAL {local} FULL {full} WORST {worst!r} NONZERO {nonzero}", flush=True)
+from distributed import leave
+leave()  # not through interpreter exit while gloo threads still release tensors (tests/distributed.py)
 """
 
 

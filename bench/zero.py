@@ -7,17 +7,28 @@ latents (4x16x16), then call `Trainer.train_step` in a loop: no checkpoints, sam
 timed region. The step time is the median over `--steps` steps after `--warmup` untimed ones, taken on
 rank 0 (every step ends in collectives, so the ranks move in lock-step). Memory per rank:
 
-- CPU: peak resident set size of the process (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), which
-  includes the Python interpreter, torch and DeepSpeed themselves; the "baseline" column is the RSS
-  just before the Trainer was built, so peak - baseline is what the model, optimizer, EMA and
-  activations added.
-- CUDA: `torch.cuda.max_memory_allocated` (tensors only) on each rank's device.
+- CPU, two figures per rank: the psutil peak (the launcher polls `psutil.Process(pid).memory_info().rss`
+  of each rank's process from a thread in the parent every `--poll-ms` ms, from start to exit: what an
+  outside observer such as a job scheduler sees) and `ru_maxrss` (the kernel's high-water mark, read by
+  the rank itself at the end; it also catches a spike shorter than the poll interval). Both include the
+  Python interpreter, torch and DeepSpeed themselves; the "baseline" column is the RSS just before the
+  Trainer was built, so peak - baseline is what the model, optimizer, EMA and activations added.
+- CUDA: `torch.cuda.max_memory_allocated` (tensors only) on each rank's device (and the psutil peak of
+  the host process).
 
-Prints two markdown tables: time and peak memory, and the tensor bytes each rank holds by kind
-(`tensor_bytes`: parameters, gradients, optimizer states = the model states; EMA; other).
+Prints three markdown tables: time and peak memory with the ratio of each stage's peak to ZeRO-0's
+(when ZeRO-0 is among `--stages`); where the peak falls (the highest RSS rank 0 reached in each phase
+of the timed steps: forward, backward, the optimizer step, the EMA update; sampled every 2 ms by a
+thread in the rank); and the tensor bytes rank 0 holds by kind (`tensor_bytes`: parameters, gradients,
+optimizer states = the model states; EMA; reduce buckets; other) next to its RSS at the same moment, split
+into file-backed pages (the code of the interpreter and libraries) and anonymous memory, whose excess over
+the tensors is Python's own objects plus the allocator's slack (freed blocks not yet returned).
 
     OMP_NUM_THREADS=1 python bench/zero.py                                  # DiT-S/2 (h384, d12)
     OMP_NUM_THREADS=1 python bench/zero.py --hidden 128 --depth 4 --heads 4 --steps 3 --stages 1 3
+    # the ZeRO-3 memory goal (bench/RESULTS.md 4c): 129.6M DiT, world 2, micro-batch 4, ZeRO-0 vs ZeRO-3
+    OMP_NUM_THREADS=1 python bench/zero.py --hidden 768 --depth 12 --heads 12 --micro-batch 4 \
+        --steps 2 --warmup 1 --stages 0 3 --timeout 1200
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -40,14 +52,54 @@ RESULT_TAG = "ZERO_BENCH_RESULT"
 
 HEADER = (
     "| ZeRO | world | model | params | micro-batch | device | ms/step (median) | ms/step (min-max) "
-    "| peak mem rank 0 (MiB) | peak mem rank 1 (MiB) | baseline RSS (MiB) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| psutil peak rank 0 / 1 (MiB) | ru_maxrss rank 0 / 1 (MiB) | vs ZeRO-0 (psutil / ru_maxrss, max over ranks) "
+    "| baseline RSS (MiB) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+CUDA_HEADER = (
+    "| ZeRO | world | model | params | micro-batch | device | ms/step (median) | ms/step (min-max) "
+    "| psutil peak rank 0 / 1 (MiB) | max_memory_allocated rank 0 / 1 (MiB) | vs ZeRO-0 (psutil / allocated) "
+    "| baseline RSS (MiB) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+PHASES = ("forward", "backward", "optimizer step", "EMA update")
+PHASE_HEADER = (
+    "| ZeRO | world | RSS after build (MiB) | "
+    + " | ".join(f"peak in {p} (MiB)" for p in PHASES)
+    + " |\n|---|---|---|"
+    + "---|" * len(PHASES)
 )
 TENSOR_HEADER = (
     "| ZeRO | world | device | parameters (MiB) | gradients (MiB) | optimizer states (MiB) "
-    "| model states (MiB) | vs ZeRO-0 | EMA (MiB) | other tensors (MiB) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "| model states (MiB) | vs ZeRO-0 | EMA (MiB) | reduce buckets (MiB) | other tensors (MiB) | all tensors (MiB) "
+    "| RSS then (MiB) | of which file-backed (MiB) | anonymous RSS - tensors (MiB) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def share_zero3_fp32_master(optimizer) -> int:
+    """Let a ZeRO-3 optimizer's fp32 master partitions share the module's flat partitions when both are fp32
+    on the same device (fp32 training); returns the bytes freed (0 when there is nothing to share).
+
+    DeepSpeed 0.19.8 means to alias them in that case (stage3.py `_create_fp32_partitions`, "we don't need
+    another copy of the weights"; `_reassign_or_swap_out_partitioned_parameters` then copies a tensor onto
+    itself), but it compares `tensor.device` with a device *name* ("cpu", "cuda:0"), which is never equal,
+    and so clones: one more fp32 copy of the rank's partition (247 MiB per rank for a 129.6M DiT at world 2,
+    bench/RESULTS.md 4c). Call right after `deepspeed.initialize`; the values are equal then (a clone), the
+    optimizer state stays keyed by the same tensor objects, and checkpoints keep their layout. Under bf16 the
+    dtypes differ and nothing changes.
+    """
+    lp_flat = getattr(optimizer, "fp16_partitioned_groups_flat", None) or []
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None) or []
+    freed = 0
+    for lp, master in zip(lp_flat, masters):
+        if lp is None or master is lp or lp.dtype != master.dtype or lp.device != master.device:
+            continue
+        if lp.shape != master.shape or lp.untyped_storage().data_ptr() == master.untyped_storage().data_ptr():
+            continue
+        freed += master.untyped_storage().nbytes()
+        master.data = lp.data
+    return freed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +120,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     parser.add_argument("--data", type=Path, default=None, help="built-in data dir (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per stage before giving up")
+    parser.add_argument(
+        "--poll-ms", type=float, default=10, help="psutil poll interval of the ranks' RSS (ms)"
+    )
+    parser.add_argument(
+        "--share-fp32-master",
+        action="store_true",
+        help="ZeRO-3 fp32: call share_zero3_fp32_master after the Trainer is built (DeepSpeed's "
+        "duplicate fp32 master partition freed); off = the Trainer exactly as shipped",
+    )
     parser.add_argument("--config", type=Path, default=REPO / "configs/demo-cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="extra key.sub=value config overrides")
     # Internal: run as one rank (set by the launcher part of this script).
@@ -107,6 +168,18 @@ def rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def rss_parts_mib() -> dict[str, float]:
+    """This process's resident set split as the kernel reports it (/proc/self/status): anonymous memory
+    (heap, mmap'd tensors, stacks) and file-backed pages (the code of Python, torch, DeepSpeed and the other
+    shared libraries that have been touched), in MiB."""
+    parts = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile", "RssShmem"):
+            parts[key] = int(value.split()[0]) / 1024  # kB
+    return parts
+
+
 def peak_rss_mib() -> float:
     import resource
 
@@ -115,7 +188,26 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-CATEGORIES = ("parameters", "gradients", "optimizer states", "ema", "other")
+CATEGORIES = ("parameters", "gradients", "optimizer states", "ema", "buckets", "other")
+
+
+def _bucket_tensors(wrapper, tensors_in) -> list:
+    """The tensors of DeepSpeed's reduce buckets: its optimizer's attributes named *ipg* / *bucket* (ZeRO-3's
+    `ipg_buckets` hold objects with a `.buffer`; ZeRO-1/2's `ipg_buffer` is a list of tensors)."""
+    found = []
+    for name, value in vars(wrapper).items():
+        if "ipg" not in name.lower() and "bucket" not in name.lower():
+            continue
+        values = (
+            value.values()
+            if isinstance(value, dict)
+            else value
+            if isinstance(value, list | tuple)
+            else [value]
+        )
+        for v in values:
+            found += tensors_in(getattr(v, "buffer", v))
+    return found
 
 
 def tensor_bytes(trainer) -> dict[str, int]:
@@ -124,8 +216,9 @@ def tensor_bytes(trainer) -> dict[str, int]:
     parameters: the module's parameters (at ZeRO-3 each one's local partition `ds_tensor`) and the
     optimizer's own copies of them (DeepSpeed's fp32 master partitions); gradients: `.grad` of both, and
     DeepSpeed's gradient partitions / buckets found as the tensors its optimizer holds under a name with
-    "grad" in it; optimizer states: Adam's exp_avg / exp_avg_sq / step; ema: the sharded EMA; other:
-    any other tensor the garbage collector can reach (buffers, communication buckets, data).
+    "grad" in it; optimizer states: Adam's exp_avg / exp_avg_sq / step; ema: the sharded EMA; buckets:
+    DeepSpeed's gradient reduce buckets (its optimizer's attributes named *ipg* / *bucket*); other: any
+    other tensor the garbage collector can reach (module buffers, gathered parameters still alive, data).
     """
     import gc
 
@@ -158,8 +251,13 @@ def tensor_bytes(trainer) -> dict[str, int]:
     wrapper = engine.optimizer
     inner = getattr(wrapper, "optimizer", wrapper)
     master = [p for group in inner.param_groups for p in group["params"]]
+    # ZeRO-3 empties its optimizer's param_groups between steps; its fp32 master partitions live here (a
+    # separate copy even in fp32 training: DeepSpeed 0.19.8 compares a tensor's device with the string
+    # "cpu"/"cuda:N", which is never equal, so it clones instead of sharing the module's flat partition).
+    master += [t for t in getattr(wrapper, "fp32_partitioned_groups_flat", []) if isinstance(t, torch.Tensor)]
     claim(master, "parameters")
     claim([v for state in inner.state.values() for v in state.values()], "optimizer states")
+    claim(_bucket_tensors(wrapper, tensors_in), "buckets")
     claim([p.grad for p in params + master], "gradients")
     for name, value in vars(wrapper).items():
         if "grad" in name.lower():
@@ -170,6 +268,73 @@ def tensor_bytes(trainer) -> dict[str, int]:
     for category, size in seen.values():
         totals[category] += size
     return totals
+
+
+class PhaseRSS:
+    """The highest RSS of this process in each named phase, sampled by a daemon thread every `interval` s.
+
+    `phase` is set by the wrappers around the engine's forward / backward / step and the EMA update; the
+    sampler reads /proc/self/statm (no GIL-heavy work: torch's kernels release the GIL while they run)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.phase: str | None = None
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        phase = self.phase
+        if phase is not None:
+            rss = rss_mib()
+            if rss > self.peaks.get(phase, 0.0):
+                self.peaks[phase] = rss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+    def wrap(self, phase: str, fn):
+        def wrapped(*a, **kw):
+            previous, self.phase = self.phase, phase
+            self._sample()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self._sample()
+                self.phase = previous
+
+        return wrapped
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
+def instrument(trainer, warmup: int) -> tuple[PhaseRSS, dict[str, int]]:
+    """Wrap the engine's forward / backward / step and the EMA update: a PhaseRSS of where the peak falls,
+    and a dict that the first timed step fills with `tensor_bytes` and the RSS (total, anonymous, file) at
+    the step's fullest point: after the last backward, before the optimizer step (gradients are whole there;
+    ZeRO-0 frees them after the step; Adam's states exist from the first optimizer step on)."""
+    counted: dict[str, int] = {}
+    engine = trainer.engine
+    real_step = engine.step
+
+    def step_and_count(*a, **kw):
+        if engine.is_gradient_accumulation_boundary() and trainer.step == warmup:
+            counted.update(tensor_bytes(trainer))
+            counted["rss"] = int(rss_mib() * 2**20)
+            counted.update({k: int(v * 2**20) for k, v in rss_parts_mib().items()})
+        return real_step(*a, **kw)
+
+    phases = PhaseRSS()
+    engine.forward = phases.wrap("forward", engine.forward)
+    engine.backward = phases.wrap("backward", engine.backward)
+    engine.step = phases.wrap("optimizer step", step_and_count)
+    trainer.ema.update = phases.wrap("EMA update", trainer.ema.update)
+    return phases, counted
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -183,24 +348,18 @@ def worker(args: argparse.Namespace) -> int:
     baseline = rss_mib()
     cfg = load_config(args.config, overrides_for(args, args.stage, args.manifest, args.run_dir))
     trainer = Trainer(cfg)
+    if args.share_fp32_master:
+        share_zero3_fp32_master(trainer.engine.optimizer)
+    built_rss = rss_mib()
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
     batches = iter(trainer.stream)
-    # Count the tensors at the step's fullest point: after the last backward, before the optimizer step
-    # (gradients are whole there; ZeRO-0 frees them after the step), in the first timed step (Adam's
-    # states are created by the first optimizer step).
-    counted: dict[str, int] = {}
-    real_step = trainer.engine.step
-
-    def step_and_count(*a, **kw):
-        if trainer.engine.is_gradient_accumulation_boundary() and trainer.step == args.warmup:
-            counted.update(tensor_bytes(trainer))  # a step after the first: Adam's states exist
-        return real_step(*a, **kw)
-
-    trainer.engine.step = step_and_count
+    phases, counted = instrument(trainer, args.warmup)
     times = []
     for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            phases.peaks.clear()  # the timed steps only: the warm-up's first step creates Adam's states
         if cuda:
             torch.cuda.synchronize(trainer.device)
         start = time.perf_counter()
@@ -217,7 +376,9 @@ def worker(args: argparse.Namespace) -> int:
         "params": sum(p.numel() for p in trainer.module.model.parameters()),
         "times": times,
         "baseline_mib": baseline,
+        "built_mib": built_rss,
         "peak_mib": torch.cuda.max_memory_allocated(trainer.device) / 2**20 if cuda else peak_rss_mib(),
+        "phase_peaks_mib": phases.stop(),
         "tensor_bytes": counted,
     }
     if cfg.deepspeed.zero_stage == 3:  # parameters are partitioned: count from DeepSpeed's full sizes
@@ -235,7 +396,7 @@ def launch_stage(args: argparse.Namespace, stage: int, manifest: Path, run_dir: 
         "--model", args.model, "--hidden", str(args.hidden), "--depth", str(args.depth),
         "--heads", str(args.heads), "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
         "--warmup", str(args.warmup), "--precision", args.precision, "--world-size", str(args.world_size), "--config", str(args.config),
-        *args.overrides,
+        *(["--share-fp32-master"] if args.share_fp32_master else []), *args.overrides,
     ]  # fmt: skip
     procs = []
     for rank in range(args.world_size):
@@ -263,9 +424,11 @@ def launch_stage(args: argparse.Namespace, stage: int, manifest: Path, run_dir: 
                 start_new_session=True,
             )  # fmt: skip
         )
+    poller = RSSPoller([p.pid for p in procs], args.poll_ms / 1e3)
     try:
         outputs = [p.communicate(timeout=args.timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:
+        poller.stop()
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -280,7 +443,41 @@ def launch_stage(args: argparse.Namespace, stage: int, manifest: Path, run_dir: 
                 f"ZeRO-{stage}: rank {rank} exited {proc.returncode}; its output:\n{out[-4000:]}"
             )
         results.append(json.loads(lines[-1][len(RESULT_TAG) :]))
+    for result, peak in zip(results, poller.stop()):
+        result["psutil_peak_mib"] = peak
     return results
+
+
+class RSSPoller:
+    """The peak RSS of each of `pids`, polled with psutil from a thread of this (the launcher) process
+    every `interval` s until `stop()`, which returns the peaks in MiB in the order of `pids`."""
+
+    def __init__(self, pids: list[int], interval: float) -> None:
+        import psutil
+
+        self._procs = [psutil.Process(pid) for pid in pids]
+        self._peaks = [0] * len(pids)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while True:
+            for i, proc in enumerate(self._procs):
+                try:
+                    self._peaks[i] = max(self._peaks[i], proc.memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                    pass  # exited (or a zombie until communicate() reaps it): its peak is already recorded
+            if self._stop.wait(self._interval):
+                return
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        return [peak / 2**20 for peak in self._peaks]
 
 
 def _cuda_available() -> bool:
@@ -300,41 +497,78 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="zero-bench-") as tmp:
         data_dir = args.data or Path(tmp) / "data"
         manifest = prepare_builtin(data_dir)["train"]
-        rows, tensor_rows = [], []
+        stage_results = []
         for stage in args.stages:
             begin = time.perf_counter()
             results = launch_stage(args, stage, manifest, Path(tmp) / f"run-zero{stage}")
-            times = results[0]["times"]
-            tensor_rows.append((stage, results[0]))
-            peaks = " | ".join(f"{r['peak_mib']:.0f}" for r in results[:2])
-            if len(results) < 2:
-                peaks += " | -"
-            model = f"{args.model} h{args.hidden} d{args.depth}"
-            rows.append(
-                f"| {stage} | {args.world_size} | {model} | {results[0]['params'] / 1e6:.1f}M | "
-                f"{args.micro_batch} | {results[0]['device']} | {1e3 * statistics.median(times):.0f} | "
-                f"{1e3 * min(times):.0f}-{1e3 * max(times):.0f} | {peaks} | {results[0]['baseline_mib']:.0f} |"
-            )
+            stage_results.append((stage, results))
             print(f"ZeRO-{stage}: done in {time.perf_counter() - begin:.0f} s", file=sys.stderr, flush=True)
-    print(HEADER)
-    print("\n".join(rows))
-    print()
-    print(
-        "Tensor bytes held by rank 0 after the last backward of the first timed step (bench/zero.py tensor_bytes)"
-    )
-    print()
-    print(TENSOR_HEADER)
-    base = None
-    for stage, result in tensor_rows:
-        b = {k: v / 2**20 for k, v in result["tensor_bytes"].items()}
-        states = b["parameters"] + b["gradients"] + b["optimizer states"]
-        base = states if stage == 0 and base is None else base
-        ratio = f"{states / base:.2f}x" if base else "-"
+    print(format_tables(args, stage_results))
+    if args.share_fp32_master:
         print(
-            f"| {stage} | {args.world_size} | {result['device']} | {b['parameters']:.0f} | {b['gradients']:.0f} | "
-            f"{b['optimizer states']:.0f} | {states:.0f} | {ratio} | {b['ema']:.0f} | {b['other']:.0f} |"
+            "\n(--share-fp32-master: ZeRO-3's duplicate fp32 master partitions were shared with the module's)"
         )
     return 0
+
+
+def _per_rank(results: list[dict], key: str) -> str:
+    return " / ".join(f"{r[key]:.0f}" for r in results)
+
+
+def format_tables(args: argparse.Namespace, stage_results: list[tuple[int, list[dict]]]) -> str:
+    """The three markdown tables of a run (module docstring), from each stage's per-rank result dicts."""
+    cuda = stage_results[0][1][0]["device"].startswith("cuda")
+    base = next((results for stage, results in stage_results if stage == 0), None)
+    lines = [CUDA_HEADER if cuda else HEADER]
+    for stage, results in stage_results:
+        times = results[0]["times"]
+        ratio = "-"
+        if base is not None:
+            psutil_ratio = max(r["psutil_peak_mib"] for r in results) / max(
+                r["psutil_peak_mib"] for r in base
+            )
+            own_ratio = max(r["peak_mib"] for r in results) / max(r["peak_mib"] for r in base)
+            ratio = f"{psutil_ratio:.3f}x / {own_ratio:.3f}x"
+        model = f"{args.model} h{args.hidden} d{args.depth}"
+        lines.append(
+            f"| {stage} | {args.world_size} | {model} | {results[0]['params'] / 1e6:.1f}M | "
+            f"{args.micro_batch} | {results[0]['device']} | {1e3 * statistics.median(times):.0f} | "
+            f"{1e3 * min(times):.0f}-{1e3 * max(times):.0f} | {_per_rank(results, 'psutil_peak_mib')} | "
+            f"{_per_rank(results, 'peak_mib')} | {ratio} | {results[0]['baseline_mib']:.0f} |"
+        )
+    lines += [
+        "",
+        "Highest RSS of rank 0 in each phase of the timed steps (sampled every 2 ms in the rank)",
+        "",
+    ]
+    lines.append(PHASE_HEADER)
+    for stage, results in stage_results:
+        peaks = results[0]["phase_peaks_mib"]
+        cells = " | ".join(f"{peaks[p]:.0f}" if p in peaks else "-" for p in PHASES)
+        lines.append(f"| {stage} | {args.world_size} | {results[0]['built_mib']:.0f} | {cells} |")
+    lines += [
+        "",
+        "Tensor bytes held by rank 0 after the last backward of the first timed step (bench/zero.py tensor_bytes),",
+        "and its RSS at that moment",
+        "",
+        TENSOR_HEADER,
+    ]
+    base_states = None
+    for stage, results in stage_results:
+        result = results[0]
+        b = {k: v / 2**20 for k, v in result["tensor_bytes"].items()}
+        states = b["parameters"] + b["gradients"] + b["optimizer states"]
+        base_states = states if stage == 0 and base_states is None else base_states
+        ratio = f"{states / base_states:.2f}x" if base_states else "-"
+        tensors = sum(b[c] for c in CATEGORIES)
+        lines.append(
+            f"| {stage} | {args.world_size} | {result['device']} | {b['parameters']:.0f} | {b['gradients']:.0f} | "
+            f"{b['optimizer states']:.0f} | {states:.0f} | {ratio} | {b['ema']:.0f} | {b['buckets']:.0f} | "
+            f"{b['other']:.0f} | "
+            f"{tensors:.0f} | {b['rss']:.0f} | {b.get('RssFile', 0):.0f} | "
+            f"{b.get('RssAnon', b['rss']) - tensors:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "deepspeed.stage3_max_reuse_distance": ("elements", "ZeRO-3: keep a gathered parameter this far ahead"),
     "deepspeed.stage3_prefetch_bucket_size": ("elements", "ZeRO-3: parameters prefetched ahead of use"),
     "deepspeed.stage3_param_persistence_threshold": ("elements", "ZeRO-3: smaller parameters stay whole"),
+    "deepspeed.sub_group_size": (
+        "elements",
+        "ZeRO-3: optimizer step in sub-groups of this size; keep it to resume",
+    ),
     "monitor.tensorboard": ("-", "write TensorBoard events under run_dir/tensorboard"),
     "monitor.progress": ("-", "tqdm progress bar on rank 0"),
     "monitor.sample_every": ("optimizer steps", "EMA sample grid and loss-vs-t profile (0: never)"),

@@ -99,6 +99,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, precision: str, device_typ
             stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
             stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
             stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+            sub_group_size=ds.sub_group_size,
         )
     return {
         "train_batch_size": cfg.train.global_batch_size,
@@ -173,6 +174,7 @@ def _yaml_owned_keys(derived: dict[str, Any]) -> dict[tuple[str, ...], tuple[str
     for name in (
         "reduce_bucket_size", "overlap_comm", "contiguous_gradients", "stage3_max_live_parameters",
         "stage3_max_reuse_distance", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+        "sub_group_size",
     ):  # fmt: skip
         yaml_key = f"deepspeed.{name}" if name != "contiguous_gradients" else "(always true at ZeRO >= 1)"
         checks[("zero_optimization", name)] = (

@@ -127,8 +127,9 @@ class DeepSpeedConfig:
     zero_stage: int = 2
     config_file: str | None = None  # a user's DeepSpeed JSON, checked against this config
     overlap_comm: bool = True
-    # Elements (not bytes) per gradient reduce bucket; every rank holds a buffer of this size.
-    reduce_bucket_size: int = 25_000_000
+    # Elements (not bytes) per gradient reduce bucket; every rank holds a buffer of this size (and gloo, on
+    # the CPU, about as much again while reducing it). 1e7 holds DiT-XL/2's largest weight (adaLN, 8.0M).
+    reduce_bucket_size: int = 10_000_000
     # ZeRO-3 only (DeepSpeed's stage3_* keys), in parameters (elements): how many gathered parameters may
     # stay alive at once and how far ahead a gathered parameter is kept for reuse (DeepSpeed's 1e9 defaults
     # keep a model of under a billion parameters whole on every rank, which undoes ZeRO-3's saving), the
@@ -137,6 +138,12 @@ class DeepSpeedConfig:
     stage3_max_reuse_distance: int = 50_000_000
     stage3_prefetch_bucket_size: int = 20_000_000
     stage3_param_persistence_threshold: int = 100_000
+    # ZeRO-3 only: the optimizer step runs over this rank's partition in sub-groups of about this many
+    # elements (DeepSpeed's sub_group_size, default 1e9 = one sub-group): a CPU AdamW allocates temporaries
+    # of twice a sub-group's size, so 1e9 cost ~0.5 GiB per rank on a 130M model at world 2 (bench/RESULTS.md
+    # 4c). GPU fused Adam has no such temporaries; more sub-groups cost a few kernel launches each step.
+    # It shapes the ZeRO-3 optimizer checkpoint: a run resumes only with the value it was saved with.
+    sub_group_size: int = 10_000_000
 
 
 @dataclass

@@ -147,6 +147,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("deepspeed.stage3_max_reuse_distance", 0, True, None),
     ("deepspeed.stage3_prefetch_bucket_size", 0, True, None),
     ("deepspeed.stage3_param_persistence_threshold", 0, True, None),
+    ("deepspeed.sub_group_size", 1, True, None),
     ("monitor.sample_every", 0, True, None),
     ("monitor.sample_steps", 1, True, None),
     ("monitor.sample_cfg_scale", 1.0, True, None),

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +176,21 @@ def read_latest(checkpoints_dir: Path) -> str | None:
     return tag
 
 
+# torch.serialization.safe_globals edits one process-wide list and its exit removes what it added, so two
+# threads inside it at once (parallel conversions) drop each other's allow-list mid-load.
+_SAFE_GLOBALS_LOCK = threading.RLock()
+
+
+@contextmanager
+def deepspeed_safe_loading():
+    """`torch.load(weights_only=True)` of DeepSpeed files allowed (deepspeed_safe_globals), one thread at a time."""
+    with _SAFE_GLOBALS_LOCK, torch.serialization.safe_globals(deepspeed_safe_globals()):
+        yield
+
+
 def check_deepspeed_files_safe(tag_dir: Path, rank: int | None = None) -> None:
     """Refuse DeepSpeed checkpoint files that would need arbitrary unpickling to load (those `rank` loads)."""
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+    with deepspeed_safe_loading():
         for path in files_loaded_by_rank(tag_dir, rank):
             try:
                 torch.load(path, map_location="cpu", weights_only=True)

@@ -146,3 +146,36 @@ def test_every_written_file_and_directory_is_fsynced_before_latest_moves(tmp_pat
     assert any(name.startswith(".latest.tmp") for name in synced_before)  # the new `latest` itself
     assert ("fsync", "checkpoints") in events[moved:]  # the rename of `latest` itself is made durable
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000005"
+
+
+def test_safe_loading_admits_one_thread_at_a_time() -> None:
+    # torch's safe_globals is process-wide and its exit removes what it added: a second thread inside it at the
+    # same time would lose its allow-list mid-load when the first leaves. The second must wait.
+    import threading
+    import time
+
+    from dtr_scale.checkpoint_format import deepspeed_safe_loading
+
+    inside, release, order = threading.Event(), threading.Event(), []
+
+    def first() -> None:
+        with deepspeed_safe_loading():
+            inside.set()
+            release.wait(5)
+            order.append("first leaves")
+
+    def second() -> None:
+        inside.wait(5)
+        with deepspeed_safe_loading():
+            order.append("second enters")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    inside.wait(5)
+    time.sleep(0.3)  # ample time for the second thread to enter, were it not kept out
+    assert order == []
+    release.set()
+    for t in threads:
+        t.join(5)
+    assert order == ["first leaves", "second enters"]

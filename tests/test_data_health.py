@@ -85,6 +85,6 @@ def test_two_process_run_past_the_bound_stops_before_the_checkpoint_naming_the_s
     assert seen == skipped + 2 * 8  # two steps of one micro-batch of 8 per rank, plus what was skipped
     assert abs(100 * skipped / seen - float(match[4])) < 0.01
     assert 0.05 < skipped / seen < 0.6  # a quarter of the data is bad; 16 good samples is a small window
-    names = re.findall(r"(shard-\d{6}\.tar) \((\d+)\)", match[5])
+    names = re.findall(r"(shard-\d{6}\.tar) \((\d+): label, first [\w.-]+\)", match[5])
     assert names and {n for n, _ in names} <= {f"shard-{j:06d}.tar" for j in range(3)}
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

@@ -112,7 +112,11 @@ def test_every_kind_is_counted_exactly_and_the_rest_delivered(tmp_path: Path) ->
     assert len(lines) == 4 and not any(shard_name(3) in line for line in lines), lines
     lost = {shard_name(0): 2, shard_name(1): 1, shard_name(2): 7 - kept_2, shard_name(3): 5,
             shard_name(4): 8 - kept_4}  # fmt: skip
+    kinds = {shard_name(0): "undecodable", shard_name(1): "wrong_shape", shard_name(2): "corrupt_tar",
+             shard_name(3): "unreadable_shard", shard_name(4): "short_shard"}  # fmt: skip
     worst = sorted(lost.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    worst = [(name, n, f"{kinds[name]}, first {first}") for name, n in worst
+             for first in [stream.skipped.window_first[name].split(", first ")[1]]]  # fmt: skip
     assert stream.skipped.window() == {"seen": 37, "skipped": sum(expected.values()), "worst": worst}
 
 
@@ -148,13 +152,17 @@ def test_a_resumed_stream_counts_each_skip_exactly_once(tmp_path: Path) -> None:
 
 
 def test_judge_windows_names_the_worst_rank_and_its_shards_only_past_the_bound() -> None:
-    ok = {"seen": 1000, "skipped": 10, "worst": [("a.tar", 10)]}  # exactly 1%: not beyond
-    bad = {"seen": 400, "skipped": 100, "worst": [("c.tar", 60), ("d.tar", 40)]}
+    ok = {"seen": 1000, "skipped": 10, "worst": [("a.tar", 10, "label, first k1")]}  # exactly 1%: not beyond
+    bad = {
+        "seen": 400,
+        "skipped": 100,
+        "worst": [("c.tar", 60, "label, first k7"), ("d.tar", 40, "wrong_shape, first k9")],
+    }
     assert judge_windows([ok, ok], 0.01, "m.json") is None
     message = judge_windows([ok, bad], 0.01, "m.json")
     assert message == (
         "m.json: rank 1 skipped 100 of the 400 samples it saw since the last check (25.00% > "
-        "data.max_skipped_fraction=0.01); worst shards: c.tar (60), d.tar (40)"
+        "data.max_skipped_fraction=0.01); worst shards: c.tar (60: label, first k7), d.tar (40: wrong_shape, first k9)"
     )
     assert judge_windows([bad], 1.0, "m.json") is None
     assert judge_windows([{"seen": 0, "skipped": 0, "worst": []}], 0.0, "m.json") is None
@@ -174,3 +182,32 @@ def test_a_shard_longer_than_its_manifest_entry_is_named_but_loses_nothing(tmp_p
     assert len(labels) == 5 and stream.skipped.totals == dict.fromkeys(SKIP_KINDS, 0)
     assert lines == [f"{tmp_path / shard_name(0)}: the shard holds more than the 5 samples the manifest lists; "
                      "the samples past that are ignored"]  # fmt: skip
+
+
+def test_nan_latents_are_skipped_as_undecodable_never_delivered(tmp_path: Path) -> None:
+    nan = np.full((2, *SHAPE), np.nan, dtype=np.float16)
+    poisoned = [
+        LatentSample("nan0", 1, nan, ZEROS),
+        LatentSample("inf0", 2, ZEROS, np.full_like(nan, np.inf)),
+    ]
+    manifest = _manifest(tmp_path, [_good("g", 4) + poisoned])
+    stream = LatentStream(manifest, 2, seed=0, rank=0, world_size=1, resampled=False, shuffle_buffer=0)
+    labels, lines = _drain(stream)
+    assert len(labels) == 4 and stream.skipped.totals["undecodable"] == 2
+    assert len(lines) == 1 and "2 samples that could not be decoded, first nan0" in lines[0], lines
+
+
+def test_a_shard_read_again_next_epoch_is_reported_with_one_epochs_count(tmp_path: Path) -> None:
+    # Resampled: the shard is read epoch after epoch; the line says how many were bad in one pass (3), and
+    # the totals keep counting.
+    shard = _good("g", 6) + [LatentSample(f"bad{i}", 50, ZEROS, ZEROS) for i in range(3)]
+    manifest = _manifest(tmp_path, [shard])
+    stream = LatentStream(manifest, 2, seed=0, rank=0, world_size=1, shuffle_buffer=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        it = stream.batches()
+        for _ in range(9):  # three passes of the 6 good samples
+            next(it)
+    lines = [str(w.message) for w in caught if issubclass(w.category, ShardWarning)]
+    assert len(lines) == 1 and ": 3 samples with a label outside 0..9, first bad0" in lines[0], lines
+    assert stream.skipped.totals["label"] >= 6

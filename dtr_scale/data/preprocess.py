@@ -164,14 +164,14 @@ def preprocess(
         shard_name(j): shard_inputs_digest(input_dir, paths, order, j, shard_size, hash_inputs)
         for j in range(count_shards(len(paths), shard_size))
     }, quiet=quiet)  # fmt: skip
-    _judge_skipped(out_dir, fingerprint, len(paths), shard_size, max_skipped_fraction, quiet)
+    _judge_skipped(out_dir, fingerprint, len(paths), shard_size, max_skipped_fraction)
     extra = {"shuffle_seed": shuffle_seed, "hflip": hflip, "settings": settings}
     return _write_final_manifest(out_dir, fingerprint, len(paths), shard_size, classes, vae_config, identity,
                                  image_size, scaling_factor, extra)  # fmt: skip
 
 
 def _judge_skipped(
-    out_dir: Path, fingerprint: str, num_images: int, shard_size: int, max_fraction: float, quiet: bool
+    out_dir: Path, fingerprint: str, num_images: int, shard_size: int, max_fraction: float
 ) -> None:
     """Print the table of skipped images by shard and kind; ValueError past `max_fraction` of the images."""
     records = finished_records(out_dir, fingerprint)
@@ -184,7 +184,7 @@ def _judge_skipped(
         for kind in dict.fromkeys(kinds):
             rows.append((name, kind, kinds.count(kind), paths[kinds.index(kind)]))
     total = sum(count for _, _, count, _ in rows)
-    if rows and not quiet:
+    if rows:  # printed even with --quiet (which only drops the progress bar)
         print("preprocess: skipped images\n| shard | kind | images | first |\n|---|---|---|---|")
         print("\n".join(f"| {name} | {kind} | {count} | {first} |" for name, kind, count, first in rows))
         print(f"| total | | {total} of {num_images} ({total / num_images:.2%}) | |")

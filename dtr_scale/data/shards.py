@@ -302,7 +302,7 @@ class SampleError(ValueError):
 
 def decode_sample(raw: dict[str, Any], latent_shape: tuple[int, ...], where: str = "") -> LatentSample:
     """Decode the known members of a raw sample; SampleError (a ValueError) naming the key and member on any
-    defect, with kind "undecodable" (missing or corrupt member) or "wrong_shape"."""
+    defect, with kind "undecodable" (missing or corrupt member, NaN or inf values) or "wrong_shape"."""
     key = raw.get("__key__", "?")
     what = f"{where}:{key}" if where else str(key)
     missing = [m for m in SAMPLE_MEMBERS if m not in raw]
@@ -324,5 +324,7 @@ def decode_sample(raw: dict[str, Any], latent_shape: tuple[int, ...], where: str
                 "wrong_shape",
                 key,
             )
+        if not np.isfinite(array).all():  # NaN/inf latents would poison the loss; never train on them
+            raise SampleError(f"{what}.{member}: holds non-finite values (NaN or inf)", "undecodable", key)
         arrays[member] = array
     return LatentSample(key=key, label=label, mean=arrays[MEMBER_MEAN], std=arrays[MEMBER_STD])

@@ -7,12 +7,13 @@ samples seen in a window the run stops (docs/reliability.md states the policy).
 
 Kinds (the `data/skipped_<kind>` scalars in TensorBoard and metrics.jsonl):
 
-    undecodable       a member is missing or cannot be decoded (.cls not an integer, .npy corrupt)
+    undecodable       a member is missing or cannot be decoded (.cls not an integer, .npy corrupt, NaN/inf)
     wrong_shape       the latents are not float16 of the manifest's latent_shape
     label             the class index is outside 0..len(labels)-1
     corrupt_tar       the tar broke partway (a corrupt member header): the rest of the shard is lost
     unreadable_shard  the shard could not be read at all (missing, not a tar, no permission)
-    short_shard       the tar ends before the manifest's count (a file cut short, or a shard with fewer samples)
+    short_shard       the tar ends before the manifest's count (a file cut short, fewer samples, or a corrupt
+                      member header, which Python's tarfile reads as the end of the archive)
 
 `surplus` (a shard holding more samples than the manifest lists) is reported the same way but loses nothing.
 """
@@ -30,7 +31,7 @@ _WHAT = {
     "label": "samples with a label outside 0..{top}",
     "corrupt_tar": "samples lost to a corrupt or cut tar",
     "unreadable_shard": "samples lost because the shard could not be read",
-    "short_shard": "samples missing (the shard ends early: cut short?)",
+    "short_shard": "samples missing (the tar ends early: cut short, or a corrupt header)",
 }
 
 
@@ -64,6 +65,7 @@ class SkipLedger:
         self.by_shard: dict[str, dict[str, int]] = {}
         self.window_seen = 0  # samples delivered + skipped since the window began
         self.window_by_shard: dict[str, int] = {}
+        self.window_first: dict[str, str] = {}  # shard -> "kind, first KEY" of its first skip in the window
         self._pending: dict[tuple[str, str], dict[str, Any]] = {}
         self._warned: set[tuple[str, str]] = set()
 
@@ -82,6 +84,7 @@ class SkipLedger:
         per_shard[kind] = per_shard.get(kind, 0) + count
         self.window_seen += count
         self.window_by_shard[shard] = self.window_by_shard.get(shard, 0) + count
+        self.window_first.setdefault(shard, f"{kind}, first {rec['first']}")
 
     def mark_warned(self, shard: str, kind: str) -> None:
         """Count (shard, kind) as already reported (e.g. a missing file, named up front)."""
@@ -105,12 +108,13 @@ class SkipLedger:
         return lines
 
     def window(self) -> dict[str, Any]:
-        """This rank's window: samples seen, skipped, and the shards that lost the most (name, count)."""
+        """This rank's window: samples seen, skipped, and the shards that lost the most (name, count, what)."""
         worst = sorted(self.window_by_shard.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        worst = [(name, count, self.window_first[name]) for name, count in worst]
         return {"seen": self.window_seen, "skipped": self.window_skipped, "worst": worst}
 
     def reset_window(self) -> None:
-        self.window_seen, self.window_by_shard = 0, {}
+        self.window_seen, self.window_by_shard, self.window_first = 0, {}, {}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +122,7 @@ class SkipLedger:
             "by_shard": {s: dict(k) for s, k in self.by_shard.items()},
             "window_seen": self.window_seen,
             "window_by_shard": dict(self.window_by_shard),
+            "window_first": dict(self.window_first),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -125,6 +130,7 @@ class SkipLedger:
         self.by_shard = {s: {k: int(v) for k, v in kinds.items()} for s, kinds in state["by_shard"].items()}
         self.window_seen = int(state["window_seen"])
         self.window_by_shard = {s: int(v) for s, v in state["window_by_shard"].items()}
+        self.window_first = {s: str(v) for s, v in state.get("window_first", {}).items()}
 
 
 def judge_windows(windows: list[dict[str, Any]], max_fraction: float, where: str) -> str | None:
@@ -141,7 +147,7 @@ def judge_windows(windows: list[dict[str, Any]], max_fraction: float, where: str
     if worst_rank is None:
         return None
     w = windows[worst_rank]
-    shards = ", ".join(f"{name} ({count})" for name, count in w["worst"])
+    shards = ", ".join(f"{name} ({count}: {what})" for name, count, what in w["worst"])
     return (
         f"{where}: rank {worst_rank} skipped {w['skipped']} of the {w['seen']} samples it saw since the last "
         f"check ({worst_fraction:.2%} > data.max_skipped_fraction={max_fraction:g}); worst shards: {shards}"

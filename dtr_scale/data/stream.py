@@ -275,16 +275,17 @@ class LatentStream:
     def _account(self, message: dict[str, Any]) -> None:
         """Count a message's samples and skips (raising at the first skip when on_error="raise"), and warn
         once per shard and kind for the shards it finished."""
-        for rec in message["skips"]:
+        for rec in message["skips"]:  # in order, so a shard's next epoch never joins this epoch's count
+            if "finished" in rec:
+                for shard, line in self.skipped.finish(rec["finished"], len(self.manifest.labels)):
+                    self._say(shard, line)
+                continue
             if self.on_error == "raise":
                 raise ShardError(
                     f"{rec['detail']} ({self.manifest.root / rec['shard']}; data.on_error=raise)"
                 )
             self.skipped.add(rec)
         self.skipped.delivered(len(message["labels"]))
-        for name in message["finished"]:
-            for shard, line in self.skipped.finish(name, len(self.manifest.labels)):
-                self._say(shard, line)
 
     def _say(self, name: str, text: str) -> None:
         """Report `text` about shard `name` per on_error: raise, warn, or stay silent (ignore)."""

@@ -71,7 +71,7 @@ class _EpochReader:
             raw = next(readers[pos])
         except StopIteration:
             raw = None
-            self.lost[pos] = ("short_shard", f"the tar ends after {read[pos]} of {hi - lo} samples")
+            self.lost[pos] = ("short_shard", f"the tar ends after {read[pos]} of its {hi - lo} samples")
         except ShardReadError as err:
             raw = None
             kind = "corrupt_tar" if read[pos] else "unreadable_shard"
@@ -99,7 +99,7 @@ class _EpochReader:
 
 def _add_skip(skips: list[dict], rec: dict) -> None:
     """Append a skip record, merging it into the previous one of the same shard and kind."""
-    if skips and skips[-1]["shard"] == rec["shard"] and skips[-1]["kind"] == rec["kind"]:
+    if skips and skips[-1].get("shard") == rec["shard"] and skips[-1].get("kind") == rec["kind"]:
         skips[-1]["count"] += rec["count"]
     else:
         skips.append(rec)
@@ -111,9 +111,9 @@ class WorkerStream(torch.utils.data.IterableDataset):
     roles[k] / starts[k]: the logical worker and its (epoch, position) that physical worker k continues.
     Yields one message per micro-batch: latents float32 (B, C, H, W), scaled and augmented, or None (only
     skips to report), labels int64 (B,), the logical worker ("role") and its position after the batch
-    ("epoch", "position"), "skips", the skip records (data/skipped.py) of the samples handed out since the
-    last message, and "finished", the names of shards whose samples of this epoch were all handed out (so
-    their skips can be reported once, with a count). Raises ShardError when in resampled mode two epochs in
+    ("epoch", "position"), and "skips", in order: the skip records (data/skipped.py) of the samples handed
+    out since the last message and {"finished": shard name} markers for shards whose samples of this epoch
+    were all handed out (so their skips are reported once, with the epoch's count). Raises ShardError when in resampled mode two epochs in
     a row deliver no readable sample.
     """
 
@@ -127,7 +127,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
         role = self.roles[physical]
         epoch, position = self.starts[physical]
         cfg, manifest = self.cfg, self.manifest
-        out = {"latents": [], "labels": [], "skips": [], "finished": []}
+        out = {"latents": [], "labels": [], "skips": []}
         empty_epochs = 0
         while True:
             plan = WorkerPlan(cfg, manifest, role, epoch)
@@ -141,7 +141,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
                 delivered += self._take(plan, reader, pos, index, raw, epoch, out)
                 due[pos] -= 1
                 if due[pos] == 0:
-                    out["finished"].append(manifest.shards[int(plan.shards[pos])]["name"])
+                    out["skips"].append({"finished": manifest.shards[int(plan.shards[pos])]["name"]})
                 out["skips"].extend(reader.notices)
                 reader.notices.clear()
                 if len(out["latents"]) == cfg["micro_batch_size"]:
@@ -150,7 +150,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
                         next_epoch, next_position = epoch + 1, 0
                     yield self._message(role, next_epoch, next_position, out)
             if not cfg["resampled"]:
-                if out["latents"] or out["skips"] or out["finished"]:  # the pass's partial last batch
+                if out["latents"] or out["skips"]:  # the pass's partial last batch
                     yield self._message(role, epoch, position, out)
                 return
             # An epoch that delivers nothing at all means every shard of this worker is unreadable.
@@ -210,7 +210,6 @@ class WorkerStream(torch.utils.data.IterableDataset):
             "epoch": epoch,
             "position": position,
             "skips": out["skips"],
-            "finished": out["finished"],
         }
         for key in out:
             out[key] = []

@@ -284,8 +284,12 @@ class Trainer:
         if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
             raise FloatingPointError(
                 f"stopping: {self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps="
-                f"{self.cfg.train.max_nonfinite_steps}); last complete checkpoint: {self.checkpointer.dir}/latest"
+                f"{self.cfg.train.max_nonfinite_steps}); last complete checkpoint: {self._latest_text()}"
             )
+
+    def _latest_text(self) -> str:
+        tag = self.checkpointer.latest_tag()
+        return str(self.checkpointer.dir / tag) if tag else "none written yet"
 
     def log_loss_profile(self) -> None:
         """Loss vs t since the last call (all ranks' samples) as a TensorBoard image and PNG (rank 0)."""

@@ -130,7 +130,7 @@ class SkipLedger:
         self.by_shard = {s: {k: int(v) for k, v in kinds.items()} for s, kinds in state["by_shard"].items()}
         self.window_seen = int(state["window_seen"])
         self.window_by_shard = {s: int(v) for s, v in state["window_by_shard"].items()}
-        self.window_first = {s: str(v) for s, v in state.get("window_first", {}).items()}
+        self.window_first = {s: str(v) for s, v in state["window_first"].items()}
 
 
 def judge_windows(windows: list[dict[str, Any]], max_fraction: float, where: str) -> str | None:

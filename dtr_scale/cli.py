@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, module = _build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
+    args.argv = ["dtr-scale", *argv]  # the command line, for files that record what made them
     if args.command is None or module is None:
         parser.print_help()
         return 2

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +61,35 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, marker: str) -> Iterator[Path]:
+    """Yield a temporary directory beside `out_dir` to fill; on success it replaces `out_dir` by renames.
+
+    A reader sees the old directory or the complete new one, never a half-written one. An existing `out_dir`
+    is replaced only if it holds the file `marker` (i.e. it is a directory of the same kind, written before);
+    any other non-empty path is left alone (FileExistsError naming it). On an exception the temporary
+    directory is removed and `out_dir` is untouched.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (
+        not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / marker).is_file())
+    ):
+        raise FileExistsError(
+            f"{out_dir} exists and is not a directory this command wrote (it has no {marker}); refusing to replace it"
+        )
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

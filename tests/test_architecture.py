@@ -2,8 +2,8 @@
 sitting, and no test scaffolding in the product. Read from the source with `ast`, not by importing it.
 
 Layers: cli -> train -> {models, diffusion, mtl, data}; sample -> {models, diffusion, data}; the top-level
-modules (config/, checkpoint_format, metrics, inception, distributed, fileio, errors, compat) may be used by every
-package but use none of them except models/data where stated below.
+modules (config/, checkpoint_format, metrics, inception, distributed, fileio, errors, compat, hf) may be used by
+every package but use none of them except models/data where stated below.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ TOP_LEVEL_USES = {
     "errors": set(),
     "compat": set(),
     "config_docs": {"config"},
+    "hf": {"models", "data"},  # diffusers classes wrapping the DiT and the pixel codec
 }
 
 

@@ -222,3 +222,64 @@ def test_moved_manifest_is_reported_and_can_be_passed(tmp_path, trained_run, bui
     assert json.loads((out / "config.json").read_text())["data"]["manifest"] == str(
         (moved / "manifest.json").resolve()
     )
+
+
+# ------------------------------------------------------------------------------- --format diffusers
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2], ids=["unrouted-zero0", "routed-zero2"])
+def test_diffusers_format_from_the_cli_holds_the_runs_ema_and_a_model_card(tmp_path, trained_run, zero_stage):
+    from dtr_scale.cli import main
+    from dtr_scale.sample.diffusers_export import diffusers_dit_state
+
+    run_dir = trained_run(zero_stage)
+    out = tmp_path / "hf"
+    argv = ["convert", str(run_dir), "--out", str(out), "--format", "diffusers"]
+    assert main(argv) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "DiTPipeline"
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert index["vae"] == ["dtr_scale.hf", "PixelShuffleVAE"]  # the built-in pixel codec
+    assert index["id2label"]["7"] == "7"
+    live_ema = load_file(run_dir / "live_ema.safetensors")
+    stored = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    if zero_stage == 0:  # unrouted: diffusers' own class, reference keys renamed
+        assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
+        full = {
+            **live_ema,
+            "pos_embed": load_file(convert_checkpoint(run_dir, tmp_path / "m") / "ema.safetensors")[
+                "pos_embed"
+            ],
+        }
+        expected = diffusers_dit_state(full, depth=2, num_classes=10)
+    else:  # routed: dtr-scale's class, reference keys under `dit.`
+        assert index["transformer"] == ["dtr_scale.hf", "DTRDiTTransformer2DModel"]
+        config = json.loads((out / "transformer" / "config.json").read_text())
+        assert (config["routing_alpha"], config["routing_beta"], config["routing_num_tasks"]) == (
+            4.0,
+            0.8,
+            1000,
+        )
+        expected = {f"dit.{k}": v for k, v in live_ema.items()}
+    for key, value in expected.items():
+        assert torch.equal(stored[key], value), key
+    card = (out / "README.md").read_text()
+    assert f"step {STEPS}, 32 samples" in card and TAG in card
+    assert " ".join(["dtr-scale", *argv]) in card
+    assert "DTR routing | alpha 4.0, beta 0.8" in card if zero_stage else "DTR routing | off" in card
+    assert "uw, 4 clusters" in card
+
+
+def test_diffusers_format_with_raw_weights_and_ddpm(tmp_path, trained_run):
+    from dtr_scale.sample.diffusers_export import export_run  # noqa: F401  (the keyword path of convert)
+
+    run_dir = trained_run(1)
+    out = convert_checkpoint(
+        run_dir, tmp_path / "hf", fmt="diffusers", diffusers={"weights": "model", "scheduler": "ddpm"}
+    )
+    stored = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    live = load_file(run_dir / "live_model.safetensors")
+    assert all(torch.equal(stored[f"dit.{k}"], v) for k, v in live.items())
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDPMScheduler" and scheduler["variance_type"] == "fixed_small"
+    assert "Weights: model. Scheduler: ddpm." in (out / "README.md").read_text()

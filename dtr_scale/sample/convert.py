@@ -1,6 +1,6 @@
 """`dtr-scale convert`: a DeepSpeed training checkpoint -> a portable model directory.
 
-    dtr-scale convert RUN_DIR [--tag TAG] --out MODEL_DIR [--dtype fp32|bf16] [--format dtr|dit]
+    dtr-scale convert RUN_DIR [--tag TAG] --out MODEL_DIR [--dtype fp32|bf16] [--format dtr|dit|diffusers]
 
 What goes in (written by `dtr_scale.train.checkpoint`):
 
@@ -11,7 +11,9 @@ What goes in (written by `dtr_scale.train.checkpoint`):
 
 What comes out (`dtr_scale.models.model_dir`): model.safetensors (the fp32 master weights),
 ema.safetensors (the EMA reassembled from every rank's shard) and config.json, all with the reference
-DiT key names; with `--format dit` also `dit.pt` = {"model", "ema"} for the reference DiT code.
+DiT key names; with `--format dit` also `dit.pt` = {"model", "ema"} for the reference DiT code. With
+`--format diffusers` the output is instead a folder for `diffusers.DiTPipeline.from_pretrained`
+(sample/diffusers_export.py), holding the `--weights` (EMA by default).
 
 The model weights are consolidated by DeepSpeed's own `zero_to_fp32` utility (ZeRO 1/2/3, and bf16
 runs' fp32 master copies), never by a home-made reader of its flat buffers. A ZeRO-0 fp32 run has no
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
     from dtr_scale.data.shards import Manifest
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-FORMATS = ("dtr", "dit")
+FORMATS = ("dtr", "dit", "diffusers")
 DIT_CHECKPOINT_NAME = "dit.pt"
 
 
@@ -255,11 +257,13 @@ def convert_checkpoint(
     fmt: str = "dtr",
     *,
     manifest: str | os.PathLike | None = None,
+    diffusers: dict | None = None,
 ) -> Path:
     """Write the model directory of checkpoint `tag` (default: latest) of `run_dir` to `out_dir`; return it.
 
     `manifest`: the training data's manifest.json, when the path recorded in the run's config
-    (data.shards) no longer resolves, e.g. after moving the run to another machine.
+    (data.shards) no longer resolves, e.g. after moving the run to another machine. `diffusers` (format
+    "diffusers" only): keyword arguments of `export_run` (weights, scheduler, transformer_class, vae_dir, command).
     """
     from dtr_scale.models.model_dir import save_model_dir
 
@@ -271,6 +275,11 @@ def convert_checkpoint(
     tag, tag_dir, global_state, cfg, data = _read_checkpoint(run_dir, tag, manifest)
     model, model_state, ema_state = _trained_states(cfg, data, tag_dir, global_state, fmt)
     config = _model_config(model, cfg, data, global_state, run_dir, tag)
+    if fmt == "diffusers":
+        from dtr_scale.sample.diffusers_export import export_run
+
+        states = {"model": model_state, "ema": ema_state}
+        return export_run(out_dir, config, states, run_dir, dtype=DTYPES[dtype], **(diffusers or {}))
     out = save_model_dir(out_dir, model_state, ema_state, config, dtype=DTYPES[dtype])
     if fmt == "dit":
         write_reference_checkpoint(out / DIT_CHECKPOINT_NAME, model_state, ema_state, DTYPES[dtype])
@@ -300,15 +309,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the stored weights")
     parser.add_argument(
         "--format", choices=FORMATS, default="dtr",
-        help="dit: also write dit.pt {'model', 'ema'} for the reference DiT code (models without routing)",
+        help="dit: also write dit.pt {'model', 'ema'} for the reference DiT code (models without routing); "
+        "diffusers: a DiTPipeline folder instead of a model directory",
     )  # fmt: skip
     parser.add_argument("--manifest", default=None, help="training manifest.json, if moved since training")
+    group = parser.add_argument_group("--format diffusers")
+    group.add_argument("--weights", choices=("ema", "model"), default="ema", help="weights the folder holds")
+    group.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim", help="the folder's scheduler")
+    group.add_argument(
+        "--transformer-class", choices=("auto", "diffusers", "dtr"), default="auto",
+        help="auto: diffusers' DiTTransformer2DModel for unrouted models, dtr_scale.hf's class otherwise",
+    )  # fmt: skip
+    group.add_argument(
+        "--vae", default=None, help="the run's AutoencoderKL directory, if moved since preprocess"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """`dtr-scale convert`: write the model directory; prints its path; returns 0."""
+    diffusers = None
+    if args.format == "diffusers":
+        diffusers = dict(
+            weights=args.weights, scheduler=args.scheduler, transformer_class=args.transformer_class,
+            vae_dir=args.vae, command=getattr(args, "argv", None),
+        )  # fmt: skip
     out = convert_checkpoint(
-        args.run_dir, args.out, args.tag, args.dtype, args.format, manifest=args.manifest
+        args.run_dir, args.out, args.tag, args.dtype, args.format, manifest=args.manifest, diffusers=diffusers
     )
     print(out)
     return 0

@@ -15,7 +15,7 @@ export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import shutil,sys; sys.stdout.wri
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup test test-slow demo lint bench clean device-wheels
+.PHONY: setup test test-slow test-cluster demo lint bench clean device-wheels
 
 $(TORCH_STAMP): pyproject.toml
 	if ls $(VENV)/.installed-torch-* >/dev/null 2>&1 && [ ! -e $@ ]; then rm -rf $(VENV); fi
@@ -32,10 +32,18 @@ setup: $(TORCH_STAMP)
 # `make test`: every test but the few that need minutes (marker `minutes`: the whole demo, a cold
 # torch.compile); `make test-slow` runs those. CI runs both.
 test: setup
-	$(PY) -m pytest -q -m "not minutes" --durations=10 tests
+	$(PY) -m pytest -q -m "not minutes and not cluster" --durations=10 tests
 
 test-slow: setup
 	$(PY) -m pytest -q -m minutes --durations=10 tests
+
+# `make test-cluster`: every launch script on a real two-node cluster on this machine (loopback 127.0.0.2/3:
+# sshd + pdsh for DeepSpeed's hostfile launch, torchrun, slurmctld + 2 slurmd); installs the Debian packages.
+CLUSTER_PACKAGES := openssh-server openssh-client pdsh slurmd slurmctld slurm-client
+test-cluster: setup
+	@if [ "$$(id -u)" != 0 ]; then echo "make test-cluster: needs root (it installs $(CLUSTER_PACKAGES) and starts sshd and SLURM daemons)" >&2; exit 2; fi
+	@if ! command -v pdsh >/dev/null || ! command -v slurmd >/dev/null || ! test -x /usr/sbin/sshd; then 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CLUSTER_PACKAGES); fi
+	$(PY) -m pytest -q -m cluster --durations=5 tests
 
 demo: setup
 	$(PY) -m dtr_scale demo --out runs/demo

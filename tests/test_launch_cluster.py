@@ -1,0 +1,186 @@
+"""Every launch script on a real two-node cluster on this machine (tests/cluster.py): `make test-cluster`.
+
+- launch/train.sh --hostfile: DeepSpeed's own PDSH runner over ssh to dtr-node-a / dtr-node-b;
+- launch/torchrun.sh with NNODES=2: two invocations, NODE_RANK 0 and 1;
+- launch/slurm.sbatch: `sbatch --nodes 2` on slurmctld + two slurmd, then `scontrol requeue` mid-run.
+Each ends with weights bitwise equal to a single-node world-2 run of the same config and seed (the
+expectation), and a killed or requeued run resumes from checkpoints/latest to those same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from cluster import NODES, LoopbackCluster, free_port_on, missing_tools, wait_for
+from distributed import REPO, launcher_env
+from test_train_distributed import TINY, final_weights
+
+pytestmark = [pytest.mark.cluster]
+
+STEPS = 6
+FINAL = f"step{STEPS:08d}"
+OVERRIDES = [
+    *TINY,
+    f"train.max_steps={STEPS}",
+    "train.checkpoint_every=2",
+    "deepspeed.zero_stage=2",
+    "eval.every=0",
+]
+CONFIG = "configs/demo-cpu.yaml"
+MASTER = NODES["dtr-node-a"]
+# What every rank needs, on any node: DeepSpeed's CPU accelerator, gloo on the loopback interface only, the
+# hooks of tests/dtr_scale_testhooks.py through tests/cluster_site/sitecustomize.py.
+RANK_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "GLOO_SOCKET_IFNAME": "lo",
+    "HF_HUB_OFFLINE": "1",
+    "DTR_TEST_HOOKS": "1",
+    "DTR_TEST_CHECKSUM": "1",
+}
+HOOK_PATH = os.pathsep.join([str(REPO / "tests" / "cluster_site"), str(REPO / "tests"), str(REPO)])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = missing_tools()
+    if missing or os.geteuid() != 0:
+        pytest.fail(f"the launch cluster needs root and {missing or 'its tools'}: run `make test-cluster`")
+    c = LoopbackCluster(tmp_path_factory.mktemp("cluster")).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def train_overrides(run_dir: Path, manifest: Path) -> list[str]:
+    return [f"run_dir={run_dir}", f"data.shards={manifest}", *OVERRIDES]
+
+
+def run(command: list[str], env: dict[str, str], timeout: float = 420) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def checksums(output: str) -> dict[int, float]:
+    """rank -> float64 parameter sum printed by each rank at the end (dtr_scale_testhooks)."""
+    return {int(r): float(v) for r, v in re.findall(r"rank (\d+): parameter checksum (\S+)", output)}
+
+
+def assert_same_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> None:
+    weights = final_weights(run_dir, FINAL)
+    assert weights.keys() == reference.keys()
+    different = [k for k in reference if not torch.equal(weights[k], reference[k])]
+    assert not different, (
+        f"{run_dir}: {len(different)} tensors differ from the single-node run, e.g. {different[:3]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, builtin_data) -> tuple[dict[str, torch.Tensor], dict[int, float]]:
+    """Weights and checksums of the same config on one node, world 2 (launch/torchrun.sh, standalone)."""
+    run_dir = tmp_path_factory.mktemp("single-node") / "run"
+    env = {**launcher_env(), **RANK_ENV, "PYTHONPATH": HOOK_PATH}
+    done = run(
+        ["bash", "launch/torchrun.sh", "2", CONFIG, *train_overrides(run_dir, builtin_data["train"])], env
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    sums = checksums(done.stdout + done.stderr)
+    assert sorted(sums) == [0, 1] and sums[0] == sums[1]
+    return final_weights(run_dir, FINAL), sums
+
+
+def test_deepspeed_hostfile_launch_trains_on_two_nodes_and_a_rerun_resumes(
+    cluster, reference, builtin_data, tmp_path
+):
+    run_dir = tmp_path / "my run"  # a space: the override must reach the remote ranks as one argument
+    port = free_port_on([MASTER])
+    command = ["bash", "launch/train.sh", "--hostfile", str(cluster.hostfile), "--num_nodes", "2", "--num_gpus", "1",
+               "--master_addr", MASTER, "--master_port", str(port), CONFIG,
+               *train_overrides(run_dir, builtin_data["train"])]  # fmt: skip
+    ds_env = tmp_path / "ds_env"  # DeepSpeed's .deepspeed_env: the variables it exports to every remote rank
+    env = cluster.env({**RANK_ENV, "PYTHONPATH": HOOK_PATH, "DS_ENV_FILE": str(ds_env)})
+    # First run: rank 0 (on dtr-node-a) dies after step 3, as a crashed node would; step 2 is checkpointed.
+    ds_env.write_text("".join(f"{k}={v}\n" for k, v in {**RANK_ENV, "DTR_TEST_KILL_AFTER_STEP": "3"}.items()))
+    crashed = run(command, env)
+    assert crashed.returncode != 0
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
+    assert (
+        "dtr-node-a: " in crashed.stdout + crashed.stderr
+        and "dtr-node-b: " in crashed.stdout + crashed.stderr
+    )
+    # The same command again resumes from latest and trains to the end.
+    ds_env.write_text("".join(f"{k}={v}\n" for k, v in RANK_ENV.items()))
+    done = run(command, env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "dtr-node-a: resumed from" in output and "at step 2" in output
+    sums = checksums(output)
+    assert sorted(sums) == [0, 1] and sums[0] == sums[1] == reference[1][0]  # both ranks, both nodes agree
+    assert re.search(r"dtr-node-b: rank 1: parameter checksum", output)  # rank 1 ran on the second node
+    assert_same_weights(run_dir, reference[0])
+
+
+def test_torchrun_two_invocations_equal_the_single_node_run(reference, builtin_data, tmp_path):
+    run_dir = tmp_path / "run"
+    port = str(free_port_on([MASTER]))
+    args = ["bash", "launch/torchrun.sh", "1", CONFIG, *train_overrides(run_dir, builtin_data["train"])]
+    procs = []
+    for node_rank in (1, 0):
+        env = {**launcher_env(), **RANK_ENV, "PYTHONPATH": HOOK_PATH, "NNODES": "2", "NODE_RANK": str(node_rank),
+               "MASTER_ADDR": MASTER, "MASTER_PORT": port}  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outputs = [p.communicate(timeout=420)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    node1, node0 = (checksums(o) for o in outputs)
+    assert node0 == {0: reference[1][0]} and node1 == {1: reference[1][1]}  # NODE_RANK i holds global rank i
+    assert_same_weights(run_dir, reference[0])
+
+
+def job_state(cluster, job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job], env=cluster.env(), capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S+)", out.stdout))
+
+
+def test_slurm_two_node_job_requeued_mid_run_resumes_to_the_same_weights(
+    cluster, reference, builtin_data, tmp_path
+):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "job.out"
+    steps = [
+        *train_overrides(run_dir, builtin_data["train"]),
+        "train.max_steps=30",
+        "train.checkpoint_every=2",
+    ]
+    env = cluster.env({**RANK_ENV, "PYTHONPATH": HOOK_PATH, "NPROC_PER_NODE": "1"})
+    # The script's GPU defaults overridden on the command line, as on any CPU-only partition.
+    submit = run(["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1",
+                  f"--output={log}", "launch/slurm.sbatch", CONFIG, *steps], env)  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), 300, "the job's first checkpoint")
+    requeue = run(["scontrol", "requeue", job], env)
+    assert requeue.returncode == 0, requeue.stderr
+    wait_for(lambda: job_state(cluster, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 400,
+             f"job {job} to finish after its requeue", interval=1)  # fmt: skip
+    state, text = job_state(cluster, job), log.read_text()
+    assert state["JobState"] == "COMPLETED", text[-4000:]
+    assert state["Restarts"] == "1" and "attempt 2" in text  # it really ran twice ...
+    assert re.search(r"resumed from .* at step [1-9]", text)  # ... and the second attempt resumed
+    sums = checksums(text)
+    assert sorted(sums) == [0, 1] and sums[0] == sums[1]
+    straight = tmp_path / "straight"  # the same 30 steps on one node, uninterrupted
+    done = run(["bash", "launch/torchrun.sh", "2", CONFIG,
+                *[s.replace(str(run_dir), str(straight)) for s in steps]],
+               {**launcher_env(), **RANK_ENV, "PYTHONPATH": HOOK_PATH})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = final_weights(run_dir, "step00000030"), final_weights(straight, "step00000030")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -73,6 +73,10 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "train.eps": ("-", "AdamW epsilon"),
     "train.weight_decay": ("-", "AdamW decoupled weight decay (DiT: 0)"),
     "train.warmup_steps": ("optimizer steps", "linear LR warmup"),
+    "train.lr_schedule": (
+        "-",
+        "after the warmup: constant, linear or cosine decay to 0 at max_steps (transformers' get_scheduler)",
+    ),
     "train.grad_clip": ("L2 norm", "gradient clipping threshold (0: none, as the reference DiT)"),
     "train.precision": ("-", "auto (bf16 on a bf16 GPU, else fp32), bf16 or fp32"),
     "train.ema_decay": ("-", "EMA decay per optimizer step (DiT: 0.9999)"),
@@ -111,6 +115,12 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "eval.reference": ("path", "reference images / ADM stats; null: the built-in held-out split"),
     "eval.reference_size": ("images", "use the first N images of the built-in held-out reference (0: all)"),
     "eval.inception_weights": ("path", "torch-fidelity Inception state dict; null: the bundled FID network"),
+    "repa.encoder": ("path", "REPA: local transformers vision encoder (DINOv2...), frozen; null: REPA off"),
+    "repa.depth": ("blocks", "REPA: align the DiT tokens after this many blocks (REPA: 8 for XL/2, L/2)"),
+    "repa.coeff": ("-", "REPA: lambda, the alignment loss's weight in the objective (REPA: 0.5)"),
+    "repa.projector_dim": ("channels", "REPA: hidden width of the 3-layer SiLU projector (REPA: 2048)"),
+    "repa.stop_step": ("optimizer steps", "REPA: alignment off from this step on (HASTE); 0: never"),
+    "repa.resolution": ("pixels", "REPA: encoder input side; null: encoder patch x the DiT's token grid"),
 }
 
 

@@ -109,6 +109,9 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = (
+        "constant"  # constant | linear | cosine (after the warmup; transformers' get_scheduler)
+    )
     grad_clip: float = 0.0  # 0 = no clipping (reference DiT)
     precision: str = "auto"  # auto | bf16 | fp32
     ema_decay: float = 0.9999
@@ -173,6 +176,18 @@ class EvalConfig:
 
 
 @dataclass
+class RepaConfig:
+    """repa.*: representation alignment (REPA, Yu et al. 2025) with a frozen vision encoder. Keys: docs/config.md."""
+
+    encoder: str | None = None  # local transformers directory (AutoModel); null = REPA off
+    depth: int = 8  # align the tokens after this many DiT blocks (REPA: 8 for XL/2 and L/2)
+    coeff: float = 0.5  # lambda: objective = diffusion objective + coeff * REPA loss
+    projector_dim: int = 2048
+    stop_step: int = 0  # alignment off from this optimizer step on (HASTE); 0 = never
+    resolution: int | None = None  # encoder input side in pixels; null = encoder patch x DiT token grid
+
+
+@dataclass
 class RunConfig:
     """The whole run config: one dataclass per YAML section (every key: docs/config.md)."""
 
@@ -186,6 +201,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain nested dicts and lists (what dump_yaml writes)."""

@@ -124,6 +124,11 @@ def _check_train(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     if t.keep_last < 1:
         raise ConfigError(f"train.keep_last must be >= 1, got {t.keep_last}")
+    if t.lr_schedule not in ("constant", "linear", "cosine"):
+        raise ConfigError(f"train.lr_schedule must be constant, linear or cosine, got {t.lr_schedule!r}")
+    r = cfg.repa
+    if r.encoder is not None and cfg.model.depth is not None and r.depth > cfg.model.depth:
+        raise ConfigError(f"repa.depth={r.depth} is deeper than the model (model.depth={cfg.model.depth})")
 
 
 # Numeric keys and the range each must lie in: (key, lowest, lowest allowed?, highest or None).
@@ -157,6 +162,11 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("eval.steps", 1, True, None),
     ("eval.cfg_scale", 1.0, True, None),
     ("eval.reference_size", 0, True, None),
+    ("repa.depth", 1, True, None),
+    ("repa.coeff", 0.0, True, None),
+    ("repa.projector_dim", 1, True, None),
+    ("repa.stop_step", 0, True, None),
+    ("repa.resolution", 1, True, None),
 )
 
 

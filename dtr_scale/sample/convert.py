@@ -119,10 +119,11 @@ def consolidated_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
 def split_module_state(
     state: dict[str, torch.Tensor], where: Path
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(DiT state with the `model.` prefix stripped, balancer state) from the TrainModule's state dict."""
+    """(DiT state with the `model.` prefix stripped, balancer state) from the TrainModule's state dict. REPA's
+    projector (`repa_projector.*`) is dropped: sampling never uses it."""
     model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     balancer_state = {k.removeprefix("balancer."): v for k, v in state.items() if k.startswith("balancer.")}
-    other = sorted(k for k in state if not k.startswith(("model.", "balancer.")))
+    other = sorted(k for k in state if not k.startswith(("model.", "balancer.", "repa_projector.")))
     if other or not model_state:
         raise ValueError(
             f"{where}: expected the state of dtr-scale's TrainModule (keys 'model.*' and 'balancer.*'), "

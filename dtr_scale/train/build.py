@@ -87,13 +87,18 @@ def build_balancer(cfg: RunConfig, num_clusters: int) -> nn.Module:
 
 
 def build_optimizer(
-    cfg: RunConfig, model: nn.Module, balancer: nn.Module, device: torch.device
+    cfg: RunConfig,
+    model: nn.Module,
+    balancer: nn.Module,
+    device: torch.device,
+    projector: nn.Module | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over the model (train.lr, betas, eps, weight_decay) plus the balancer's own parameter groups
-    (UW's s at mtl.uw_lr, no decay), and a linear warmup over train.warmup_steps then constant LR (DiT
-    uses a constant 1e-4). A torch optimizer handed to DeepSpeed, so no DeepSpeed op is JIT-built."""
+    """AdamW over the model and REPA's projector (train.lr, betas, eps, weight_decay, as REPA trains its
+    projector with the model) plus the balancer's own parameter groups (UW's s at mtl.uw_lr, no decay), and
+    the LR schedule of `lr_scheduler`. A torch optimizer handed to DeepSpeed, so no DeepSpeed op is JIT-built."""
     t = cfg.train
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": t.weight_decay}]
+    trained = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
+    groups = [{"params": [p for p in trained if p.requires_grad], "weight_decay": t.weight_decay}]
     groups += balancer.param_groups(t.lr)
     optimizer = torch.optim.AdamW(
         groups,
@@ -103,11 +108,18 @@ def build_optimizer(
         weight_decay=t.weight_decay,
         fused=device.type == "cuda",
     )
-    warmup = t.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-    )
-    return optimizer, scheduler
+    return optimizer, lr_scheduler(cfg, optimizer)
+
+
+def lr_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """`train.lr_schedule` by transformers' `get_scheduler`: a linear warmup over train.warmup_steps (factor
+    step / warmup, 0 at the first step), then constant (DiT: a constant 1e-4), linear or cosine (half a period)
+    decay to 0 at train.max_steps. A LambdaLR whose state DeepSpeed checkpoints, so resume is exact."""
+    from transformers import get_scheduler
+
+    t = cfg.train
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[t.lr_schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps)
 
 
 def build_timestep_sampler(cfg: RunConfig, clusters: list[tuple[int, int]] | None, stratified: bool):

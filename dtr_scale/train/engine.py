@@ -23,6 +23,7 @@ from dtr_scale.models.build import build_model
 from dtr_scale.train.build import build_balancer, build_optimizer, build_stream
 from dtr_scale.train.data_health import check_skipped_fraction, skipped_scalars
 from dtr_scale.train.plan import plan_run
+from dtr_scale.train.repa import build_repa, repa_active
 from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
 from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
 
@@ -86,7 +87,15 @@ class Trainer:
         # Under ZeRO-3 the balancer's parameters (UW's s) are partitioned like the model's, in its dtype.
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
             balancer = build_balancer(cfg, self.k)
-        self.module = TrainModule(model, balancer, self.diffusion, float(self.accumulation * self.world))
+        # REPA (train/repa.py): the frozen encoder stays outside DeepSpeed; the projector trains inside.
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        projector, self.repa_features = build_repa(
+            cfg, model, self.manifest, self.device, dtype, zero3, self.ds_config
+        )
+        self.module = TrainModule(
+            model, balancer, self.diffusion, float(self.accumulation * self.world),
+            repa_projector=projector, repa_depth=cfg.repa.depth, repa_coeff=cfg.repa.coeff,
+        )  # fmt: skip
 
     def _build_engine(self) -> None:
         """Per-rank seeds (seed * world + rank), the step's generator, and the DeepSpeed engine."""
@@ -97,7 +106,9 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(
             cfg.train.seed * self.world + self.rank
         )
-        optimizer, scheduler = build_optimizer(cfg, self.module.model, self.module.balancer, self.device)
+        optimizer, scheduler = build_optimizer(
+            cfg, self.module.model, self.module.balancer, self.device, self.module.repa_projector
+        )
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module,
             optimizer=optimizer,
@@ -118,7 +129,7 @@ class Trainer:
         self.ema = ShardedEMA(self.engine.module.model, t.ema_decay, t.ema_warmup, self.rank, self.world)
         self.stream = build_stream(cfg, self.manifest, self.rank, self.world, self.device)
         self.cluster_buffer = ClusterLossBuffer(self.k, num_timesteps=cfg.diffusion.diffusion_steps)
-        self.log_sums = LogSums(self.device)
+        self.log_sums = LogSums(self.device, cfg.repa.coeff if cfg.repa.encoder is not None else None)
         self.plan = StepPlan(
             micro_batch_size=t.micro_batch_size,
             accumulation=self.accumulation,
@@ -201,6 +212,7 @@ class Trainer:
             self.cluster_buffer,
             self.log_sums,
             gram,
+            self.repa_features if repa_active(self.cfg, self.step) else None,
         )
         if applied:
             self.ema.update()

@@ -29,23 +29,57 @@ class TrainModule(nn.Module):
     gradient_accumulation x world size (see mtl.cluster_losses.step_cluster_means).
     """
 
-    def __init__(self, model: nn.Module, balancer: nn.Module, diffusion, scale: float):
+    def __init__(
+        self,
+        model: nn.Module,
+        balancer: nn.Module,
+        diffusion,
+        scale: float,
+        repa_projector: nn.Module | None = None,
+        repa_depth: int = 0,
+        repa_coeff: float = 0.0,
+    ):
         super().__init__()
         self.model = model
         self.balancer = balancer
         self.diffusion = diffusion
         self.scale = scale
+        self.repa_projector = repa_projector
+        self.repa_coeff = repa_coeff
+        self._hidden: list[torch.Tensor] = []
+        if repa_projector is not None:
+            # REPA aligns the tokens after block `repa_depth` as they are (after DTR's routing of that block).
+            model.blocks[repa_depth - 1].register_forward_hook(lambda _m, _i, out: self._hidden.append(out))
 
-    def forward(self, x, t, y, noise, cluster_idx, step_counts) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x, t, y, noise, cluster_idx, step_counts, repa_features=None
+    ) -> dict[str, torch.Tensor]:
         """x, noise: (B, C, H, W) latents and their noise; t, y, cluster_idx: (B,) long; step_counts: (k,)
-        float, the step's global per-cluster sample counts. Returns {"loss": the balanced scalar to
-        back-propagate, "per_sample": (B,) detached diffusion losses, "mse": (B,) detached eps-MSE}."""
+        float, the step's global per-cluster sample counts; repa_features: (B, M, D) encoder patch tokens of the
+        clean images, or None (no alignment this step). Returns {"loss": the balanced scalar to back-propagate
+        (+ repa_coeff x the REPA loss, added once, not per cluster), "per_sample": (B,) detached diffusion
+        losses, "mse": (B,) detached eps-MSE, "repa": detached REPA loss (0 without)}."""
+        self._hidden.clear()
         terms = self.diffusion.training_losses(self.model_fn, x, t, model_kwargs={"y": y}, noise=noise)
         per_sample = terms["loss"]
         # This micro-batch's share of the step's buffered cluster losses l_k (sums over the step / N_k).
         means = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)
         loss = self.balancer(means, step_counts)
-        return {"loss": loss, "per_sample": per_sample.detach(), "mse": terms["mse"].detach()}
+        align = torch.zeros((), device=loss.device)
+        if repa_features is not None and self.repa_projector is not None:
+            from dtr_scale.models.repa import match_token_grid, repa_loss
+
+            hidden = self._hidden[0]
+            target = match_token_grid(repa_features, hidden.shape[1])
+            align = repa_loss(self.repa_projector(hidden), target)
+            loss = loss + self.repa_coeff * align
+        self._hidden.clear()
+        return {
+            "loss": loss,
+            "per_sample": per_sample.detach(),
+            "mse": terms["mse"].detach(),
+            "repa": align.detach(),
+        }
 
     def model_fn(self, x_t: torch.Tensor, timesteps: torch.Tensor, **kwargs) -> torch.Tensor:
         """The network in its parameters' dtype (bf16 under DeepSpeed's bf16), the diffusion maths in fp32:
@@ -71,30 +105,44 @@ class StepPlan:
 class LogSums:
     """Device-side sums of the logged losses over the steps since the last `read()` (no host sync until then)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.values = torch.zeros(3, dtype=torch.float64, device=device)  # objective, mse, micro-batches
+    def __init__(self, device: torch.device, repa_coeff: float | None = None) -> None:
+        # objective, mse, micro-batches, REPA loss, micro-batches that aligned
+        self.values = torch.zeros(5, dtype=torch.float64, device=device)
+        self.repa_coeff = repa_coeff
 
-    def add(self, loss: torch.Tensor, mse: torch.Tensor, finite: torch.Tensor) -> None:
-        """loss: the micro-batch's scalar objective; mse: (B,) per-sample eps-MSE; finite: bool scalar."""
+    def add(
+        self, loss: torch.Tensor, mse: torch.Tensor, finite: torch.Tensor, repa: torch.Tensor | None = None
+    ) -> None:
+        """loss: the micro-batch's scalar objective; mse: (B,) per-sample eps-MSE; finite: bool scalar;
+        repa: its REPA loss, when it aligned."""
+        one = torch.ones((), device=loss.device, dtype=torch.float64)
+        aligned = repa if repa is not None else torch.zeros_like(one)
         update = torch.stack(
-            [loss.detach().double(), mse.double().mean(), torch.ones((), device=loss.device)]
+            [loss.detach().double(), mse.double().mean(), one, aligned.double(), one * (repa is not None)]
         )
         self.values += torch.where(finite, update, torch.zeros_like(update))
 
     def read(self) -> dict[str, float]:
-        """{"loss/objective", "loss/mse_rank0"}: means per finite micro-batch since the last read; clears."""
-        objective, mse, n = self.values.tolist()
+        """{"loss/objective", "loss/mse_rank0"} (+ "loss/repa", "loss/repa_share" with REPA): means per finite
+        micro-batch since the last read; clears. repa_share = coeff x REPA loss / objective."""
+        objective, mse, n, repa, aligned = self.values.tolist()
         self.values.zero_()
         n = max(n, 1.0)
-        return {"loss/objective": objective / n, "loss/mse_rank0": mse / n}
+        scalars = {"loss/objective": objective / n, "loss/mse_rank0": mse / n}
+        if self.repa_coeff is not None and aligned:  # not after repa.stop_step
+            scalars["loss/repa"] = repa / aligned
+            share = self.repa_coeff * repa / objective if objective else 0.0
+            scalars["loss/repa_share"] = share
+        return scalars
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The unread sums (CPU)."""
         return {"values": self.values.cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore them on this device."""
-        self.values = state["values"].to(self.values.device, torch.float64).clone()
+        """Restore them on this device (a checkpoint from before REPA holds the first three sums)."""
+        values = state["values"].to(self.values.device, torch.float64)
+        self.values = torch.cat([values, self.values.new_zeros(5 - len(values))]).clone()
 
 
 def draw_step_timesteps(
@@ -128,13 +176,15 @@ def train_step(
     cluster_buffer: ClusterLossBuffer,
     log_sums: LogSums,
     gram_update: Callable[..., None] | None = None,
+    repa_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> bool:
     """One optimizer step over `plan.accumulation` micro-batches; returns whether it was applied.
 
     A non-finite loss in any micro-batch on any rank drops the whole step (returns False): DeepSpeed's
     ZeRO-1/2/3 and bf16 optimizers skip a step whose gradient norm is not finite and clear the gradients;
     at ZeRO-0 fp32 the gradients are set to None first, which torch's AdamW skips. `gram_update(x, t, y,
-    noise, cluster_idx)`, given, runs on the first micro-batch (NashMTL / PCGrad balancer updates).
+    noise, cluster_idx)`, given, runs on the first micro-batch (NashMTL / PCGrad balancer updates);
+    `repa_features(x)`, given, makes each micro-batch's REPA targets (the step aligns).
     Raises FloatingPointError if DeepSpeed applied a step whose loss was not finite.
     """
     drawn, step_counts = draw_step_timesteps(sampler, plan, generator)
@@ -147,12 +197,13 @@ def train_step(
         noise = torch.randn(x.shape, generator=generator, device=plan.device)
         if gram_update is not None and micro == 0:
             gram_update(x, t, y, noise, cluster_idx)
-        out = engine(x, t, y, noise, cluster_idx, step_counts)
+        features = repa_features(x) if repa_features is not None else None
+        out = engine(x, t, y, noise, cluster_idx, step_counts, features)
         loss = out["loss"]
         finite = torch.isfinite(loss.detach())
         nonfinite += (~finite).float()
         cluster_buffer.add(out["per_sample"], cluster_idx, t)
-        log_sums.add(loss, out["mse"], finite)
+        log_sums.add(loss, out["mse"], finite, out["repa"] if features is not None else None)
         engine.backward(loss)
         if micro == plan.accumulation - 1:
             bad = _any_rank(nonfinite, plan.world)

@@ -1,0 +1,210 @@
+"""REPA (representation alignment) and the transformers LR schedule: formulas against float64 hand computations,
+where gradients go, the encoder's tokens, stop_step, and kill-and-resume at ZeRO-2/3 on two processes.
+
+Encoders are tiny DINOv2 models built from `transformers` configs with random weights and saved with
+`save_pretrained` (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dtr_scale.compat import ensure_torchvision_importable
+from dtr_scale.config import ConfigError, RunConfig
+from dtr_scale.models.dit import DiT
+from dtr_scale.models.repa import build_projector, match_token_grid, repa_loss
+from dtr_scale.train.repa import RepaEncoder, repa_active
+from dtr_scale.train.step import TrainModule
+
+ensure_torchvision_importable()
+
+
+def tiny_dinov2(directory: Path, registers: int = 0) -> Path:
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+                  patch_size=4)  # fmt: skip
+    if registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**kwargs, num_register_tokens=registers))
+    else:
+        model = Dinov2Model(Dinov2Config(**kwargs))
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_loss_equals_a_float64_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    projected, features = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 7, generator=g)
+    p, f = projected.double().numpy(), features.double().numpy()
+    per_sample = []
+    for b in range(3):
+        cosines = [p[b, n] @ f[b, n] / (np.linalg.norm(p[b, n]) * np.linalg.norm(f[b, n])) for n in range(5)]
+        per_sample.append(-np.mean(cosines))
+    assert repa_loss(projected, features).item() == pytest.approx(np.mean(per_sample), abs=1e-6)
+    assert repa_loss(features, features).item() == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_projector_is_repas_three_layer_silu_mlp():
+    projector = build_projector(32, 64, 16)
+    kinds = [type(m).__name__ for m in projector]
+    assert kinds == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
+    assert [tuple(m.weight.shape) for m in projector if isinstance(m, torch.nn.Linear)] == [
+        (64, 32),
+        (64, 64),
+        (16, 64),
+    ]
+    assert all(torch.count_nonzero(m.bias) == 0 for m in projector if isinstance(m, torch.nn.Linear))
+
+
+def test_grid_matching_is_identity_on_equal_grids_and_pil_bilinear_otherwise():
+    from PIL import Image
+
+    features = torch.randn(1, 16, 2)
+    assert match_token_grid(features, 16) is features
+    resized = match_token_grid(features, 4)  # 4x4 -> 2x2
+    for channel in range(2):
+        image = Image.fromarray(features[0, :, channel].reshape(4, 4).numpy().astype(np.float32), mode="F")
+        expected = np.asarray(image.resize((2, 2), Image.BILINEAR)).reshape(4)
+        np.testing.assert_allclose(resized[0, :, channel].numpy(), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="square grids"):
+        match_token_grid(torch.randn(1, 12, 2), 4)
+
+
+class ZeroBalancer(torch.nn.Module):
+    """Zeroes the diffusion objective, so only REPA's term sends gradients."""
+
+    def forward(self, means, counts):
+        return means.sum() * 0.0
+
+
+def test_gradient_reaches_only_the_blocks_up_to_depth_through_repa():
+    from dtr_scale.diffusion import create_diffusion
+
+    torch.manual_seed(0)
+    model = DiT(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10
+    )
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    module = TrainModule(
+        model, ZeroBalancer(), create_diffusion(""), 1.0, build_projector(32, 64, 24), 2, 0.5
+    )
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([3, 300, 600, 999]), torch.tensor([0, 1, 2, 3])
+    out = module(x, t, y, torch.randn_like(x), torch.zeros(4, dtype=torch.long), torch.tensor([4.0]),
+                 torch.randn(4, 16, 24))  # fmt: skip
+    out["loss"].backward()
+    assert out["loss"].item() == pytest.approx(0.5 * out["repa"].item(), rel=1e-6)
+
+    def touched(module_: torch.nn.Module) -> bool:
+        return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module_.parameters())
+
+    assert touched(model.blocks[0]) and touched(model.blocks[1]) and touched(model.x_embedder)
+    assert not touched(model.blocks[2]) and not touched(model.final_layer)
+    assert touched(module.repa_projector)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_encoder_gives_the_patch_tokens_of_the_dit_grid(tmp_path, registers):
+    from transformers import AutoModel
+
+    directory = tiny_dinov2(tmp_path / "enc", registers)
+    encoder = RepaEncoder(directory, None, 4, "cpu", torch.float32)  # 4x4 DiT tokens -> 16 px input
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    tokens = encoder(images)
+    assert encoder.resolution == 16 and tokens.shape == (2, 16, 32)
+    # By hand: [0, 1], three channels, ImageNet mean/std (no resize needed at 16 px), patch tokens only.
+    mean, std = (
+        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+    )
+    pixels = (((images + 1) / 2).expand(-1, 3, -1, -1) - mean) / std
+    reference = AutoModel.from_pretrained(directory, local_files_only=True).eval()
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels).last_hidden_state[:, 1 + registers :]
+    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_encoder_is_one_line_naming_the_key_and_path(tmp_path):
+    with pytest.raises(
+        ConfigError, match=rf"repa.encoder: {tmp_path / 'nowhere'} is not a local transformers"
+    ):
+        RepaEncoder(tmp_path / "nowhere", None, 4, "cpu", torch.float32)
+
+
+def test_stop_step_switches_alignment_off_exactly():
+    cfg = RunConfig()
+    cfg.repa.encoder, cfg.repa.stop_step = "enc", 4
+    assert [repa_active(cfg, s) for s in range(6)] == [True] * 4 + [False] * 2
+    cfg.repa.stop_step = 0
+    assert all(repa_active(cfg, s) for s in (0, 10**6))
+    cfg.repa.encoder = None
+    assert not repa_active(cfg, 0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedule_follows_the_closed_forms(schedule):
+    from dtr_scale.train.build import lr_scheduler
+
+    cfg = RunConfig()
+    cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.lr = schedule, 4, 20, 0.01
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    scheduler = lr_scheduler(cfg, optimizer)
+    got = []
+    for _ in range(20):
+        got.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    for s, lr in enumerate(got):
+        if s < 4:
+            factor = s / 4
+        else:
+            progress = (s - 4) / 16
+            factor = {
+                "constant": 1.0,
+                "linear": 1 - progress,
+                "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+            }[schedule]
+        assert lr == pytest.approx(0.01 * factor, abs=1e-12), (s, schedule)
+
+
+# ------------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_process_kill_and_resume_with_repa_equals_uninterrupted(tmp_path, builtin_data, zero_stage):
+    from distributed import run_ranks
+    from test_train_distributed import final_weights, read_metrics, train_args
+
+    encoder = tiny_dinov2(tmp_path / "enc")
+    steps = [f"deepspeed.zero_stage={zero_stage}", "train.max_steps=6", "train.checkpoint_every=3",
+             f"repa.encoder={encoder}", "repa.depth=1", "repa.projector_dim=48", "repa.stop_step=5",
+             "train.lr_schedule=cosine", "train.warmup_steps=2"]  # fmt: skip
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    run_ranks(train_args(straight, builtin_data["train"], *steps))
+    run_ranks(train_args(crashed, builtin_data["train"], *steps, hooks=True),
+              env={"DTR_TEST_KILL_AFTER_STEP": "4"}, expect_kill=True)  # fmt: skip
+    out = run_ranks(train_args(crashed, builtin_data["train"], *steps))
+    assert "at step 3" in out[0].stdout
+    a, b = read_metrics(straight), read_metrics(crashed)
+    # stop_step=5: the steps taken at step counts 0..4 align, i.e. logged steps 1..5; step 6 does not.
+    assert [("loss/repa" in m) for m in a] == [True] * 5 + [False]
+    for ma, mb in zip(a, b):
+        for key in ("loss/objective", "loss/repa", "lr"):
+            assert ma.get(key) == mb.get(key), (ma["step"], key)
+    assert -1.0 <= a[0]["loss/repa"] <= 1.0
+    wa, wb = final_weights(straight, "step00000006"), final_weights(crashed, "step00000006")
+    assert any(k.startswith("repa_projector.") for k in wa)  # the projector is checkpointed and resumed
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    from dtr_scale.sample.convert import convert_checkpoint
+
+    converted = convert_checkpoint(straight, tmp_path / "model")
+    assert not any("repa" in k for k in json.loads((converted / "config.json").read_text())["model"])

@@ -40,6 +40,7 @@ TOP_LEVEL_USES = {
     "compat": set(),
     "config_docs": {"config"},
     "hf": {"models", "data"},  # diffusers classes wrapping the DiT and the pixel codec
+    "repa_encoder": set(),
 }
 
 

@@ -19,7 +19,8 @@ from dtr_scale.compat import ensure_torchvision_importable
 from dtr_scale.config import ConfigError, RunConfig
 from dtr_scale.models.dit import DiT
 from dtr_scale.models.repa import build_projector, match_token_grid, repa_loss
-from dtr_scale.train.repa import RepaEncoder, repa_active
+from dtr_scale.repa_encoder import RepaEncoder
+from dtr_scale.train.repa import repa_active
 from dtr_scale.train.step import TrainModule
 
 ensure_torchvision_importable()
@@ -115,7 +116,7 @@ def test_encoder_gives_the_patch_tokens_of_the_dit_grid(tmp_path, registers):
     from transformers import AutoModel
 
     directory = tiny_dinov2(tmp_path / "enc", registers)
-    encoder = RepaEncoder(directory, None, 4, "cpu", torch.float32)  # 4x4 DiT tokens -> 16 px input
+    encoder = RepaEncoder(directory, dit_grid=4)  # 4x4 DiT tokens -> 16 px input
     images = torch.rand(2, 1, 16, 16) * 2 - 1
     tokens = encoder(images)
     assert encoder.resolution == 16 and tokens.shape == (2, 16, 32)
@@ -135,7 +136,7 @@ def test_missing_encoder_is_one_line_naming_the_key_and_path(tmp_path):
     with pytest.raises(
         ConfigError, match=rf"repa.encoder: {tmp_path / 'nowhere'} is not a local transformers"
     ):
-        RepaEncoder(tmp_path / "nowhere", None, 4, "cpu", torch.float32)
+        RepaEncoder(tmp_path / "nowhere", dit_grid=4)
 
 
 def test_stop_step_switches_alignment_off_exactly():
@@ -172,6 +173,141 @@ def test_lr_schedule_follows_the_closed_forms(schedule):
                 "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
             }[schedule]
         assert lr == pytest.approx(0.01 * factor, abs=1e-12), (s, schedule)
+
+
+# ------------------------------------------------------------------------------- precomputed features
+
+
+@pytest.fixture(scope="module")
+def repa_shards(tmp_path_factory) -> dict[str, Path]:
+    """An image folder encoded by a tiny AutoencoderKL with REPA features of a tiny DINOv2 (64 px -> 4x8x8
+    latents; 16 px encoder input = 4 x 4 patch tokens, the DiT-*/2 token grid)."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from dtr_scale.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("repa")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / "images" / name).mkdir(parents=True)
+        for k in range(4):
+            pixels = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "images" / name / f"{k}.png")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+                        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)  # fmt: skip
+    vae.save_pretrained(root / "vae")
+    encoder = tiny_dinov2(root / "enc")
+    preprocess(root / "images", root / "vae", root / "shards", image_size=64, shard_size=4, quiet=True,
+               repa_encoder=encoder)  # fmt: skip
+    return {"root": root, "manifest": root / "shards" / "manifest.json", "encoder": encoder}
+
+
+def test_precomputed_features_equal_the_encoder_on_each_image_and_its_flip(repa_shards):
+    from dtr_scale.data.image_folder import list_image_folder, load_image
+    from dtr_scale.data.shards import decode_sample, iter_raw_samples, load_manifest
+
+    manifest = load_manifest(repa_shards["manifest"])
+    stored = manifest.extra["repa"]
+    assert (stored["resolution"], stored["tokens"], stored["dim"]) == (16, 16, 32)  # 4 x 64 / 16 px
+    assert stored["bytes_per_sample"] == 2 * 16 * 32 * 2
+    paths, _, _ = list_image_folder(repa_shards["root"] / "images")
+    encoder = RepaEncoder(repa_shards["encoder"], resolution=16)
+    checked = 0
+    for i in range(len(manifest.shards)):
+        for raw in iter_raw_samples(manifest.shard_path(i)):
+            sample = decode_sample(raw, tuple(manifest.latent_shape), repa_shape=(16, 32))
+            image = load_image(repa_shards["root"] / "images" / paths[int(sample.key)], 64)
+            x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+            expected = torch.stack([encoder(x)[0], encoder(x.flip(-1))[0]]).numpy()
+            np.testing.assert_allclose(sample.repa.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+            checked += 1
+    assert checked == 8
+
+
+def test_stream_yields_the_features_of_each_latents_orientation(tmp_path):
+    """Shards whose latents have std 0 and a distinct value per sample and orientation, carried by its REPA
+    features too: every streamed latent must come with the features of its own orientation."""
+    from dtr_scale.data.shards import LatentSample, write_manifest, write_shard
+    from dtr_scale.data.stream import LatentStream
+
+    samples = []
+    for k in range(8):
+        values = np.array([2 * k, 2 * k + 1], dtype=np.float16)  # as stored, flipped
+        samples.append(LatentSample(key=f"{k:09d}", label=k % 2, mean=np.ones((2, 4, 2, 2), np.float16) * values[:, None, None, None],
+                                    std=np.zeros((2, 4, 2, 2), np.float16), repa=np.ones((2, 3, 5), np.float16) * values[:, None, None]))  # fmt: skip
+    records = [write_shard(tmp_path / f"shard-{i:06d}.tar", samples[4 * i : 4 * i + 4]) for i in range(2)]
+    manifest = write_manifest(tmp_path, records, latent_shape=(4, 2, 2), scaling_factor=0.5, vae={"name": "x"},
+                              image_size=16, labels=["a", "b"], extra={"repa": {"tokens": 3, "dim": 5}})  # fmt: skip
+    stream = LatentStream(
+        manifest, 4, seed=0, rank=0, world_size=1, hflip=True, resampled=False, with_repa=True
+    )
+    pairs = []
+    for latents, labels, repa in stream:
+        assert repa.shape == (len(labels), 3, 5) and repa.dtype == torch.float16
+        pairs += [(float(z.flatten()[0]) / 0.5, float(f.flatten()[0])) for z, f in zip(latents, repa)]
+    assert len(pairs) == 8 and all(z == f for z, f in pairs)
+    assert {int(z) % 2 for z, _ in pairs} == {0, 1}  # both orientations were drawn
+
+
+def test_features_of_another_encoder_are_refused_by_manifest_name(repa_shards, tmp_path):
+    from dtr_scale.data.shards import load_manifest
+    from dtr_scale.train.repa import _check_stored_features
+
+    other = tiny_dinov2(tmp_path / "other")
+    with torch.no_grad():  # same config, other weights
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(other)
+        next(model.parameters()).add_(1.0)
+        model.save_pretrained(other)
+    manifest = load_manifest(repa_shards["manifest"])
+    cfg = RunConfig()
+    cfg.repa.encoder = str(other)
+    with pytest.raises(ConfigError, match=rf"{manifest.path}: its precomputed REPA features.*weights_sha256"):
+        _check_stored_features(cfg, manifest, manifest.extra["repa"])
+    cfg.repa.encoder = str(repa_shards["encoder"])
+    _check_stored_features(cfg, manifest, manifest.extra["repa"])  # the right one passes
+    cfg.repa.resolution = 32
+    with pytest.raises(ConfigError, match="repa.resolution=32, but .* holds features at 16 px"):
+        _check_stored_features(cfg, manifest, manifest.extra["repa"])
+
+
+def test_training_uses_the_stored_features_and_logs_the_repa_loss(repa_shards, tmp_path):
+    import subprocess
+    import sys
+
+    from distributed import REPO, launcher_env
+
+    from dtr_scale.data.shards import load_manifest
+    from dtr_scale.train.repa import build_repa
+
+    cfg = RunConfig()
+    cfg.repa.encoder, cfg.repa.depth, cfg.repa.projector_dim = str(repa_shards["encoder"]), 1, 16
+    model = DiT(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=2
+    )
+    manifest = load_manifest(repa_shards["manifest"])
+    projector, features = build_repa(cfg, model, manifest, torch.device("cpu"), torch.float32, False, {})
+    stored = torch.randn(2, 16, 32, dtype=torch.float16)
+    assert torch.equal(
+        features(torch.zeros(2, 4, 8, 8), stored), stored
+    )  # no encoder run: the shards' features
+    assert projector[-1].out_features == 32
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "dtr_scale", "train", "--config", str(REPO / "configs/demo-cpu.yaml"),
+               f"run_dir={run_dir}", f"data.shards={repa_shards['manifest']}", "model.hidden_size=32", "model.depth=2",
+               "model.num_heads=2", "train.global_batch_size=4", "train.max_steps=3", "train.log_every=1",
+               "monitor.sample_every=0", "eval.every=0", "monitor.progress=false", "monitor.tensorboard=false",
+               "data.num_workers=0", f"repa.encoder={repa_shards['encoder']}", "repa.depth=1", "repa.projector_dim=16",
+               "mtl.method=none", "mtl.num_clusters=1"]  # fmt: skip
+    done = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and all(-1.0 <= m["loss/repa"] <= 1.0 for m in metrics)
 
 
 # ------------------------------------------------------------------------------- two processes

@@ -91,7 +91,19 @@ def _shards_to_encode(job: dict[str, Any]) -> tuple[list[int], dict[int, str]]:
     return todo, inputs
 
 
-def _encode_shard(job: dict[str, Any], shard: int, inputs_sha256: str, vae, device, bar) -> list[str]:
+@torch.no_grad()
+def encode_repa(encoder, images: np.ndarray, device: torch.device) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> REPA encoder tokens, float16 (B, 2, M, D); [:, 1] is the flipped image's, so the
+    flipped latent is trained against the flipped image's features."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    tokens = encoder(torch.cat([x, x.flip(-1)])).float().cpu()
+    batch = len(images)
+    return torch.stack([tokens[:batch], tokens[batch:]], dim=1).numpy().astype(np.float16)
+
+
+def _encode_shard(
+    job: dict[str, Any], shard: int, inputs_sha256: str, vae, device, bar, repa=None
+) -> list[str]:
     """Encode and write shard number `shard` and its per-shard record; returns its unreadable image paths."""
     out_dir, paths, labels = Path(job["out"]), job["paths"], job["labels"]
     items = [(n, paths[n], labels[n]) for n in shard_members(job["order"], shard, job["shard_size"])]
@@ -109,9 +121,13 @@ def _encode_shard(job: dict[str, Any], shard: int, inputs_sha256: str, vae, devi
             kinds.append(reason.kind)
             first.setdefault(reason.kind, reason.message)
         if good:
-            mean, std = encode_images(vae, np.stack([b[3] for b in good]), device, job["precision"])
+            images = np.stack([b[3] for b in good])
+            mean, std = encode_images(vae, images, device, job["precision"])
+            features = encode_repa(repa, images, device) if repa is not None else [None] * len(good)
             for k, (number, _, label, _) in enumerate(good):
-                samples.append(LatentSample(key=f"{number:09d}", label=label, mean=mean[k], std=std[k]))
+                samples.append(
+                    LatentSample(key=f"{number:09d}", label=label, mean=mean[k], std=std[k], repa=features[k])
+                )
         bar.update(len(batch))
     for kind, message in first.items():  # one line per shard and kind, with the count and the first file
         warnings.warn(
@@ -145,6 +161,11 @@ def encode_shard_range(job: dict[str, Any]) -> list[str]:
     if not todo:
         return unreadable_all
     vae = load_vae(job["vae"]).to(device).eval()
+    repa = None
+    if job.get("repa_encoder"):  # fp32: the features are stored once and trained against for the whole run
+        from dtr_scale.repa_encoder import RepaEncoder
+
+        repa = RepaEncoder(job["repa_encoder"], job["repa_resolution"], device=device)
     from tqdm import tqdm
 
     size, num_images = job["shard_size"], len(job["paths"])
@@ -159,6 +180,6 @@ def encode_shard_range(job: dict[str, Any]) -> list[str]:
     )
     (Path(job["out"]) / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
     for j in todo:
-        unreadable_all += _encode_shard(job, j, inputs[j], vae, device, bar)
+        unreadable_all += _encode_shard(job, j, inputs[j], vae, device, bar, repa)
     bar.close()
     return unreadable_all

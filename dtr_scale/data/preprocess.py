@@ -81,6 +81,34 @@ def _settings(
     return identity, settings
 
 
+def repa_settings(
+    encoder: str | os.PathLike | None, resolution: int | None, image_size: int, settings: dict
+) -> dict | None:
+    """The manifest's `repa` field for `preprocess --repa-encoder`, which stores each image's (and its flip's)
+    encoder tokens at `resolution` (None: patch x image_size / 16, REPA's 224 px for DINOv2 at 256 px): the
+    encoder's identity, input resolution, tokens M and width D per image,
+    and the bytes per sample the features add (float16, image and flip); None without an encoder. Adds what
+    the shard bytes depend on to `settings` (other features: other shards)."""
+    if encoder is None:
+        return None
+    from dtr_scale.repa_encoder import encoder_config, encoder_identity
+
+    config = encoder_config(encoder)
+    patch, dim = int(config["patch_size"]), int(config["hidden_size"])
+    resolution = int(resolution or patch * image_size // 16)  # DiT-*/2 on an 8x VAE: image_size / 16 tokens
+    tokens = (resolution // patch) ** 2
+    identity = encoder_identity(encoder)
+    settings["repa"] = {"config_sha256": identity["config_sha256"], "weights_sha256": identity["weights_sha256"],
+                        "resolution": resolution}  # fmt: skip
+    return {
+        **identity,
+        "resolution": resolution,
+        "tokens": tokens,
+        "dim": dim,
+        "bytes_per_sample": 2 * tokens * dim * 2,
+    }
+
+
 def _check_arguments(image_size: int, max_skipped_fraction: float) -> None:
     if image_size % 8:
         raise ValueError(f"--image-size must be a multiple of 8 (the VAE's downsampling), got {image_size}")
@@ -127,21 +155,22 @@ def preprocess(
     hflip: bool = True,
     hash_inputs: bool = False,
     max_skipped_fraction: float = 0.01,
+    repa_encoder: str | os.PathLike | None = None,
+    repa_resolution: int | None = None,
 ) -> Path | None:
     """Encode `input_dir` into shards under `out_dir`; returns the manifest path on rank 0 (None elsewhere).
 
-    shuffle_seed: seeds the global order the samples are written in. hflip: recorded in the manifest as the
-    default of `data.hflip` (True for natural images; False where a mirror image is another symbol).
-    hash_inputs: judge whether a finished shard's images changed by their bytes, not size + mtime (switching
-    this setting re-encodes once, since the records are kept in the other form).
-    max_skipped_fraction: past this share of unusable images, ValueError names the worst shards instead of a
-    manifest (the encoded shards stay: a rerun with a larger bound encodes nothing again).
-    """
+    shuffle_seed: seeds the global write order. hflip: the manifest's default of `data.hflip` (True for natural
+    images, False where a mirror image is another symbol). hash_inputs: judge a finished shard's images changed
+    by their bytes, not size + mtime (switching re-encodes once). max_skipped_fraction: past this share of
+    unusable images, ValueError names the worst shards instead of a manifest (the shards stay). repa_encoder:
+    also store REPA features (`repa_settings`)."""
     input_dir, out_dir, vae_dir = Path(input_dir), Path(out_dir), Path(vae_dir)
     vae_config = _vae_config(vae_dir)
     _check_arguments(image_size, max_skipped_fraction)
     paths, labels, classes = list_image_folder(input_dir)
     identity, settings = _settings(vae_dir, vae_config, vae_name, image_size, shard_size, shuffle_seed)
+    repa = repa_settings(repa_encoder, repa_resolution, image_size, settings)
     fingerprint = input_fingerprint(paths, classes, settings)
     env_rank, env_world, local_rank = launcher_ranks()
     change = settings_change(out_dir, settings, fingerprint)
@@ -151,21 +180,18 @@ def preprocess(
     workers, order = max(1, workers), write_order(len(paths), shuffle_seed)
     job = {
         "input": str(input_dir), "out": str(out_dir), "vae": str(vae_dir), "paths": paths, "labels": labels,
-        "order": order,
-        "fingerprint": fingerprint, "image_size": image_size, "shard_size": shard_size, "batch_size": batch_size,
+        "order": order, "fingerprint": fingerprint, "image_size": image_size, "shard_size": shard_size, "batch_size": batch_size,
         "loader_workers": loader_workers, "device": device, "precision": precision,
         "world_size": env_world * workers, "quiet": quiet, "threads": 1 if workers > 1 else 0,
-        "hash_inputs": hash_inputs,
+        "hash_inputs": hash_inputs, "repa_encoder": repa and str(repa_encoder), "repa_resolution": repa and repa["resolution"],
     }  # fmt: skip
     _run_consumers(job, workers, env_rank, local_rank)
     if env_rank != 0:
         return None
-    wait_for_shards(out_dir, fingerprint, {
-        shard_name(j): shard_inputs_digest(input_dir, paths, order, j, shard_size, hash_inputs)
-        for j in range(count_shards(len(paths), shard_size))
-    }, quiet=quiet)  # fmt: skip
+    wait_for_shards(out_dir, fingerprint, {shard_name(j): shard_inputs_digest(input_dir, paths, order, j, shard_size,
+                    hash_inputs) for j in range(count_shards(len(paths), shard_size))}, quiet=quiet)  # fmt: skip
     _judge_skipped(out_dir, fingerprint, len(paths), shard_size, max_skipped_fraction)
-    extra = {"shuffle_seed": shuffle_seed, "hflip": hflip, "settings": settings}
+    extra = {"shuffle_seed": shuffle_seed, "hflip": hflip, "settings": settings, **({"repa": repa} if repa else {})}  # fmt: skip
     return _write_final_manifest(out_dir, fingerprint, len(paths), shard_size, classes, vae_config, identity,
                                  image_size, scaling_factor, extra)  # fmt: skip
 
@@ -279,6 +305,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=True,
         help="manifest default for data.hflip: random mirroring in training (--no-hflip for text, digits)",
     )
+    parser.add_argument(
+        "--repa-encoder", default=None,
+        help="local transformers encoder (DINOv2...): also store each image's REPA features (precomputed REPA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repa-resolution",
+        type=int,
+        default=None,
+        help="encoder input side (default: patch x image size / 16)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -290,6 +326,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device, precision=args.precision, scaling_factor=args.scaling_factor,
             vae_name=args.vae_name, quiet=args.quiet, shuffle_seed=args.shuffle_seed, hflip=args.hflip,
             hash_inputs=args.hash_inputs, max_skipped_fraction=args.max_skipped_fraction,
+            repa_encoder=args.repa_encoder, repa_resolution=args.repa_resolution,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         print(f"dtr-scale preprocess: error: {err}", file=sys.stderr)

@@ -5,6 +5,7 @@ One sample in a shard (DESIGN §7) is three tar members sharing a key:
     {key}.cls        class index, ASCII decimal
     {key}.mean.npy   float16 (2, C, H, W): VAE posterior mean, [0] as stored, [1] horizontally flipped
     {key}.std.npy    float16 (2, C, H, W): posterior standard deviation, same order
+    {key}.repa.npy   optional float16 (2, M, D): REPA encoder tokens of the image and its flip (manifest: `repa`)
 
 Latents are stored *unscaled*; the reader multiplies by the manifest's `scaling_factor`. Arrays are
 decoded with `np.load(allow_pickle=False)` and only these known members are ever decoded, so a shard
@@ -39,6 +40,7 @@ FORMAT_NAME = "dtr-scale-latents"
 MEMBER_CLASS = "cls"
 MEMBER_MEAN = "mean.npy"
 MEMBER_STD = "std.npy"
+MEMBER_REPA = "repa.npy"
 SAMPLE_MEMBERS = (MEMBER_CLASS, MEMBER_MEAN, MEMBER_STD)
 # The VAE identity of the built-in dataset (data/builtin.py): latents are pixel_unshuffle(2) of images.
 
@@ -51,6 +53,7 @@ class LatentSample:
     label: int
     mean: np.ndarray
     std: np.ndarray
+    repa: np.ndarray | None = None  # float16 (2, M, D): REPA encoder tokens, as stored and flipped
 
 
 @dataclass
@@ -100,11 +103,14 @@ def encode_sample(sample: LatentSample) -> dict[str, bytes]:
             f"sample {sample.key!r}: mean and std must both have shape (2, C, H, W) (as stored, flipped); "
             f"got {sample.mean.shape} and {sample.std.shape}"
         )
-    return {
+    members = {
         MEMBER_CLASS: str(int(sample.label)).encode("ascii"),
         MEMBER_MEAN: _npy_bytes(sample.mean.astype(np.float16)),
         MEMBER_STD: _npy_bytes(sample.std.astype(np.float16)),
     }
+    if sample.repa is not None:  # (2, M, D), checked by decode_sample against the manifest's repa field
+        members[MEMBER_REPA] = _npy_bytes(sample.repa.astype(np.float16))
+    return members
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -300,31 +306,43 @@ class SampleError(ValueError):
         self.kind, self.key = kind, key
 
 
-def decode_sample(raw: dict[str, Any], latent_shape: tuple[int, ...], where: str = "") -> LatentSample:
+def decode_sample(
+    raw: dict[str, Any],
+    latent_shape: tuple[int, ...],
+    where: str = "",
+    repa_shape: tuple[int, ...] | None = None,
+) -> LatentSample:
     """Decode the known members of a raw sample; SampleError (a ValueError) naming the key and member on any
-    defect, with kind "undecodable" (missing or corrupt member, NaN or inf values) or "wrong_shape"."""
+    defect, with kind "undecodable" (missing or corrupt member, NaN or inf values) or "wrong_shape".
+    repa_shape (M, D): also decode the REPA features, which must then be there with shape (2, M, D)."""
     key = raw.get("__key__", "?")
     what = f"{where}:{key}" if where else str(key)
-    missing = [m for m in SAMPLE_MEMBERS if m not in raw]
+    members = SAMPLE_MEMBERS + ((MEMBER_REPA,) if repa_shape is not None else ())
+    missing = [m for m in members if m not in raw]
     if missing:
         raise SampleError(f"{what}: sample lacks member(s) {missing}", "undecodable", key)
     try:
         label = int(raw[MEMBER_CLASS].decode("ascii"))
     except (UnicodeDecodeError, ValueError) as err:
         raise SampleError(f"{what}.{MEMBER_CLASS}: not an ASCII integer", "undecodable", key) from err
+    shapes = {MEMBER_MEAN: (2, *latent_shape), MEMBER_STD: (2, *latent_shape)}
+    if repa_shape is not None:
+        shapes[MEMBER_REPA] = (2, *repa_shape)
     arrays = {}
-    for member in (MEMBER_MEAN, MEMBER_STD):
+    for member, shape in shapes.items():
         try:
             array = _load_npy(raw[member], f"{what}.{member}")
         except ValueError as err:
             raise SampleError(str(err), "undecodable", key) from err
-        if array.shape != (2, *latent_shape) or array.dtype != np.float16:
+        if array.shape != shape or array.dtype != np.float16:
             raise SampleError(
-                f"{what}.{member}: expected float16 of shape {(2, *latent_shape)}, got {array.dtype} {array.shape}",
+                f"{what}.{member}: expected float16 of shape {shape}, got {array.dtype} {array.shape}",
                 "wrong_shape",
                 key,
             )
         if not np.isfinite(array).all():  # NaN/inf latents would poison the loss; never train on them
             raise SampleError(f"{what}.{member}: holds non-finite values (NaN or inf)", "undecodable", key)
         arrays[member] = array
-    return LatentSample(key=key, label=label, mean=arrays[MEMBER_MEAN], std=arrays[MEMBER_STD])
+    return LatentSample(
+        key=key, label=label, mean=arrays[MEMBER_MEAN], std=arrays[MEMBER_STD], repa=arrays.get(MEMBER_REPA)
+    )

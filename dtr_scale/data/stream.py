@@ -122,7 +122,8 @@ class LatentStream:
     hflip: pick the stored or the mirrored orientation at random per sample; None = the manifest's
     `hflip` field (absent: True, natural images), False = always the stored one (digits, text).
     expected_latent_shape: (C, H, W) the model is configured for; a mismatch is an error naming the
-    manifest, raised here, before training starts.
+    manifest, raised here, before training starts. with_repa: yield `(latents, labels, repa)`, the stored
+    REPA features (B, M, D) float16 of each latent's orientation (the manifest must have them).
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class LatentStream:
         on_error: str = "warn",
         expected_latent_shape: tuple[int, ...] | None = None,
         pin_memory: bool = False,
+        with_repa: bool = False,
     ) -> None:
         self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         _check_arguments(
@@ -159,6 +161,9 @@ class LatentStream:
             "hflip": bool(self.manifest.extra.get("hflip", True) if hflip is None else hflip),
             "resampled": bool(resampled),
         }
+        if with_repa:  # precomputed REPA features (preprocess --repa-encoder), yielded as a third tensor
+            repa = self.manifest.extra["repa"]
+            self.cfg["repa_shape"] = (int(repa["tokens"]), int(repa["dim"]))
         self.num_workers, self.on_error, self.pin_memory = int(num_workers), on_error, pin_memory
         self.drop_last = bool(drop_last)
         self._epoch_batches = 0  # full micro-batches taken from the current epoch (epoch mode)
@@ -218,7 +223,8 @@ class LatentStream:
             self._epoch_batches += 1
             self.stats["batches"] = self._batches
             self.stats["samples"] += len(message["labels"])
-            yield message["latents"], message["labels"]
+            repa = (message["repa"],) if "repa_shape" in self.cfg else ()
+            yield message["latents"], message["labels"], *repa
         for name, line in self.skipped.finish(None, len(self.manifest.labels)):
             self._say(name, line)  # shards the pass left unfinished (drop_last)
         if not self.cfg["resampled"]:  # the pass is complete: the next iter() starts the next epoch

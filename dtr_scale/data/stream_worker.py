@@ -174,7 +174,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
         num_labels = len(manifest.labels)
         try:
             # Details name the key, not the shard: the report puts the shard's path in front once.
-            sample = decode_sample(raw, tuple(manifest.latent_shape))
+            sample = decode_sample(raw, tuple(manifest.latent_shape), repa_shape=self.cfg.get("repa_shape"))
             if not 0 <= sample.label < num_labels:  # num_labels is the CFG null class: never data
                 raise SampleError(
                     f"{sample.key}.cls: label {sample.label} is outside the manifest's {num_labels} labels",
@@ -184,11 +184,14 @@ class WorkerStream(torch.utils.data.IterableDataset):
         except SampleError as err:
             _add_skip(out["skips"], record(name, err.kind, err.key, str(err)))
             return 0
-        out["latents"].append(self._augment(sample, epoch, int(plan.slots[pos]), index))
+        latent, flip = self._augment(sample, epoch, int(plan.slots[pos]), index)
+        out["latents"].append(latent)
         out["labels"].append(sample.label)
+        if sample.repa is not None:  # the REPA features of the same orientation as the latent
+            out.setdefault("repa", []).append(sample.repa[flip])
         return 1
 
-    def _augment(self, sample, epoch: int, slot: int, member: int) -> np.ndarray:
+    def _augment(self, sample, epoch: int, slot: int, member: int) -> tuple[np.ndarray, int]:
         # Random flip per sample (only where the data allows it: data.hflip), then a posterior draw
         # z = mean + std * eps (the VAE's reparameterisation), scaled by the VAE's scaling factor (0.18215
         # for SD's VAE), as DiT's online encoding does. The flip is drawn either way, so the noise of a
@@ -198,7 +201,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
         flip = drawn if self.cfg["hflip"] else 0
         eps = rng.standard_normal(sample.mean.shape[1:], dtype=np.float32)
         z = sample.mean[flip].astype(np.float32) + sample.std[flip].astype(np.float32) * eps
-        return z * np.float32(self.manifest.scaling_factor)
+        return z * np.float32(self.manifest.scaling_factor), flip
 
     @staticmethod
     def _message(role: int, epoch: int, position: int, out: dict[str, list]) -> dict[str, Any]:
@@ -210,6 +213,7 @@ class WorkerStream(torch.utils.data.IterableDataset):
             "epoch": epoch,
             "position": position,
             "skips": out["skips"],
+            "repa": torch.from_numpy(np.stack(out["repa"])) if out.get("repa") else None,
         }
         for key in out:
             out[key] = []

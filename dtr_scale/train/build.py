@@ -155,4 +155,5 @@ def build_stream(cfg: RunConfig, manifest, rank: int, world: int, device: torch.
         drop_last=True,
         on_error=d.on_error,
         pin_memory=device.type == "cuda",
+        with_repa=cfg.repa.encoder is not None and "repa" in manifest.extra,  # precomputed REPA features
     )

@@ -11,88 +11,21 @@ official code, where only the EMA's DiT blocks are sampled) and `convert` drops 
 
 from __future__ import annotations
 
-import json
+import contextlib
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dtr_scale.config import ConfigError, RunConfig
-
-# timm's IMAGENET_DEFAULT_MEAN / STD, which REPA normalises with for DINOv2 (train.py preprocess_raw_image),
-# used when the encoder directory has no preprocessor_config.json of its own.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class RepaEncoder:
-    """images (B, C, H, W) in [-1, 1] -> patch tokens (B, M, D) of a frozen ViT-like `transformers` model.
-
-    As REPA's `preprocess_raw_image` for DINOv2: to [0, 1], normalised by the encoder's mean/std, resized
-    bicubically to `resolution`, then `last_hidden_state` without the CLS and register tokens (DINOv2's final
-    LayerNorm'd patch tokens, `x_norm_patchtokens`). One-channel images are repeated to three.
-    """
-
-    def __init__(self, directory: str | Path, resolution: int | None, dit_grid: int, device, dtype):
-        directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise ConfigError(
-                f"repa.encoder: {directory} is not a local transformers model directory (no config.json); "
-                "nothing is downloaded: save the encoder with save_pretrained and give its path"
-            )
-        from dtr_scale.compat import ensure_torchvision_importable
-
-        ensure_torchvision_importable()
-        from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar in the training log
-
-        try:
-            model = AutoModel.from_pretrained(directory, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"repa.encoder: cannot load {directory} with transformers AutoModel: {err}"
-            ) from None
-        config = model.config
-        if not hasattr(config, "patch_size") or not hasattr(config, "hidden_size"):
-            raise ConfigError(
-                f"repa.encoder: {directory} ({config.model_type}) is not a ViT-like model with patches"
-            )
-        self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)  # CLS (+ registers)
-        self.z_dim = int(config.hidden_size)
-        self.resolution = int(resolution or config.patch_size * dit_grid)
-        self.dtype = dtype
-        mean, std = _normalisation(directory)
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
-        self.identity = {"path": str(directory.resolve()), "model_type": config.model_type}
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() + 1.0) / 2.0
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean) / self.std
-        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
-        tokens = self.model(pixel_values=x.to(self.dtype)).last_hidden_state
-        return tokens[:, self.prefix :]
-
-
-def _normalisation(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    path = directory / "preprocessor_config.json"
-    if path.is_file():
-        config = json.loads(path.read_text())
-        if "image_mean" in config and "image_std" in config:
-            return tuple(config["image_mean"]), tuple(config["image_std"])
-    return IMAGENET_MEAN, IMAGENET_STD
+from dtr_scale.repa_encoder import RepaEncoder
 
 
 def build_repa(cfg: RunConfig, model: torch.nn.Module, manifest, device, dtype, zero3: bool, ds_config: dict):
-    """(projector, features_fn) for `cfg.repa`, or (None, None) when REPA is off. features_fn(latents) ->
-    encoder patch tokens of the decoded clean images; the projector maps the DiT's width to the encoder's."""
+    """(projector, features_fn) for `cfg.repa`, or (None, None) when REPA is off.
+
+    features_fn(latents, stored) -> the REPA targets (B, M, D) of a micro-batch: `stored`, the features
+    precomputed into the shards (when the manifest has them: its encoder must be `repa.encoder`, else
+    ConfigError naming the manifest), or the encoder's tokens of the decoded clean images (on the fly)."""
     r = cfg.repa
     if r.encoder is None:
         return None, None
@@ -101,21 +34,47 @@ def build_repa(cfg: RunConfig, model: torch.nn.Module, manifest, device, dtype, 
     from dtr_scale.data.vae import build_decoder
     from dtr_scale.models.repa import build_projector
 
-    depth = len(model.blocks)
-    if not 1 <= r.depth <= depth:
-        raise ConfigError(f"repa.depth={r.depth} must lie in 1..{depth} (the model's depth)")
-    grid = model.x_embedder.num_patches**0.5
-    encoder = RepaEncoder(r.encoder, r.resolution, int(round(grid)), device, dtype)
+    if not 1 <= r.depth <= len(model.blocks):
+        raise ConfigError(f"repa.depth={r.depth} must lie in 1..{len(model.blocks)} (the model's depth)")
+    stored = manifest.extra.get("repa")
+    if stored is not None:
+        _check_stored_features(cfg, manifest, stored)
+        z_dim, encode = int(stored["dim"]), None
+    else:
+        grid = int(round(model.x_embedder.num_patches**0.5))
+        encoder = RepaEncoder(r.encoder, r.resolution, grid, device=device, dtype=dtype)
+        decode = build_decoder(manifest, device=device)
+        z_dim, encode = encoder.z_dim, lambda latents: encoder(decode(latents))
     hidden = model.t_embedder.mlp[2].out_features
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
-        projector = build_projector(hidden, r.projector_dim, encoder.z_dim)
-    decode = build_decoder(manifest, device=device)
+    # ZeRO-3: partitioned as it is built, like the model and the balancer.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else contextlib.nullcontext():
+        projector = build_projector(hidden, r.projector_dim, z_dim)
 
-    def features(latents: torch.Tensor) -> torch.Tensor:
-        return encoder(decode(latents))
+    def features(latents: torch.Tensor, stored_features: torch.Tensor | None = None) -> torch.Tensor:
+        if encode is None:
+            return stored_features.to(latents.device, non_blocking=True)
+        return encode(latents)
 
-    features.encoder = encoder  # type: ignore[attr-defined]
     return projector, features
+
+
+def _check_stored_features(cfg: RunConfig, manifest, stored: dict) -> None:
+    """The manifest's precomputed features must come from `repa.encoder` (config and weights hashes) at
+    `repa.resolution` (when set); otherwise a ConfigError names the manifest and what differs."""
+    from dtr_scale.repa_encoder import encoder_identity
+
+    found = encoder_identity(cfg.repa.encoder)
+    for key in ("config_sha256", "weights_sha256"):
+        if found[key] != stored.get(key):
+            raise ConfigError(
+                f"{manifest.path}: its precomputed REPA features were made by encoder {stored.get('path')} "
+                f"({key} {str(stored.get(key))[:12]}...), but repa.encoder={cfg.repa.encoder} has {found[key][:12]}...: "
+                "re-run preprocess with --repa-encoder, or point repa.encoder at that encoder"
+            )
+    if cfg.repa.resolution is not None and cfg.repa.resolution != stored.get("resolution"):
+        raise ConfigError(
+            f"repa.resolution={cfg.repa.resolution}, but {manifest.path} holds features at {stored.get('resolution')} px"
+        )
 
 
 def repa_active(cfg: RunConfig, step: int) -> bool:

@@ -176,7 +176,7 @@ def train_step(
     cluster_buffer: ClusterLossBuffer,
     log_sums: LogSums,
     gram_update: Callable[..., None] | None = None,
-    repa_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    repa_features: Callable[..., torch.Tensor] | None = None,
 ) -> bool:
     """One optimizer step over `plan.accumulation` micro-batches; returns whether it was applied.
 
@@ -184,20 +184,20 @@ def train_step(
     ZeRO-1/2/3 and bf16 optimizers skip a step whose gradient norm is not finite and clear the gradients;
     at ZeRO-0 fp32 the gradients are set to None first, which torch's AdamW skips. `gram_update(x, t, y,
     noise, cluster_idx)`, given, runs on the first micro-batch (NashMTL / PCGrad balancer updates);
-    `repa_features(x)`, given, makes each micro-batch's REPA targets (the step aligns).
+    `repa_features(x, *stored)`, given, makes each micro-batch's REPA targets (the step aligns).
     Raises FloatingPointError if DeepSpeed applied a step whose loss was not finite.
     """
     drawn, step_counts = draw_step_timesteps(sampler, plan, generator)
     nonfinite = torch.zeros((), device=plan.device)
     bad = False
     for micro, (t, cluster_idx) in enumerate(drawn):
-        x, y = next(batches)
+        x, y, *stored = next(batches)  # + the REPA features, when the shards hold them
         x = x.to(plan.device, non_blocking=True)
         y = y.to(plan.device, non_blocking=True)
         noise = torch.randn(x.shape, generator=generator, device=plan.device)
         if gram_update is not None and micro == 0:
             gram_update(x, t, y, noise, cluster_idx)
-        features = repa_features(x) if repa_features is not None else None
+        features = repa_features(x, *stored) if repa_features is not None else None
         out = engine(x, t, y, noise, cluster_idx, step_counts, features)
         loss = out["loss"]
         finite = torch.isfinite(loss.detach())

@@ -11,6 +11,11 @@ config, data, seed list and step budget; only the variant's keys differ:
     dtr+min-snr   routing on,  diffusion.loss_weighting=min_snr
     ant-nash      routing off, mtl.method=nash, 5 equal intervals, uniform t   (costlier: opt in)
     ant-pcgrad    routing off, mtl.method=pcgrad, 5 equal intervals, uniform t (costlier: opt in)
+    repa          routing off, mtl.method=none, REPA with --repa-encoder       (Yu et al. 2025; opt in)
+    dtr+uw+repa   routing on,  mtl.method=uw,   REPA with --repa-encoder       (all three; opt in)
+
+The REPA variants need `--repa-encoder DIR` (a local transformers vision encoder, e.g. DINOv2 saved with
+save_pretrained; nothing is downloaded) and align after `--repa-depth` blocks (default: a third of the depth).
 
 At `--evals` evenly spaced checkpoints each run is converted (`convert_checkpoint`, EMA weights), sampled
 class-conditionally (DDIM, CFG) and scored: KID against real reference images (Inception pool3 features,
@@ -68,7 +73,10 @@ VARIANTS: dict[str, list[str]] = {
     "dtr+min-snr": ROUTED + ["mtl.method=none", "diffusion.loss_weighting=min_snr"],
     "ant-nash": PLAIN + ["mtl.method=nash", "diffusion.loss_weighting=none", *EQUAL_INTERVALS],
     "ant-pcgrad": PLAIN + ["mtl.method=pcgrad", "diffusion.loss_weighting=none", *EQUAL_INTERVALS],
+    "repa": PLAIN + ["mtl.method=none", "diffusion.loss_weighting=none"],
+    "dtr+uw+repa": ROUTED + ["mtl.method=uw", "diffusion.loss_weighting=none"],
 }
+REPA_VARIANTS = {"repa", "dtr+uw+repa"}  # + repa.encoder / repa.depth from --repa-encoder / --repa-depth
 DEFAULT_VARIANTS = ["vanilla", "dtr", "ant-uw", "dtr+ant-uw", "min-snr", "dtr+min-snr"]
 HEAD_DIM = 32  # num_heads = width / 32, as the demo's 128-wide, 4-head model
 
@@ -135,8 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only write the table and plot from OUT/results.json (e.g. of an interrupted benchmark)",
     )
+    p.add_argument("--repa-encoder", default=None, help="local transformers encoder for the REPA variants")
+    p.add_argument("--repa-depth", type=int, default=None, help="REPA block (default: a third of the depth)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
     args = p.parse_args(argv)
+    if REPA_VARIANTS & set(args.variants) and args.repa_encoder is None:
+        p.error(f"variants {sorted(REPA_VARIANTS & set(args.variants))} need --repa-encoder DIR")
     if args.evals < 1 or args.steps % args.evals:
         p.error(f"--steps {args.steps} must be a multiple of --evals {args.evals}")
     if args.manifest is not None and args.reference is None:
@@ -189,8 +201,20 @@ def train_command(args: argparse.Namespace, manifest: Path, variant: str, width:
         "monitor.sample_every=0",
         "eval.every=0",
         *VARIANTS[variant],
+        *(repa_overrides(args) if variant in REPA_VARIANTS else []),
         *args.overrides,
     ]
+
+
+def repa_overrides(args: argparse.Namespace) -> list[str]:
+    """repa.encoder and repa.depth (default: a third of the base config's depth, at least 1)."""
+    depth = args.repa_depth
+    if depth is None:
+        from dtr_scale.config import load_config
+
+        cfg = load_config(args.config, [o for o in args.overrides if o.startswith("model.")])
+        depth = max(1, (cfg.model.depth or 28) // 3)
+    return [f"repa.encoder={Path(args.repa_encoder).resolve()}", f"repa.depth={depth}"]
 
 
 class Scorer:

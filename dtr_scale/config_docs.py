@@ -156,7 +156,7 @@ PUBLIC_KEYS = (
     "run_dir", "train.max_steps", "train.checkpoint_every", "train.global_batch_size", "train.micro_batch_size",
     "train.seed", "train.precision", "deepspeed.zero_stage", "routing.enabled", "routing.alpha", "routing.beta",
     "mtl.method", "mtl.num_clusters", "mtl.objective", "mtl.sampling", "diffusion.loss_weighting",
-    "data.shards", "data.hflip",
+    "data.shards", "data.hflip", "train.lr_schedule", "repa.encoder", "repa.depth", "repa.coeff",
 )  # fmt: skip
 
 

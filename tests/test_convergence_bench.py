@@ -53,3 +53,18 @@ def test_a_users_manifest_and_reference_without_the_digit_judge(tmp_path, builti
     records = json.loads((out / "results.json").read_text())["records"]
     assert [r["step"] for r in records] == [2, 4]
     assert all("class_accuracy" not in r and np.isfinite(r["kid"]) for r in records)
+
+
+def test_repa_variants_train_with_a_local_encoder_and_need_one(tmp_path):
+    from test_repa import tiny_dinov2
+
+    encoder = tiny_dinov2(tmp_path / "enc")
+    out = tmp_path / "bench"
+    run("--out", str(out), "--variants", "repa", "dtr+uw+repa", "--repa-encoder", str(encoder), *TOY)
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert sorted({r["variant"] for r in records}) == ["dtr+uw+repa", "repa"]
+    metrics = (out / "runs" / "repa_w32_s0" / "metrics.jsonl").read_text().splitlines()
+    assert all("loss/repa" in json.loads(line) for line in metrics)  # the REPA term was trained
+    refused = subprocess.run([sys.executable, str(REPO / "bench/convergence.py"), "--out", str(tmp_path / "x"),
+                              "--variants", "repa", *TOY], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "need --repa-encoder DIR" in refused.stderr

@@ -47,9 +47,14 @@ class TrainModule(nn.Module):
         self.repa_projector = repa_projector
         self.repa_coeff = repa_coeff
         self._hidden: list[torch.Tensor] = []
+        self._capture = False  # only this forward's pass keeps the tokens (not Gram passes, grids, recompute)
         if repa_projector is not None:
             # REPA aligns the tokens after block `repa_depth` as they are (after DTR's routing of that block).
-            model.blocks[repa_depth - 1].register_forward_hook(lambda _m, _i, out: self._hidden.append(out))
+            model.blocks[repa_depth - 1].register_forward_hook(self._keep_tokens)
+
+    def _keep_tokens(self, _module, _inputs, out: torch.Tensor) -> None:
+        if self._capture:
+            self._hidden.append(out)
 
     def forward(
         self, x, t, y, noise, cluster_idx, step_counts, repa_features=None
@@ -60,7 +65,11 @@ class TrainModule(nn.Module):
         (+ repa_coeff x the REPA loss, added once, not per cluster), "per_sample": (B,) detached diffusion
         losses, "mse": (B,) detached eps-MSE, "repa": detached REPA loss (0 without)}."""
         self._hidden.clear()
-        terms = self.diffusion.training_losses(self.model_fn, x, t, model_kwargs={"y": y}, noise=noise)
+        self._capture = repa_features is not None
+        try:
+            terms = self.diffusion.training_losses(self.model_fn, x, t, model_kwargs={"y": y}, noise=noise)
+        finally:
+            self._capture = False
         per_sample = terms["loss"]
         # This micro-batch's share of the step's buffered cluster losses l_k (sums over the step / N_k).
         means = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)

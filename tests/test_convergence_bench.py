@@ -55,6 +55,7 @@ def test_a_users_manifest_and_reference_without_the_digit_judge(tmp_path, builti
     assert all("class_accuracy" not in r and np.isfinite(r["kid"]) for r in records)
 
 
+@pytest.mark.minutes  # four toy runs plus scoring (~1.5 min): `make test-slow`
 def test_repa_variants_train_with_a_local_encoder_and_need_one(tmp_path):
     from test_repa import tiny_dinov2
 

@@ -67,5 +67,25 @@ def run(args: argparse.Namespace) -> int:
         )
     if dist.is_initialized():
         dist.barrier()
+        world = dist.get_world_size()
         dist.destroy_process_group()
+        if world > 1:
+            _exit_without_finalizing()
     return 0
+
+
+def _exit_without_finalizing() -> None:
+    """End a finished rank with status 0 without finalizing the interpreter.
+
+    DeepSpeed keeps its process groups referenced (engine, ZeRO state), so destroy_process_group() cannot join
+    their gloo worker threads; a worker that drops a tensor while the interpreter finalizes takes the GIL, is
+    ended by CPython, and the unwind through torch's noexcept code aborts the process ("terminate called
+    without an active exception", status 134) after the run succeeded, which a launcher or SLURM reads as a
+    failed job. Everything is written by now (checkpoints, metrics, TensorBoard closed by fit()); loader
+    worker processes exit on their own when they see their parent gone (torch's ManagerWatchdog).
+    """
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

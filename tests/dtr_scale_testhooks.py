@@ -2,8 +2,8 @@
 
 - DTR_TEST_KILL_AFTER_STEP=N: rank 0 SIGKILLs itself once step N is complete (its checkpoint, if any,
   written), as a crashed node would: the kill-and-resume tests.
-- DTR_TEST_CHECKSUM=1: after training, every rank prints the float64 sum of its whole parameters (ZeRO 0-2),
-  so a test can check that the ranks of a launcher agree.
+- DTR_TEST_CHECKSUM=1: after training, every rank prints the float64 sum of its whole parameters (ZeRO 0-2)
+  and its MASTER_ADDR, so a test can check that the ranks of a launcher agree and where they met.
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ def fit(self):
     if os.environ.get("DTR_TEST_CHECKSUM") and self.cfg.deepspeed.zero_stage < 3:
         with torch.no_grad():
             checksum = sum(p.double().sum().item() for p in self.engine.module.model.parameters())
-        print(f"rank {self.rank}: parameter checksum {checksum!r}", flush=True)
+        # One write per line: ranks share a pipe, and an unbuffered print writes the text and the newline
+        # apart, so two ranks' lines could interleave. MASTER_ADDR says where this rank met the others.
+        line = f"rank {self.rank}: parameter checksum {checksum!r} master {os.environ.get('MASTER_ADDR')}\n"
+        sys.stdout.flush()
+        os.write(sys.stdout.fileno(), line.encode())
     return result
 
 

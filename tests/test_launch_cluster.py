@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -62,13 +64,45 @@ def train_overrides(run_dir: Path, manifest: Path) -> list[str]:
     return [f"run_dir={run_dir}", f"data.shards={manifest}", *OVERRIDES]
 
 
+def start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A launcher in its own session, so that it and every process it starts can be killed together."""
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def run(command: list[str], env: dict[str, str], timeout: float = 420) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    """Run a launch command to its end; on a timeout its whole session is killed and the output shown."""
+    proc = start(command, env)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(proc)
+        pytest.fail(f"{command[:3]} did not finish in {timeout} s:\n{proc.stdout.read()[-4000:]}")
+    finally:
+        kill_session(proc)
+    return subprocess.CompletedProcess(command, proc.returncode, output, "")
+
+
+CHECKSUM = re.compile(r"rank (\d+): parameter checksum (-?\d+\.\d+(?:e[-+]?\d+)?) master (\S+)")
 
 
 def checksums(output: str) -> dict[int, float]:
     """rank -> float64 parameter sum printed by each rank at the end (dtr_scale_testhooks)."""
-    return {int(r): float(v) for r, v in re.findall(r"rank (\d+): parameter checksum (\S+)", output)}
+    return {int(r): float(v) for r, v, _ in CHECKSUM.findall(output)}
+
+
+def masters(output: str) -> set[str]:
+    """The MASTER_ADDR every rank met the others at."""
+    return {m for _, _, m in CHECKSUM.findall(output)}
 
 
 def assert_same_weights(run_dir: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -88,8 +122,8 @@ def reference(tmp_path_factory, builtin_data) -> tuple[dict[str, torch.Tensor], 
     done = run(
         ["bash", "launch/torchrun.sh", "2", CONFIG, *train_overrides(run_dir, builtin_data["train"])], env
     )
-    assert done.returncode == 0, done.stderr[-4000:]
-    sums = checksums(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout[-4000:]
+    sums = checksums(done.stdout)
     assert sorted(sums) == [0, 1] and sums[0] == sums[1]
     return final_weights(run_dir, FINAL), sums
 
@@ -107,21 +141,19 @@ def test_deepspeed_hostfile_launch_trains_on_two_nodes_and_a_rerun_resumes(
     # First run: rank 0 (on dtr-node-a) dies after step 3, as a crashed node would; step 2 is checkpointed.
     ds_env.write_text("".join(f"{k}={v}\n" for k, v in {**RANK_ENV, "DTR_TEST_KILL_AFTER_STEP": "3"}.items()))
     crashed = run(command, env)
-    assert crashed.returncode != 0
-    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002"
-    assert (
-        "dtr-node-a: " in crashed.stdout + crashed.stderr
-        and "dtr-node-b: " in crashed.stdout + crashed.stderr
-    )
+    assert crashed.returncode != 0, crashed.stdout[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000002", crashed.stdout[-4000:]
+    assert "dtr-node-a: " in crashed.stdout and "dtr-node-b: " in crashed.stdout
     # The same command again resumes from latest and trains to the end.
     ds_env.write_text("".join(f"{k}={v}\n" for k, v in RANK_ENV.items()))
     done = run(command, env)
-    output = done.stdout + done.stderr
+    output = done.stdout
     assert done.returncode == 0, output[-4000:]
     assert "dtr-node-a: resumed from" in output and "at step 2" in output
     sums = checksums(output)
     assert sorted(sums) == [0, 1] and sums[0] == sums[1] == reference[1][0]  # both ranks, both nodes agree
     assert re.search(r"dtr-node-b: rank 1: parameter checksum", output)  # rank 1 ran on the second node
+    assert masters(output) == {MASTER}  # both nodes met at --master_addr, not at an address DeepSpeed guessed
     assert_same_weights(run_dir, reference[0])
 
 
@@ -130,15 +162,21 @@ def test_torchrun_two_invocations_equal_the_single_node_run(reference, builtin_d
     port = str(free_port_on([MASTER]))
     args = ["bash", "launch/torchrun.sh", "1", CONFIG, *train_overrides(run_dir, builtin_data["train"])]
     procs = []
-    for node_rank in (1, 0):
-        env = {**launcher_env(), **RANK_ENV, "PYTHONPATH": HOOK_PATH, "NNODES": "2", "NODE_RANK": str(node_rank),
-               "MASTER_ADDR": MASTER, "MASTER_PORT": port}  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    outputs = [p.communicate(timeout=420)[0] for p in procs]
+    try:
+        for node_rank in (1, 0):
+            env = {**launcher_env(), **RANK_ENV, "PYTHONPATH": HOOK_PATH, "NNODES": "2",
+                   "NODE_RANK": str(node_rank), "MASTER_ADDR": MASTER, "MASTER_PORT": port}  # fmt: skip
+            procs.append(start(args, env))
+        # Both must finish; one that fails ends the test at once (its partner would wait for it until the timeout).
+        deadline = time.monotonic() + 420
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            kill_session(p)
+    outputs = [p.stdout.read() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     node1, node0 = (checksums(o) for o in outputs)
     assert node0 == {0: reference[1][0]} and node1 == {1: reference[1][1]}  # NODE_RANK i holds global rank i
@@ -162,25 +200,42 @@ def test_slurm_two_node_job_requeued_mid_run_resumes_to_the_same_weights(
     ]
     env = cluster.env({**RANK_ENV, "PYTHONPATH": HOOK_PATH, "NPROC_PER_NODE": "1"})
     # The script's GPU defaults overridden on the command line, as on any CPU-only partition.
-    submit = run(["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1",
-                  f"--output={log}", "launch/slurm.sbatch", CONFIG, *steps], env)  # fmt: skip
+    submit = subprocess.run(["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1",
+                             f"--output={log}", "launch/slurm.sbatch", CONFIG, *steps],
+                            cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
-    wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), 300, "the job's first checkpoint")
-    requeue = run(["scontrol", "requeue", job], env)
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+    def first_checkpoint_or_end() -> bool:
+        return (run_dir / "checkpoints" / "latest").is_file() or job_state(cluster, job).get(
+            "JobState"
+        ) in ended
+
+    wait_for(first_checkpoint_or_end, 300, "the job's first checkpoint", interval=1)
+    log_tail = log.read_text()[-4000:] if log.is_file() else "(no job log)"
+    assert (run_dir / "checkpoints" / "latest").is_file(), (
+        f"job {job} ended without a checkpoint:\n{log_tail}"
+    )
+    requeue = subprocess.run(["scontrol", "requeue", job], env=env, capture_output=True, text=True)
     assert requeue.returncode == 0, requeue.stderr
     wait_for(lambda: job_state(cluster, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 400,
              f"job {job} to finish after its requeue", interval=1)  # fmt: skip
     state, text = job_state(cluster, job), log.read_text()
     assert state["JobState"] == "COMPLETED", text[-4000:]
-    assert state["Restarts"] == "1" and "attempt 2" in text  # it really ran twice ...
+    assert (
+        state["Restarts"] == "1" and "attempt 1:" in text and "attempt 2:" in text
+    )  # ran twice, one log ...
+    assert text.count(f"rendezvous {MASTER}:") == 2  # at the first node's NodeAddr, both times
     assert re.search(r"resumed from .* at step [1-9]", text)  # ... and the second attempt resumed
     sums = checksums(text)
+    # (c10d rendezvous: the workers' MASTER_ADDR is the elected agent's hostname, not the endpoint; the
+    # endpoint is what the log line above checks.)
     assert sorted(sums) == [0, 1] and sums[0] == sums[1]
     straight = tmp_path / "straight"  # the same 30 steps on one node, uninterrupted
     done = run(["bash", "launch/torchrun.sh", "2", CONFIG,
                 *[s.replace(str(run_dir), str(straight)) for s in steps]],
                {**launcher_env(), **RANK_ENV, "PYTHONPATH": HOOK_PATH})  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:]
     a, b = final_weights(run_dir, "step00000030"), final_weights(straight, "step00000030")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -232,7 +232,7 @@ def test_simulated_two_node_torchrun_trains_and_ranks_agree(tmp_path, builtin_da
         )
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    sums = [line.split()[-1] for out in outs for line in out.splitlines() if "parameter checksum" in line]
+    sums = [m for out in outs for m in re.findall(r"parameter checksum (-?\d+\.\d+(?:e-?\d+)?)", out)]
     assert len(sums) == 2 and sums[0] == sums[1], outs
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step00000003"
 

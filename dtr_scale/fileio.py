@@ -72,7 +72,7 @@ def atomic_directory(out_dir: str | os.PathLike, marker: str) -> Iterator[Path]:
     any other non-empty path is left alone (FileExistsError naming it). On an exception the temporary
     directory is removed and `out_dir` is untouched.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # "." or "x/.." have no name to put a temporary sibling beside
     if out_dir.exists() and (
         not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / marker).is_file())
     ):

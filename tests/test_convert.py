@@ -235,6 +235,8 @@ def test_diffusers_format_from_the_cli_holds_the_runs_ema_and_a_model_card(tmp_p
     run_dir = trained_run(zero_stage)
     out = tmp_path / "hf"
     argv = ["convert", str(run_dir), "--out", str(out), "--format", "diffusers"]
+    if zero_stage == 0:  # unrouted: diffusers' own class (auto would pick the exact one for the pixel codec)
+        argv += ["--transformer-class", "diffusers"]
     assert main(argv) == 0
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "DiTPipeline"
@@ -277,9 +279,12 @@ def test_diffusers_format_with_raw_weights_and_ddpm(tmp_path, trained_run):
     out = convert_checkpoint(
         run_dir, tmp_path / "hf", fmt="diffusers", diffusers={"weights": "model", "scheduler": "ddpm"}
     )
+    from dtr_scale.cli import main
+
+    assert main(["convert", str(run_dir), "--out", str(tmp_path / "m"), "--weights", "model"]) == 2
     stored = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
     live = load_file(run_dir / "live_model.safetensors")
     assert all(torch.equal(stored[f"dit.{k}"], v) for k, v in live.items())
     scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DDPMScheduler" and scheduler["variance_type"] == "fixed_small"
-    assert "Weights: model. Scheduler: ddpm." in (out / "README.md").read_text()
+    assert "Weights: model, stored in float32. Scheduler: ddpm." in (out / "README.md").read_text()

@@ -93,7 +93,7 @@ def test_dtr_class_forward_equals_ours_in_float64(routing, learn_sigma):
 def test_native_class_is_our_forward_with_diffusers_timestep_frequencies(monkeypatch, learn_sigma):
     """Every weight maps exactly; the one difference is diffusers' timestep frequencies (i/127, not i/128)."""
     model = tiny(None, learn_sigma)
-    transformer = build_transformer(make_config(model, PIXEL_DATA), model.state_dict(), "auto")
+    transformer = build_transformer(make_config(model, PIXEL_DATA), model.state_dict(), "diffusers")
     assert type(transformer).__name__ == "DiTTransformer2DModel"
     x, t, y, pipeline_y = inputs()
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_native_pipeline_matches_our_sampler_with_diffusers_frequencies(tmp_path
     """With diffusers' own class the pipeline draws what dtr-scale draws once its timestep features use
     diffusers' frequencies (for this random model the exact images differ by under one grey level)."""
     path = model_dir(tmp_path, None)
-    folder = export(path, tmp_path / "hf")
+    folder = export(path, tmp_path / "hf", transformer_class="diffusers")
     assert json.loads((folder / "model_index.json").read_text())["transformer"] == [
         "diffusers", "DiTTransformer2DModel",
     ]  # fmt: skip
@@ -262,7 +262,10 @@ def test_unrouted_folder_loads_where_dtr_scale_cannot_be_imported(tmp_path):
     data = {**PIXEL_DATA, "image_size": 16, "scaling_factor": 0.5, "vae": vae_identity(recorded, config)}
     data["latent_shape"] = [4, 8, 8]
     path = model_dir(tmp_path, None, data=data)
-    folder = export(path, tmp_path / "hf")
+    folder = export(path, tmp_path / "hf")  # auto: unrouted with an AutoencoderKL -> diffusers' own classes
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"] and index["vae"][0] == "diffusers"
+    assert "noise prediction is" in (folder / "README.md").read_text()  # the measured drift, stated
     out = tmp_path / "images.npy"
     done = subprocess.run([sys.executable, "-c", NO_DTR_SCALE, str(folder), str(out)], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
@@ -301,3 +304,9 @@ def test_model_card_reports_the_last_eval_figures_of_the_run(tmp_path):
     assert "- `eval/kid` = 0.25 (step 200)" in card
     assert "dtr-scale convert r --out 'my folder'" in card
     assert "import dtr_scale.hf" in card
+
+
+def test_auto_uses_the_exact_class_where_the_folder_needs_dtr_scale_anyway():
+    model = tiny(None)
+    transformer = build_transformer(make_config(model, PIXEL_DATA), model.state_dict(), "auto")
+    assert type(transformer).__name__ == "DTRDiTTransformer2DModel"  # the pixel codec comes from dtr_scale.hf

@@ -227,7 +227,7 @@ def save_model_dir(
     """
     if dtype not in _DTYPES:
         raise ValueError(f"model dir dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # "." or "x/.." have no name to put a temporary sibling beside
     validate_config(config, where=f"config for {out_dir}")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / CONFIG_NAME).is_file():
         raise FileExistsError(

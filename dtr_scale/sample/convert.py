@@ -280,7 +280,11 @@ def convert_checkpoint(
         from dtr_scale.sample.diffusers_export import export_run
 
         states = {"model": model_state, "ema": ema_state}
-        return export_run(out_dir, config, states, run_dir, dtype=DTYPES[dtype], **(diffusers or {}))
+        e = cfg.eval
+        evaluation = f"{e.num_samples} EMA samples, {e.steps} DDIM steps, CFG {e.cfg_scale:g}, against {e.reference or 'the held-out split'}"
+        return export_run(
+            out_dir, config, states, run_dir, dtype=DTYPES[dtype], evaluation=evaluation, **(diffusers or {})
+        )
     out = save_model_dir(out_dir, model_state, ema_state, config, dtype=DTYPES[dtype])
     if fmt == "dit":
         write_reference_checkpoint(out / DIT_CHECKPOINT_NAME, model_state, ema_state, DTYPES[dtype])
@@ -315,11 +319,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--manifest", default=None, help="training manifest.json, if moved since training")
     group = parser.add_argument_group("--format diffusers")
-    group.add_argument("--weights", choices=("ema", "model"), default="ema", help="weights the folder holds")
-    group.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim", help="the folder's scheduler")
     group.add_argument(
-        "--transformer-class", choices=("auto", "diffusers", "dtr"), default="auto",
-        help="auto: diffusers' DiTTransformer2DModel for unrouted models, dtr_scale.hf's class otherwise",
+        "--weights", choices=("ema", "model"), default=None, help="weights the folder holds (ema)"
+    )
+    group.add_argument(
+        "--scheduler", choices=("ddim", "ddpm"), default=None, help="the folder's scheduler (ddim)"
+    )
+    group.add_argument(
+        "--transformer-class", choices=("auto", "diffusers", "dtr"), default=None,
+        help="auto (default): diffusers' DiTTransformer2DModel for unrouted models with an AutoencoderKL, "
+        "dtr_scale.hf's exact class otherwise",
     )  # fmt: skip
     group.add_argument(
         "--vae", default=None, help="the run's AutoencoderKL directory, if moved since preprocess"
@@ -328,12 +337,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`dtr-scale convert`: write the model directory; prints its path; returns 0."""
-    diffusers = None
-    if args.format == "diffusers":
-        diffusers = dict(
-            weights=args.weights, scheduler=args.scheduler, transformer_class=args.transformer_class,
-            vae_dir=args.vae, command=getattr(args, "argv", None),
-        )  # fmt: skip
+    from dtr_scale.sample.diffusers_export import cli_options
+
+    diffusers = cli_options(args)
     out = convert_checkpoint(
         args.run_dir, args.out, args.tag, args.dtype, args.format, manifest=args.manifest, diffusers=diffusers
     )

@@ -104,12 +104,16 @@ def build_transformer(
 ):
     """The diffusers transformer holding `state` (reference DiT keys) of a model-dir `config`, fp32, eval mode.
 
-    transformer_class: "auto" (diffusers' own class where it can hold the model), "diffusers" (that class or a
-    ValueError saying why not) or "dtr" (dtr_scale.hf.DTRDiTTransformer2DModel)."""
+    transformer_class: "auto" (diffusers' own class where it can hold the model and the folder needs no
+    dtr_scale otherwise, i.e. with an AutoencoderKL; the pixel codec needs dtr_scale.hf anyway, so there the
+    exact class), "diffusers" (that class or a ValueError saying why not) or "dtr"
+    (dtr_scale.hf.DTRDiTTransformer2DModel)."""
     if transformer_class not in TRANSFORMER_CLASSES:
         raise ValueError(f"transformer class must be one of {TRANSFORMER_CLASSES}, got {transformer_class!r}")
     m, routing = config["model"], config["routing"]
     refusal = native_class_refusal(config)
+    if transformer_class == "auto" and refusal is None and _pixel_codec(config):
+        refusal = "the built-in pixel codec needs dtr_scale.hf anyway, so the exact class is used"
     if transformer_class == "diffusers" and refusal:
         raise ValueError(f"diffusers' DiTTransformer2DModel cannot hold this model: {refusal}; use 'dtr'")
     out_channels = 2 * m["in_channels"] if m["learn_sigma"] else m["in_channels"]
@@ -141,6 +145,36 @@ def build_transformer(
     )  # fmt: skip
     model.load_state_dict(diffusers_dit_state(state, m["depth"], m["num_classes"]), strict=True)
     return model.eval()
+
+
+def _pixel_codec(config: dict[str, Any]) -> bool:
+    from dtr_scale.data.vae import BUILTIN_VAE_NAME
+
+    return config["data"]["vae"].get("name") == BUILTIN_VAE_NAME
+
+
+@torch.no_grad()
+def native_drift(config: dict[str, Any], state: dict[str, torch.Tensor], transformer) -> dict[str, float]:
+    """How far diffusers' DiTTransformer2DModel (timestep frequencies i/127) is from the exact DiT (i/128) on
+    these weights: the noise prediction's max abs and relative RMS difference over 16 seeded random latents,
+    labels and timesteps spread over the schedule (the card and the command report it)."""
+    from dtr_scale.models.model_dir import build_model_from_config
+
+    exact = build_model_from_config(config)
+    exact.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    exact.eval()
+    g = torch.Generator().manual_seed(0)
+    shape = config["data"]["latent_shape"]
+    steps, classes = int(config["diffusion"]["diffusion_steps"]), int(config["model"]["num_classes"])
+    x = torch.randn(16, *shape, generator=g)
+    t = torch.linspace(0, steps - 1, 16).round().long()
+    y = torch.randint(0, classes, (16,), generator=g)
+    channels = shape[0]
+    ours = exact(x, t, y)[:, :channels]
+    theirs = transformer.float()(x, timestep=t, class_labels=y).sample[:, :channels]
+    diff = theirs - ours
+    rms = float(diff.pow(2).mean().sqrt() / ours.pow(2).mean().sqrt().clamp_min(1e-12))
+    return {"max_abs": float(diff.abs().max()), "relative_rms": rms}
 
 
 # ------------------------------------------------------------------------------- scheduler and VAE
@@ -232,6 +266,15 @@ def write_diffusers_folder(
     from diffusers import DiTPipeline
 
     transformer = build_transformer(config, state, transformer_class)
+    card = dict(card or {})
+    if type(transformer).__name__ == "DiTTransformer2DModel":
+        card["native_drift"] = drift = native_drift(config, state, transformer)
+        print(
+            f"{out_dir}: diffusers' DiTTransformer2DModel embeds timesteps with other frequencies than the reference "
+            f"DiT; on these weights its noise prediction is {drift['relative_rms']:.2%} (RMS) and at most "
+            f"{drift['max_abs']:.3g} away from the exact one; --transformer-class dtr exports the exact function",
+            file=sys.stderr,
+        )
     if dtype != torch.float32:
         transformer = transformer.to(dtype)
     labels = list(config["data"]["labels"])
@@ -247,7 +290,9 @@ def write_diffusers_folder(
         # DiTPipeline takes id2label but does not record it; from_pretrained passes it back from here.
         index["id2label"] = {str(i): str(name) for i, name in enumerate(labels)}
         (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(config, index, card or {}))
+        (tmp / "README.md").write_text(
+            model_card(config, index, {**card, "dtype": str(dtype).removeprefix("torch.")})
+        )
     return Path(out_dir)
 
 
@@ -263,6 +308,7 @@ def export_run(
     transformer_class: str = "auto",
     vae_dir: str | Path | None = None,
     command: list[str] | None = None,
+    evaluation: str | None = None,
 ) -> Path:
     """`convert --format diffusers`: the folder of a converted run's `weights` ("ema" or "model" of `states`),
     its transformer stored in `dtype` (fp32 or bf16)."""
@@ -272,18 +318,33 @@ def export_run(
         "command": command,
         "weights": weights,
         "run_dir": str(run_dir),
-        "out_name": Path(out_dir).name,
+        "out_name": str(out_dir),
         "scheduler": scheduler,
+        "eval": evaluation,
     }
     state = {k: v.to(dtype).float() for k, v in states[weights].items()}  # bf16: the stored values, rounded
     out = write_diffusers_folder(
         out_dir, config, state, scheduler=scheduler, transformer_class=transformer_class, vae_dir=vae_dir,
         card=card, dtype=dtype,
     )  # fmt: skip
-    if native_class_refusal(config) is None and transformer_class != "dtr":
-        print(
-            f"{out}: diffusers' DiTTransformer2DModel embeds timesteps with slightly other frequencies than the "
-            "reference DiT (see the folder's README.md); --transformer-class dtr keeps the exact function",
-            file=sys.stderr,
-        )
     return out
+
+
+def cli_options(args) -> dict[str, Any] | None:
+    """`convert`'s --format diffusers options as export_run keywords; ValueError if given with another format."""
+    options = {"--weights": args.weights, "--scheduler": args.scheduler,
+               "--transformer-class": args.transformer_class, "--vae": args.vae}  # fmt: skip
+    if args.format != "diffusers":
+        given = [k for k, v in options.items() if v is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} only apply to --format diffusers (this is --format {args.format})"
+            )
+        return None
+    return {
+        "weights": args.weights or "ema",
+        "scheduler": args.scheduler or "ddim",
+        "transformer_class": args.transformer_class or "auto",
+        "vae_dir": args.vae,
+        "command": getattr(args, "argv", None),
+    }

@@ -34,10 +34,13 @@ def last_eval_figures(run_dir: str | Path) -> dict[str, tuple[int, float]]:
     return figures
 
 
-def _front_matter(index: dict[str, Any]) -> str:
-    library = index["transformer"][0]
+def _routed(config: dict[str, Any]) -> bool:
+    return bool(config["routing"]["enabled"]) and float(config["routing"]["beta"]) < 1.0
+
+
+def _front_matter(config: dict[str, Any]) -> str:
     tags = ["diffusers", "dit", "class-conditional", "dtr-scale"]
-    if library != "diffusers":
+    if _routed(config):
         tags.append("dtr-routing")
     return "---\nlibrary_name: diffusers\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "---\n"
 
@@ -56,9 +59,9 @@ def _usage(index: dict[str, Any], out_name: str) -> str:
 
 def _settings_table(config: dict[str, Any]) -> str:
     m, r, d, mtl, train = config["model"], config["routing"], config["data"], config["mtl"], config["train"]
-    routed = r["enabled"] and float(r["beta"]) < 1.0
+    routed = _routed(config)
     rows = [
-        ("model", f"{m['name'] or 'DiT'}: hidden {m['hidden_size']}, depth {m['depth']}, {m['num_heads']} heads, "
+        ("model", f"{_title(config)}: hidden {m['hidden_size']}, depth {m['depth']}, {m['num_heads']} heads, "
          f"patch {m['patch_size']}, learned sigma {m['learn_sigma']}"),
         ("DTR routing", f"alpha {r['alpha']}, beta {r['beta']}, {r['num_tasks']} tasks" if routed else "off"),
         ("ANT", f"{mtl['method']}, {mtl['num_clusters']} clusters {mtl['clusters']}"),
@@ -71,6 +74,17 @@ def _settings_table(config: dict[str, Any]) -> str:
     return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
 
+def _title(config: dict[str, Any]) -> str:
+    """'DiT-S/2' when the model has that size's width and depth, else 'DiT (patch 2)' (the name is a layout)."""
+    from dtr_scale.models.dit import _SIZES
+
+    m, name = config["model"], config["model"]["name"]
+    size = name.split("-")[1].split("/")[0] if name and name.startswith("DiT-") else None
+    if size in _SIZES and _SIZES[size][:2] == (m["hidden_size"], m["depth"]):
+        return name
+    return f"DiT (patch {m['patch_size']})"
+
+
 def model_card(config: dict[str, Any], index: dict[str, Any], card: dict[str, Any]) -> str:
     """README.md text. `card`: {"command": argv list, "weights": "ema"|"model", "run_dir": path,
     "out_name": folder name for the usage lines, "scheduler": "ddim"|"ddpm"} (all optional)."""
@@ -79,6 +93,8 @@ def model_card(config: dict[str, Any], index: dict[str, Any], card: dict[str, An
         "".join(f"- `{tag}` = {value:.6g} (step {step})\n" for tag, (step, value) in sorted(figures.items()))
         or "- none logged (the run had no `eval.every`, or no TensorBoard log)\n"
     )
+    if figures and card.get("eval"):
+        evals += f"\n(in-loop evaluation: {card['eval']})\n"
     num_classes = int(config["model"]["num_classes"])
     native = index["transformer"][0] == "diffusers"
     notes = [
@@ -88,18 +104,27 @@ def model_card(config: dict[str, Any], index: dict[str, Any], card: dict[str, An
         "Guidance is applied to all latent channels (DiTPipeline's rule, and dtr-scale's default).",
     ]
     if native:
+        drift = card.get("native_drift") or {}
+        measured = (
+            f" On these weights the noise prediction is {drift['relative_rms']:.2%} (RMS) and at most "
+            f"{drift['max_abs']:.3g} away from the exact one (16 random inputs); sampled images can differ visibly."
+            if drift
+            else ""
+        )
         notes.append(
             "diffusers' DiT embeds timesteps with frequencies exp(-ln(1e4) i/127), dtr-scale and the reference "
-            "DiT with exp(-ln(1e4) i/128): the same weights compute a slightly different function here. For the "
-            "exact one, convert with `--transformer-class dtr`."
+            "DiT with exp(-ln(1e4) i/128): the same weights compute another function here."
+            + measured
+            + " For the exact one, convert with `--transformer-class dtr` (needs dtr_scale to load)."
         )
     if card.get("scheduler") == "ddpm" and config["model"]["learn_sigma"]:
         notes.append("DiTPipeline drops the learned variance: DDPM here uses the posterior variance instead.")
     command = shlex.join(card["command"]) if card.get("command") else "(not recorded)"
     return (
-        _front_matter(index)
-        + f"\n# {config['model']['name'] or 'DiT'} trained with dtr-scale\n\n"
-        + f"Weights: {card.get('weights', 'ema')}. Scheduler: {card.get('scheduler', 'ddim')}.\n\n"
+        _front_matter(config)
+        + f"\n# {_title(config)} trained with dtr-scale\n\n"
+        + f"Weights: {card.get('weights', 'ema')}, stored in {card.get('dtype', 'float32')}. "
+        + f"Scheduler: {card.get('scheduler', 'ddim')}.\n\n"
         + _settings_table(config)
         + "\n## Last evaluation figures\n\n"
         + evals

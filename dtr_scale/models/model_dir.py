@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import dtr_scale
+from dtr_scale.fileio import atomic_directory
 from dtr_scale.models.dit import DiT
 from dtr_scale.models.routing import DTRConfig
 
@@ -234,9 +233,7 @@ def save_model_dir(
             f"{out_dir} exists and is not a dtr-scale model directory; refusing to replace it"
         )
     expected = _expected_shapes(config)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir, CONFIG_NAME) as tmp:
         for kind, state in (("model", model_state), ("ema", ema_state)):
             if state is None:
                 continue
@@ -246,16 +243,6 @@ def save_model_dir(
             save_file(tensors, tmp / WEIGHT_FILES[kind], metadata={"format": "pt", "dtype": _DTYPES[dtype]})
             os.chmod(tmp / WEIGHT_FILES[kind], 0o644)  # safetensors creates 0600 files; a model dir is shared
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -7,11 +7,11 @@
     DIR/README.md                 model card (sample/model_card.py)
 
 The transformer class:
-- an unrouted DiT with mlp_ratio 4 and at most 1000 classes -> diffusers' own `DiTTransformer2DModel`, weights
-  renamed as diffusers' scripts/convert_dit_to_diffusers.py does (q/k/v split from qkv; the timestep and class
-  embedders copied into every block's AdaLayerNormZero). No dtr_scale is needed to load it.
-- otherwise (DTR routing, another MLP ratio, more classes, or `transformer_class="dtr"`) ->
-  `dtr_scale.hf.DTRDiTTransformer2DModel`, which is dtr-scale's own DiT (`import dtr_scale.hf` first).
+- an unrouted DiT with mlp_ratio 4, at most 1000 classes and an AutoencoderKL -> diffusers' own
+  `DiTTransformer2DModel`, weights renamed as diffusers' scripts/convert_dit_to_diffusers.py does (q/k/v split
+  from qkv; the timestep and class embedders copied into every block's AdaLayerNormZero): no dtr_scale needed.
+- otherwise (DTR, another MLP ratio, more classes, the pixel codec, or `transformer_class="dtr"`) ->
+  `dtr_scale.hf.DTRDiTTransformer2DModel`, dtr-scale's own DiT (`import dtr_scale.hf` first).
 
 Two facts of diffusers' DiT that the export works around or reports:
 - DiTPipeline always passes class 1000 as the null label. For fewer classes the class table is padded to 1001
@@ -19,9 +19,9 @@ Two facts of diffusers' DiT that the export works around or reports:
 - diffusers' DiT embeds the timestep with frequencies exp(-ln(10^4) i / 127), the reference DiT (and dtr-scale)
   with exp(-ln(10^4) i / 128) (diffusers models/embeddings.py CombinedTimestepLabelEmbeddings:
   `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)`; facebookresearch/DiT models.py
-  `TimestepEmbedder.timestep_embedding`). So diffusers' own class computes a slightly different function of
-  the same weights (as it does for the official DiT-XL/2 on the Hub); `transformer_class="dtr"` gives the
-  exact function for unrouted models too. tests/test_diffusers_export.py measures both.
+  `TimestepEmbedder.timestep_embedding`). So diffusers' own class computes another function of the same
+  weights (as for the official DiT-XL/2 on the Hub), measured per export (`native_drift`);
+  `transformer_class="dtr"` gives the exact function. tests/test_diffusers_export.py checks both.
 """
 
 from __future__ import annotations
@@ -286,6 +286,8 @@ def write_diffusers_folder(
     )
     with atomic_directory(out_dir, MODEL_INDEX) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for path in tmp.rglob("*.safetensors"):
+            path.chmod(0o644)  # safetensors writes 0600; a model folder is shared like the other files
         index = json.loads((tmp / MODEL_INDEX).read_text())
         # DiTPipeline takes id2label but does not record it; from_pretrained passes it back from here.
         index["id2label"] = {str(i): str(name) for i, name in enumerate(labels)}
@@ -334,17 +336,12 @@ def cli_options(args) -> dict[str, Any] | None:
     """`convert`'s --format diffusers options as export_run keywords; ValueError if given with another format."""
     options = {"--weights": args.weights, "--scheduler": args.scheduler,
                "--transformer-class": args.transformer_class, "--vae": args.vae}  # fmt: skip
-    if args.format != "diffusers":
-        given = [k for k, v in options.items() if v is not None]
-        if given:
-            raise ValueError(
-                f"{', '.join(given)} only apply to --format diffusers (this is --format {args.format})"
-            )
-        return None
-    return {
-        "weights": args.weights or "ema",
-        "scheduler": args.scheduler or "ddim",
-        "transformer_class": args.transformer_class or "auto",
-        "vae_dir": args.vae,
-        "command": getattr(args, "argv", None),
-    }
+    given = [k for k, v in options.items() if v is not None]
+    if args.format != "diffusers" and given:
+        raise ValueError(
+            f"{', '.join(given)} only apply to --format diffusers (this is --format {args.format})"
+        )
+    return None if args.format != "diffusers" else {
+        "weights": args.weights or "ema", "scheduler": args.scheduler or "ddim", "vae_dir": args.vae,
+        "transformer_class": args.transformer_class or "auto", "command": getattr(args, "argv", None),
+    }  # fmt: skip

@@ -314,7 +314,7 @@ def test_training_uses_the_stored_features_and_logs_the_repa_loss(repa_shards, t
 
 
 @pytest.mark.multiprocess
-@pytest.mark.slow
+@pytest.mark.minutes  # six two-process runs, ~1.5 min per stage: `make test-slow` (CI runs it)
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_process_kill_and_resume_with_repa_equals_uninterrupted(tmp_path, builtin_data, zero_stage):
     from distributed import run_ranks

@@ -72,7 +72,10 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "train.betas": ("-", "AdamW betas"),
     "train.eps": ("-", "AdamW epsilon"),
     "train.weight_decay": ("-", "AdamW decoupled weight decay (DiT: 0)"),
-    "train.warmup_steps": ("optimizer steps", "linear LR warmup"),
+    "train.warmup_steps": (
+        "optimizer steps",
+        "linear LR warmup: factor step / warmup_steps, 0 at the first step",
+    ),
     "train.lr_schedule": (
         "-",
         "after the warmup: constant, linear or cosine decay to 0 at max_steps (transformers' get_scheduler)",

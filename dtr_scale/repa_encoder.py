@@ -60,6 +60,7 @@ class RepaEncoder:
             ) from None
         self.model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.prefix = 1 + int(config.get("num_register_tokens", 0) or 0)  # CLS (+ registers)
+        self.model_type, self.directory = config.get("model_type"), directory
         self.z_dim = int(config["hidden_size"])
         self.resolution = int(resolution or int(config["patch_size"]) * int(dit_grid))
         self.num_tokens = (self.resolution // int(config["patch_size"])) ** 2
@@ -76,7 +77,15 @@ class RepaEncoder:
         x = (x - self.mean) / self.std
         x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
         tokens = self.model(pixel_values=x.to(self.dtype)).last_hidden_state
-        return tokens[:, self.prefix :]
+        # The patch grid is the last num_tokens tokens (DINOv2: after CLS and registers; no-CLS models: all).
+        extra = tokens.shape[1] - self.num_tokens
+        if not 0 <= extra <= self.prefix:
+            raise ConfigError(
+                f"repa.encoder: {self.directory} ({self.model_type}) gave {tokens.shape[1]} tokens for a "
+                f"{self.resolution} px input, expected {self.num_tokens} patch tokens (+ up to {self.prefix} "
+                "CLS/register tokens): not a model whose output is its full patch grid (e.g. ViT-MAE masks patches)"
+            )
+        return tokens[:, extra:]
 
 
 def _normalisation(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:

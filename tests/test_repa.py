@@ -132,6 +132,29 @@ def test_encoder_gives_the_patch_tokens_of_the_dit_grid(tmp_path, registers):
     torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_encoder_that_does_not_return_its_patch_grid_is_refused(tmp_path):
+    encoder = RepaEncoder(tiny_dinov2(tmp_path / "enc"), dit_grid=4)
+    encoder.num_tokens = 25  # as if the model dropped (masked) patches: 17 tokens for a 5 x 5 grid
+    with pytest.raises(ConfigError, match=r"repa.encoder: .* gave 17 tokens .* expected 25 patch tokens"):
+        encoder(torch.zeros(1, 1, 16, 16))
+
+
+def test_log_sums_split_the_objective_into_diffusion_and_repa_terms():
+    from dtr_scale.train.step import LogSums
+
+    sums = LogSums(torch.device("cpu"), repa_coeff=0.5)
+    finite = torch.tensor(True)
+    # objective = diffusion + 0.5 x repa: (0.15 - 0.4) and (0.25 - 0.3); the second window half has no REPA.
+    sums.add(torch.tensor(-0.25), torch.zeros(2), finite, torch.tensor(-0.8))
+    sums.add(torch.tensor(-0.05), torch.zeros(2), finite, torch.tensor(-0.6))
+    sums.add(torch.tensor(0.2), torch.zeros(2), finite)
+    out = sums.read()
+    assert out["loss/repa"] == pytest.approx(-0.7)
+    assert out["loss/diffusion"] == pytest.approx((0.15 + 0.25 + 0.2) / 3)
+    term = 0.5 * (-1.4) / 3
+    assert out["loss/repa_share"] == pytest.approx(abs(term) / (abs(term) + 0.2))
+
+
 def test_missing_encoder_is_one_line_naming_the_key_and_path(tmp_path):
     with pytest.raises(
         ConfigError, match=rf"repa.encoder: {tmp_path / 'nowhere'} is not a local transformers"
@@ -270,8 +293,15 @@ def test_features_of_another_encoder_are_refused_by_manifest_name(repa_shards, t
         _check_stored_features(cfg, manifest, manifest.extra["repa"])
     cfg.repa.encoder = str(repa_shards["encoder"])
     _check_stored_features(cfg, manifest, manifest.extra["repa"])  # the right one passes
+    _check_stored_features(
+        cfg, manifest, manifest.extra["repa"], grid=4
+    )  # on the fly it would be 4 x 4 = 16 px too
+    with pytest.raises(ConfigError, match=r"repa.resolution=None \(encoder input 32 px\)"):
+        _check_stored_features(cfg, manifest, manifest.extra["repa"], grid=8)  # e.g. a DiT with an 8 x 8 grid
     cfg.repa.resolution = 32
-    with pytest.raises(ConfigError, match="repa.resolution=32, but .* holds features at 16 px"):
+    with pytest.raises(
+        ConfigError, match=r"repa.resolution=32 \(encoder input 32 px\), but .* holds features at 16 px"
+    ):
         _check_stored_features(cfg, manifest, manifest.extra["repa"])
 
 

@@ -37,11 +37,11 @@ def build_repa(cfg: RunConfig, model: torch.nn.Module, manifest, device, dtype, 
     if not 1 <= r.depth <= len(model.blocks):
         raise ConfigError(f"repa.depth={r.depth} must lie in 1..{len(model.blocks)} (the model's depth)")
     stored = manifest.extra.get("repa")
+    grid = int(round(model.x_embedder.num_patches**0.5))
     if stored is not None:
-        _check_stored_features(cfg, manifest, stored)
+        _check_stored_features(cfg, manifest, stored, grid)
         z_dim, encode = int(stored["dim"]), None
     else:
-        grid = int(round(model.x_embedder.num_patches**0.5))
         encoder = RepaEncoder(r.encoder, r.resolution, grid, device=device, dtype=dtype)
         decode = build_decoder(manifest, device=device)
         z_dim, encode = encoder.z_dim, lambda latents: encoder(decode(latents))
@@ -58,10 +58,12 @@ def build_repa(cfg: RunConfig, model: torch.nn.Module, manifest, device, dtype, 
     return projector, features
 
 
-def _check_stored_features(cfg: RunConfig, manifest, stored: dict) -> None:
+def _check_stored_features(cfg: RunConfig, manifest, stored: dict, grid: int | None = None) -> None:
     """The manifest's precomputed features must come from `repa.encoder` (config and weights hashes) at
-    `repa.resolution` (when set); otherwise a ConfigError names the manifest and what differs."""
-    from dtr_scale.repa_encoder import encoder_identity
+    `repa.resolution`, or, when that is null, at the resolution the encoder would get on the fly (patch x the
+    DiT's token grid `grid`), so that both ways train against the same targets; otherwise a ConfigError names
+    the manifest and what differs."""
+    from dtr_scale.repa_encoder import encoder_config, encoder_identity
 
     found = encoder_identity(cfg.repa.encoder)
     for key in ("config_sha256", "weights_sha256"):
@@ -71,9 +73,14 @@ def _check_stored_features(cfg: RunConfig, manifest, stored: dict) -> None:
                 f"({key} {str(stored.get(key))[:12]}...), but repa.encoder={cfg.repa.encoder} has {found[key][:12]}...: "
                 "re-run preprocess with --repa-encoder, or point repa.encoder at that encoder"
             )
-    if cfg.repa.resolution is not None and cfg.repa.resolution != stored.get("resolution"):
+    wanted = cfg.repa.resolution
+    if wanted is None and grid is not None:
+        wanted = int(encoder_config(cfg.repa.encoder)["patch_size"]) * grid
+    if wanted is not None and wanted != stored.get("resolution"):
         raise ConfigError(
-            f"repa.resolution={cfg.repa.resolution}, but {manifest.path} holds features at {stored.get('resolution')} px"
+            f"repa.resolution={cfg.repa.resolution} (encoder input {wanted} px), but {manifest.path} holds "
+            f"features at {stored.get('resolution')} px; set repa.resolution={stored.get('resolution')} to "
+            "train on them, or re-run preprocess with --repa-resolution"
         )
 
 

@@ -132,16 +132,21 @@ class LogSums:
         self.values += torch.where(finite, update, torch.zeros_like(update))
 
     def read(self) -> dict[str, float]:
-        """{"loss/objective", "loss/mse_rank0"} (+ "loss/repa", "loss/repa_share" with REPA): means per finite
-        micro-batch since the last read; clears. repa_share = coeff x REPA loss / objective."""
+        """{"loss/objective", "loss/mse_rank0"} (+ "loss/repa", "loss/diffusion" = objective - coeff x REPA and
+        "loss/repa_share" = |coeff x REPA| / (|coeff x REPA| + |diffusion|) with REPA): means per finite
+        micro-batch since the last read; clears."""
         objective, mse, n, repa, aligned = self.values.tolist()
         self.values.zero_()
         n = max(n, 1.0)
         scalars = {"loss/objective": objective / n, "loss/mse_rank0": mse / n}
         if self.repa_coeff is not None and aligned:  # not after repa.stop_step
+            # The REPA loss lies in [-1, 1] and the objective includes coeff x it: the share compares the sizes
+            # of the two terms, each a mean over all micro-batches of the window.
+            term = self.repa_coeff * repa / n
+            diffusion = objective / n - term
             scalars["loss/repa"] = repa / aligned
-            share = self.repa_coeff * repa / objective if objective else 0.0
-            scalars["loss/repa_share"] = share
+            scalars["loss/diffusion"] = diffusion
+            scalars["loss/repa_share"] = abs(term) / max(abs(term) + abs(diffusion), 1e-12)
         return scalars
 
     def state_dict(self) -> dict[str, torch.Tensor]:

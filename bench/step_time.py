@@ -8,17 +8,22 @@ and of the median process CPU times. Prints one markdown table row (the header w
 
     python bench/step_time.py                       # DiT-S/2, 32x32x4 latents, batch 8, 2 threads
     python bench/step_time.py --model DiT-B/2 --batch 4 --rounds 5 --threads 1
+    python bench/step_time.py --repa [bench/repa_step_time.py options]   # REPA off / precomputed / on the fly
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from dtr_scale.models.dit import DiT, DiT_models
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dtr_scale.models.dit import DiT, DiT_models  # noqa: E402
 
 HEADER = (
     "| model | latent | batch | threads | device | plain ms/step | DTR ms/step | DTR/plain (medians) "
@@ -77,6 +82,11 @@ def timed_step(model: DiT, batch: tuple[torch.Tensor, ...], device: torch.device
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--repa" in argv:  # the REPA comparison has its own options: bench/repa_step_time.py
+        from repa_step_time import main as repa_main
+
+        return repa_main([a for a in argv if a != "--repa"])
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

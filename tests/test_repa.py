@@ -345,13 +345,15 @@ def test_training_uses_the_stored_features_and_logs_the_repa_loss(repa_shards, t
 
 @pytest.mark.multiprocess
 @pytest.mark.minutes  # six two-process runs, ~1.5 min per stage: `make test-slow` (CI runs it)
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_process_kill_and_resume_with_repa_equals_uninterrupted(tmp_path, builtin_data, zero_stage):
+@pytest.mark.parametrize(("zero_stage", "precision"), [(2, "fp32"), (3, "fp32"), (1, "bf16")])
+def test_two_process_kill_and_resume_with_repa_equals_uninterrupted(
+    tmp_path, builtin_data, zero_stage, precision
+):
     from distributed import run_ranks
     from test_train_distributed import final_weights, read_metrics, train_args
 
     encoder = tiny_dinov2(tmp_path / "enc")
-    steps = [f"deepspeed.zero_stage={zero_stage}", "train.max_steps=6", "train.checkpoint_every=3",
+    steps = [f"deepspeed.zero_stage={zero_stage}", f"train.precision={precision}", "train.max_steps=6", "train.checkpoint_every=3",
              f"repa.encoder={encoder}", "repa.depth=1", "repa.projector_dim=48", "repa.stop_step=5",
              "train.lr_schedule=cosine", "train.warmup_steps=2"]  # fmt: skip
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"

@@ -46,21 +46,34 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def with_flips(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (2B, 3, H, W) in [-1, 1] on `device`: the images, then their horizontal flips."""
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.cat([x, x.flip(-1)])
+
+
+def as_pairs(t: torch.Tensor) -> np.ndarray:
+    """(2B, ...) in `with_flips` order -> float16 (B, 2, ...): [:, 0] as stored, [:, 1] flipped."""
+    t = t.float().cpu()
+    batch = len(t) // 2
+    return torch.stack([t[:batch], t[batch:]], dim=1).numpy().astype(np.float16)
+
+
 @torch.no_grad()
 def encode_images(
-    vae, images: np.ndarray, device: torch.device, precision: str
+    vae, both: torch.Tensor, device: torch.device, precision: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (B, H, W, 3) -> posterior mean and std, float16 (B, 2, C, h, w); [:, 1] is the flipped image."""
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    """`with_flips` images -> posterior mean and std, float16 (B, 2, C, h, w); [:, 1] is the flipped image."""
     with _autocast(device, precision):
-        posterior = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
-    batch = len(images)
+        posterior = vae.encode(both).latent_dist
+    return as_pairs(posterior.mean), as_pairs(posterior.std)
 
-    def pair(t: torch.Tensor) -> np.ndarray:
-        t = t.float().cpu()
-        return torch.stack([t[:batch], t[batch:]], dim=1).numpy().astype(np.float16)
 
-    return pair(posterior.mean), pair(posterior.std)
+@torch.no_grad()
+def encode_repa(encoder, both: torch.Tensor) -> np.ndarray:
+    """`with_flips` images -> REPA encoder tokens, float16 (B, 2, M, D); [:, 1] is the flipped image's, so the
+    flipped latent is trained against the flipped image's features."""
+    return as_pairs(encoder(both))
 
 
 def _shards_to_encode(job: dict[str, Any]) -> tuple[list[int], dict[int, str]]:
@@ -91,16 +104,6 @@ def _shards_to_encode(job: dict[str, Any]) -> tuple[list[int], dict[int, str]]:
     return todo, inputs
 
 
-@torch.no_grad()
-def encode_repa(encoder, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> REPA encoder tokens, float16 (B, 2, M, D); [:, 1] is the flipped image's, so the
-    flipped latent is trained against the flipped image's features."""
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    tokens = encoder(torch.cat([x, x.flip(-1)])).float().cpu()
-    batch = len(images)
-    return torch.stack([tokens[:batch], tokens[batch:]], dim=1).numpy().astype(np.float16)
-
-
 def _encode_shard(
     job: dict[str, Any], shard: int, inputs_sha256: str, vae, device, bar, repa=None
 ) -> list[str]:
@@ -121,9 +124,9 @@ def _encode_shard(
             kinds.append(reason.kind)
             first.setdefault(reason.kind, reason.message)
         if good:
-            images = np.stack([b[3] for b in good])
-            mean, std = encode_images(vae, images, device, job["precision"])
-            features = encode_repa(repa, images, device) if repa is not None else [None] * len(good)
+            both = with_flips(np.stack([b[3] for b in good]), device)  # one transfer for the VAE and REPA
+            mean, std = encode_images(vae, both, device, job["precision"])
+            features = encode_repa(repa, both) if repa is not None else [None] * len(good)
             for k, (number, _, label, _) in enumerate(good):
                 samples.append(
                     LatentSample(key=f"{number:09d}", label=label, mean=mean[k], std=std[k], repa=features[k])

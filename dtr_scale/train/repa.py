@@ -12,7 +12,6 @@ official code, where only the EMA's DiT blocks are sampled) and `convert` drops 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 
@@ -87,6 +86,3 @@ def _check_stored_features(cfg: RunConfig, manifest, stored: dict, grid: int | N
 def repa_active(cfg: RunConfig, step: int) -> bool:
     """Whether optimizer step `step` (0-based: the step being taken) aligns: REPA on, and before stop_step."""
     return cfg.repa.encoder is not None and (cfg.repa.stop_step == 0 or step < cfg.repa.stop_step)
-
-
-FeaturesFn = Callable[[torch.Tensor], torch.Tensor]

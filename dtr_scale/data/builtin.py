@@ -12,7 +12,7 @@ never picks the flipped orientation unless a user overrides `data.hflip`.
 Split: per class, a fixed `heldout_per_class` digits (chosen by a seeded permutation) form the held-out
 split, used as the FID reference; the rest (4,500 by default) is the training split. Each split is
 written in a seeded global random order (`shuffle_seed`, recorded in the manifest), so every shard is a
-random sample of all ten classes, never a class-sorted run (DESIGN §7).
+random sample of all ten classes, never a class-sorted run.
 
     dtr-scale prepare-builtin --out DIR [--image-size 16]  ->  DIR/train/manifest.json, DIR/heldout/manifest.json
 """

@@ -1,6 +1,6 @@
 """Latent shard format: the WebDataset tar layout, its writer, the manifest, and the decoder.
 
-One sample in a shard (DESIGN §7) is three tar members sharing a key:
+One sample in a shard is three tar members sharing a key:
 
     {key}.cls        class index, ASCII decimal
     {key}.mean.npy   float16 (2, C, H, W): VAE posterior mean, [0] as stored, [1] horizontally flipped

@@ -3,7 +3,8 @@
 What the trainer gets from `LatentStream`: batches `(latents float32 (B, C, H, W), labels int64 (B,))`,
 latents already multiplied by the manifest's `scaling_factor`, where each sample's orientation (as stored
 or flipped) is chosen at random and its latent drawn from the stored posterior, `mean + std * eps`
-(DESIGN §7; MAR-style moments for both flips, so augmentation survives offline encoding).
+(MAR-style moments for both flips, so augmentation survives offline encoding; see
+docs/data-and-preprocessing.md).
 
 How exact resume works (the design choice)
 ------------------------------------------

@@ -88,7 +88,7 @@ class WorkerPlan:
     """One logical worker's epoch: its shards (global slot, manifest index), item offsets, emission order.
 
     `order[q]` is the item number emitted q-th: `interleave` shards are read round robin (arrival order),
-    and the shuffle buffer permutes the arrivals (DESIGN §7: interleaving plus a buffer makes a micro-batch
+    and the shuffle buffer permutes the arrivals (interleaving plus a buffer makes a micro-batch
     close to an i.i.d. draw even from shards that are not shuffled themselves).
     """
 

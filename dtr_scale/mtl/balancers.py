@@ -1,6 +1,6 @@
 """Loss balancers: turn the k per-cluster losses l_k into the one scalar that is trained.
 
-One interface (``build(name, k, ...)``, names ``none``, ``uw``, ``nash``, ``pcgrad``; DESIGN §5). A
+One interface (``build(name, k, ...)``, names ``none``, ``uw``, ``nash``, ``pcgrad``; docs/ant-and-dtr.md). A
 balancer is an ``nn.Module`` that lives inside the module DeepSpeed wraps, so UW's s is a model
 parameter that DeepSpeed reduces and shards like every other one. Call the module itself,
 ``balancer(cluster_means, counts)`` (the same as ``combine``), inside the wrapped forward so that

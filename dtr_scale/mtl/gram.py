@@ -2,7 +2,7 @@
 holding a k x P matrix on one rank.
 
 g_i is the gradient of cluster i's mean loss over the whole global batch (all ranks), i.e. the
-rank-average of the local gradients (DESIGN §5). For each cluster in turn this rank computes its local
+rank-average of the local gradients (ANT's per-cluster gradients; docs/ant-and-dtr.md). For each cluster in turn this rank computes its local
 gradient with ``torch.autograd.grad``, writes it (scaled by the rank's weight) into one reused
 P-vector, and a reduce-scatter leaves this rank the sum over ranks of its own contiguous 1/world slice.
 The partial Gram of the slices (float64) is then all-reduced: sum over ranks of partial dot products =

@@ -1,7 +1,7 @@
 """Weights on the cluster losses from the Gram matrix G of the global per-cluster gradients alone.
 
 PCGrad's projected sum (Yu et al. 2020) and NashMTL's bargaining solution (Navon et al. 2022) are both
-sum_m w_m g_m for a weight vector w computable from G (DESIGN §5). `pcgrad_weights` and `nash_weights` are
+sum_m w_m g_m for a weight vector w computable from G alone (docs/ant-and-dtr.md). `pcgrad_weights` and `nash_weights` are
 public through `dtr_scale.mtl.balancers` as well; both take G as a (k, k) tensor or array and return float64
 (k,) tensors.
 """

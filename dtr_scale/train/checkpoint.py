@@ -1,4 +1,5 @@
-"""Save and resume everything a run needs (DESIGN §6); one owner for all state.
+"""Save and resume everything a run needs (model, optimizer, EMA, data position, balancer, RNG, step); one
+owner for all state.
 
 The on-disk layout and the state-file format live in dtr_scale/checkpoint_format.py (which `convert`
 reads too).

@@ -246,7 +246,7 @@ def cluster_gram(
 
     Cluster i's gradient comes from a forward/backward on cluster i's samples only (about the cost of one
     forward/backward of the micro-batch in all), reduced across ranks inside
-    `global_cluster_gram_from_fn`; only the k x k Gram is all-reduced in full (DESIGN §5). A cluster with
+    `global_cluster_gram_from_fn`; only the k x k Gram is all-reduced in full (never a k x P gather). A cluster with
     no sample on this rank contributes a zero gradient.
     """
     from dtr_scale.mtl.gram import global_cluster_gram_from_fn

@@ -270,7 +270,8 @@ def test_an_error_from_a_command_line_override_names_the_override_not_the_file(t
     with pytest.raises(ConfigError, match=r"^override train\.lr=-1: train\.lr must be > 0"):
         load_config(REPO / "configs/demo-cpu.yaml", ["train.lr=-1"])
     with pytest.raises(
-        ConfigError, match=r"^override train\.micro_batch_size=48: train\.global_batch_size=128"
+        ConfigError,
+        match=r"^train\.global_batch_size=128 is not a multiple of train\.micro_batch_size=48 \(train\.global_batch_size=128 from \S*demo-cpu\.yaml, train\.micro_batch_size=48 from override train\.micro_batch_size=48\)$",
     ):
         load_config(REPO / "configs/demo-cpu.yaml", ["train.micro_batch_size=48"])
     bad = tmp_path / "bad.yaml"

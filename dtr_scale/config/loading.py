@@ -126,14 +126,72 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path}: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    sources = config_sources(data, source, overrides)
     for override in overrides:
         apply_override(data, override)
     try:
         cfg = _build(RunConfig, data, "")
         validate(cfg)
     except ConfigError as err:
+        if len(err.keys) > 1:  # a rule between keys: say where each one's value came from
+            raise ConfigError(f"{err} ({_provenance(_unvalidated(data), err.keys, sources)})") from None
         raise ConfigError(f"{_blame(err, overrides, source)}: {err}") from None
     return cfg
+
+
+def config_sources(
+    file_data: dict[str, Any], source: str, overrides: list[str] | tuple[str, ...]
+) -> dict[str, str]:
+    """Where each key set by the config file or an override came from: dotted key -> "FILE" or
+    "override KEY=VALUE" (the last override of the key or of a section above it wins). Keys not in the map
+    keep their default."""
+    sources: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for name, value in node.items():
+                walk(value, f"{prefix}.{name}" if prefix else str(name))
+        elif prefix:
+            sources[prefix] = source
+
+    walk(file_data, "")
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        for known in [k for k in sources if k == key or k.startswith(key + ".")]:
+            del sources[known]
+        sources[key] = f"override {override}"
+    return sources
+
+
+def _unvalidated(data: dict[str, Any]) -> RunConfig | None:
+    """The config built without validation (for reporting values), or None if it does not build."""
+    try:
+        return _build(RunConfig, data, "")
+    except ConfigError:
+        return None
+
+
+def _provenance(cfg: RunConfig | None, keys: tuple[str, ...], sources: dict[str, str]) -> str:
+    """ "repa.depth=8 from the defaults, model.depth=4 from override model.depth=4" for the keys of a rule."""
+    parts = []
+    for key in keys:
+        value: Any = cfg
+        for name in key.split("."):
+            value = getattr(value, name, None)
+        source = next((sources[k] for k in _prefixes(key) if k in sources), "the defaults")
+        parts.append(f"{key}={_show(value)} from {source}")
+    return ", ".join(parts)
+
+
+def _prefixes(key: str) -> list[str]:
+    """ "a.b.c" -> ["a.b.c", "a.b", "a"]: the key itself first, then the sections above it."""
+    parts = key.split(".")
+    return [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def _show(value: Any) -> str:
+    """A value as the user writes it in YAML (null, true, 8, a path)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _blame(err: ConfigError, overrides: list[str], source: str) -> str:

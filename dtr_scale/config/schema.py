@@ -16,7 +16,14 @@ from dtr_scale.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
-    """A configuration problem; the message names the key (and the file when there is one)."""
+    """A configuration problem; the message names the key (and the file when there is one).
+
+    `keys` names every key of a cross-key rule (e.g. ``("repa.depth", "model.depth")``): `load_config` then
+    says where each of their values came from (config file, override or default) instead of blaming one."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 @dataclass

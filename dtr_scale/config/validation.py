@@ -56,11 +56,14 @@ def _check_mtl(cfg: RunConfig) -> None:
         raise ConfigError(f"mtl.sampling must be auto, stratified or uniform, got {m.sampling!r}")
     if m.num_clusters < 1 or m.num_clusters > cfg.diffusion.diffusion_steps:
         raise ConfigError(
-            f"mtl.num_clusters must be in [1, {cfg.diffusion.diffusion_steps}], got {m.num_clusters}"
+            f"mtl.num_clusters must be in [1, {cfg.diffusion.diffusion_steps}] (diffusion.diffusion_steps), "
+            f"got {m.num_clusters}",
+            keys=("mtl.num_clusters", "diffusion.diffusion_steps"),
         )
     if m.objective == "affinity" and not m.affinity_file and not m.clusters_file:
         raise ConfigError(
-            "mtl.objective=affinity needs mtl.affinity_file (a T x T .npy) or mtl.clusters_file"
+            "mtl.objective=affinity needs mtl.affinity_file (a T x T .npy) or mtl.clusters_file",
+            keys=("mtl.objective", "mtl.affinity_file", "mtl.clusters_file"),
         )
     if m.update_every is not None and m.update_every < 1:
         raise ConfigError(f"mtl.update_every must be >= 1, got {m.update_every}")
@@ -68,10 +71,14 @@ def _check_mtl(cfg: RunConfig) -> None:
         raise ConfigError(
             f"mtl.method={m.method} needs whole per-cluster gradients of every parameter on each rank; "
             "under deepspeed.zero_stage=3 parameters are partitioned and only gathered inside the engine's "
-            "own forward/backward, so the Gram matrix cannot be formed exactly. Use zero_stage 0, 1 or 2."
+            "own forward/backward, so the Gram matrix cannot be formed exactly. Use zero_stage 0, 1 or 2.",
+            keys=("mtl.method", "deepspeed.zero_stage"),
         )
     if m.method != "none" and m.num_clusters < 2:
-        raise ConfigError(f"mtl.method={m.method} balances cluster losses: set mtl.num_clusters >= 2")
+        raise ConfigError(
+            f"mtl.method={m.method} balances cluster losses: set mtl.num_clusters >= 2",
+            keys=("mtl.method", "mtl.num_clusters"),
+        )
 
 
 def _check_data(cfg: RunConfig) -> None:
@@ -106,13 +113,15 @@ def _check_train(cfg: RunConfig) -> None:
     if t.micro_batch_size is not None and t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size={t.micro_batch_size}"
+            f"train.micro_batch_size={t.micro_batch_size}",
+            keys=("train.global_batch_size", "train.micro_batch_size"),
         )
     if t.micro_batch_size is not None and stratifies(cfg) and t.micro_batch_size % k:
         raise ConfigError(
             f"train.micro_batch_size={t.micro_batch_size} must be divisible by mtl.num_clusters="
             f"{k}: stratified sampling (mtl.sampling={cfg.mtl.sampling}) gives every cluster an "
-            "equal share of every micro-batch"
+            "equal share of every micro-batch",
+            keys=("train.micro_batch_size", "mtl.num_clusters", "mtl.sampling", "mtl.objective"),
         )
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision must be auto, bf16 or fp32, got {t.precision!r}")
@@ -128,7 +137,10 @@ def _check_train(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr_schedule must be constant, linear or cosine, got {t.lr_schedule!r}")
     r = cfg.repa
     if r.encoder is not None and cfg.model.depth is not None and r.depth > cfg.model.depth:
-        raise ConfigError(f"repa.depth={r.depth} is deeper than the model (model.depth={cfg.model.depth})")
+        raise ConfigError(
+            f"repa.depth={r.depth} is deeper than the model (model.depth={cfg.model.depth})",
+            keys=("repa.depth", "model.depth"),
+        )
 
 
 # Numeric keys and the range each must lie in: (key, lowest, lowest allowed?, highest or None).
@@ -179,7 +191,8 @@ def _check_loss_weighting(cfg: RunConfig) -> None:
         # a balancer re-weights the clusters' losses and would largely undo a per-timestep weighting.
         raise ConfigError(
             f"diffusion.loss_weighting={d.loss_weighting} cannot be combined with mtl.method={cfg.mtl.method}: "
-            "both re-weight the timesteps (the DTR code offers them as alternatives); set one of them to none"
+            "both re-weight the timesteps (the DTR code offers them as alternatives); set one of them to none",
+            keys=("diffusion.loss_weighting", "mtl.method"),
         )
     if not d.min_snr_gamma > 0:
         raise ConfigError(f"diffusion.min_snr_gamma must be > 0, got {d.min_snr_gamma}")
@@ -206,7 +219,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         if cfg.model.hidden_size % cfg.model.num_heads:
             raise ConfigError(
                 f"model.hidden_size={cfg.model.hidden_size} must be divisible by model.num_heads="
-                f"{cfg.model.num_heads}"
+                f"{cfg.model.num_heads}",
+                keys=("model.hidden_size", "model.num_heads"),
             )
 
 

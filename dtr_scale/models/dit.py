@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -210,11 +211,9 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C_out) -> (B, C_out, H, W)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        # The reference DiT's reshape + einsum("nhwpqc->nchpwq") + reshape, as one rearrange.
+        h, p = int(x.shape[1] ** 0.5), self.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) latents, t (B,) original timestep indices, y (B,) labels."""

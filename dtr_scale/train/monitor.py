@@ -147,7 +147,9 @@ class Monitor:
         if progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True, desc="train")
+            self.bar = tqdm(
+                total=max_steps, initial=start_step, dynamic_ncols=True, desc="train", unit="step"
+            )
 
     def _truncate_metrics(self, start_step: int) -> None:
         """On resume, drop lines logged after the checkpoint (the resumed run writes them again). A line that is
@@ -192,16 +194,13 @@ class Monitor:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
         if self.bar is not None:
-            self.bar.n = step
-            remaining = (self.bar.total - step) * seconds
+            # tqdm's own rate (step/s) and ETA; the postfix adds what tqdm cannot know.
             self.bar.set_postfix(
                 loss=f"{scalars.get('loss/mean', float('nan')):.4f}",
-                it_s=f"{1 / seconds:.2f}",
                 img_s=f"{scalars['perf/img_per_s']:.1f}",
-                eta=time.strftime("%H:%M:%S", time.gmtime(remaining)),
                 refresh=False,
             )
-            self.bar.refresh()
+            self.bar.update(step - self.bar.n)
         return scalars
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 
 from dtr_scale import __version__
 from dtr_scale.checkpoint_format import (
@@ -90,6 +91,27 @@ class RunRecord:
             raise CheckpointError(
                 f"the checkpoint was trained with clusters {saved}, the config now gives {self.clusters}"
             )
+
+    def check_resumable(self, state: dict[str, Any], tag: str) -> None:
+        """Before DeepSpeed loads `tag`: a ZeRO-3 checkpoint resumes only with the `deepspeed.sub_group_size`
+        it was saved with (it sets the optimizer's flat groups, whose saved state DeepSpeed then refuses with
+        a message that names no key). CheckpointError names the key, both values and the override."""
+        saved, now = _zero3_sub_group_size(state.get("config", "")), _zero3_sub_group_size(self.config_text)
+        if saved is not None and now is not None and saved != now:
+            raise CheckpointError(
+                f"checkpoint {tag} was saved with deepspeed.sub_group_size={saved} (ZeRO-3 partitions the "
+                f"optimizer state by it); this run has {now}: resume with the override "
+                f"deepspeed.sub_group_size={saved}"
+            )
+
+
+def _zero3_sub_group_size(config_text: str) -> int | None:
+    """The config's `deepspeed.sub_group_size` under ZeRO-3, else None; a config saved before the key existed
+    ran with DeepSpeed's default, 1e9."""
+    section = (yaml.safe_load(config_text) or {}).get("deepspeed") or {}
+    if section.get("zero_stage") != 3:
+        return None
+    return int(section.get("sub_group_size", 1_000_000_000))
 
 
 class BalancerState:
@@ -208,6 +230,9 @@ class Checkpointer:
                 "Exact resume (EMA shards, data-stream positions, per-rank RNG) needs the same world size: "
                 f"relaunch with {saved_world} processes, or start a new run from `dtr-scale convert` weights."
             )
+        run = self.global_objects.get("run")
+        if isinstance(run, RunRecord) and "run" in global_state:
+            run.check_resumable(global_state["run"], tag)
         check_deepspeed_files_safe(tag_dir, self.rank)
         load_path, _ = self.engine.load_checkpoint(
             str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True

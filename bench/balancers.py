@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
+from common import timed
 
 from dtr_scale.diffusion import create_diffusion
 from dtr_scale.models.dit import DiT_models
@@ -89,11 +89,6 @@ class Trainer:
         self.steps += 1
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -114,13 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     per_step: dict[str, list[float]] = {method: [] for method in args.methods}
     for round_index in range(args.rounds + 1):  # round 0 is the warm-up
         for method, trainer in trainers.items():
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.block):
-                trainer.step(diffusion, x, y, t, cluster_idx, noise)
-            synchronize(device)
+
+            def block(trainer: Trainer = trainer) -> None:
+                for _ in range(args.block):
+                    trainer.step(diffusion, x, y, t, cluster_idx, noise)
+
+            seconds, _ = timed(block, device)
             if round_index > 0:
-                per_step[method].append((time.perf_counter() - start) / args.block)
+                per_step[method].append(seconds / args.block)
 
     params = sum(p.numel() for p in base.parameters())
     print(

@@ -57,9 +57,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import REPO as ROOT
+from common import read_metrics, stop, write_json
+from convergence_scores import Scorer, describe, report
 
 ROUTED = ["routing.enabled=true"]
 PLAIN = ["routing.enabled=false"]
@@ -83,6 +83,22 @@ HEAD_DIM = 32  # num_heads = width / 32, as the demo's 128-wide, 4-head model
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_arguments(p)
+    add_run_arguments(p)
+    args = p.parse_args(argv)
+    if REPA_VARIANTS & set(args.variants) and args.repa_encoder is None:
+        p.error(f"variants {sorted(REPA_VARIANTS & set(args.variants))} need --repa-encoder DIR")
+    if args.evals < 1 or args.steps % args.evals:
+        p.error(f"--steps {args.steps} must be a multiple of --evals {args.evals}")
+    if args.manifest is not None and args.reference is None:
+        p.error("--manifest needs --reference (real images for KID)")
+    if not 2 <= args.kid_samples <= args.samples:
+        p.error(f"--kid-samples must be in [2, --samples={args.samples}], got {args.kid_samples}")
+    return args
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """What is trained and on what: output, config, data, variants, seeds, widths, budget, scoring."""
     p.add_argument("--out", default="runs/convergence", help="benchmark directory (runs, results, plot)")
     p.add_argument("--config", default=str(ROOT / "configs" / "demo-cpu.yaml"), help="base training config")
     p.add_argument("--manifest", default=None, help="training manifest.json (default: the built-in digits)")
@@ -108,6 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         help="also sample each checkpoint at these guidance scales (keys class_accuracy_cfgS, kid_cfgS)",
     )
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Where and how runs train: device, KID network, time box, judge, parallelism, launcher, REPA, overrides."""
     p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -146,33 +166,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repa-encoder", default=None, help="local transformers encoder for the REPA variants")
     p.add_argument("--repa-depth", type=int, default=None, help="REPA block (default: a third of the depth)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
-    args = p.parse_args(argv)
-    if REPA_VARIANTS & set(args.variants) and args.repa_encoder is None:
-        p.error(f"variants {sorted(REPA_VARIANTS & set(args.variants))} need --repa-encoder DIR")
-    if args.evals < 1 or args.steps % args.evals:
-        p.error(f"--steps {args.steps} must be a multiple of --evals {args.evals}")
-    if args.manifest is not None and args.reference is None:
-        p.error("--manifest needs --reference (real images for KID)")
-    if not 2 <= args.kid_samples <= args.samples:
-        p.error(f"--kid-samples must be in [2, --samples={args.samples}], got {args.kid_samples}")
-    return args
-
-
-def resolve_device(choice: str) -> str:
-    """cpu or cuda for --device (auto: $DS_ACCELERATOR when set, else cuda where torch sees a GPU)."""
-    if choice != "auto":
-        return choice
-    accelerator = os.environ.get("DS_ACCELERATOR")
-    if accelerator in ("cpu", "cuda"):
-        return accelerator
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cfg_suffix(scale: float) -> str:
-    """Record-key suffix of an extra guidance scale: 1.5 -> "_cfg1.5"."""
-    return f"_cfg{scale:g}"
 
 
 def run_name(variant: str, width: int, seed: int) -> str:
@@ -217,74 +210,10 @@ def repa_overrides(args: argparse.Namespace) -> list[str]:
     return [f"repa.encoder={Path(args.repa_encoder).resolve()}", f"repa.depth={depth}"]
 
 
-class Scorer:
-    """Samples a checkpoint's EMA weights and scores them (KID, and class accuracy on the digits)."""
-
-    def __init__(self, args: argparse.Namespace, reference_features, judge) -> None:
-        self.args = args
-        self.reference_features = reference_features
-        self.judge = judge
-        self._extractor = None
-        self.device = resolve_device(getattr(args, "device", "cpu"))
-
-    def features(self, images: np.ndarray):
-        from dtr_scale.metrics import extract_features, inception_extractor, load_inception_weights
-
-        if self._extractor is None:
-            state, _ = load_inception_weights(getattr(self.args, "inception_weights", None))
-            self._extractor = inception_extractor(state, ("2048",))
-        return extract_features(images, self._extractor, device=self.device)["2048"]
-
-    def score(self, run_dir: Path, tag: str, num_classes: int) -> dict:
-        from torch_fidelity.metric_kid import kid_features_to_metric
-
-        from dtr_scale.sample.convert import convert_checkpoint
-        from dtr_scale.sample.sampler import sample_to_dir
-
-        a = self.args
-        model_dir = convert_checkpoint(run_dir, run_dir / "eval" / f"model-{tag}", tag=tag)
-        classes = [i % num_classes for i in range(a.samples)]  # an even spread over the classes
-        record: dict = {}
-        # The first scale's keys are plain (kid, class_accuracy); each extra scale's carry its suffix.
-        scales = [(a.cfg_scale, "")] + [(s, cfg_suffix(s)) for s in getattr(a, "extra_cfg_scales", [])]
-        for cfg_scale, suffix in scales:
-            sample_dir = run_dir / "eval" / f"samples-{tag}{suffix}"
-            sample_to_dir(
-                model_dir,
-                sample_dir,
-                num_samples=a.samples,
-                batch_size=a.samples,
-                steps=a.sample_steps,
-                sampler="ddim",
-                cfg_scale=cfg_scale,
-                classes=classes,
-                seed=0,
-                device=self.device,
-            )
-            images = np.load(sample_dir / "samples.npz")["arr_0"]
-            shutil.rmtree(sample_dir / "images", ignore_errors=True)  # keep the npz, drop the PNGs
-            step = max(1, len(images) // a.kid_samples)
-            scored = images[::step][: a.kid_samples]
-            fake = self.features(scored)
-            subset = min(len(fake), len(self.reference_features))
-            kid = kid_features_to_metric(
-                fake, self.reference_features, kid_subsets=100, kid_subset_size=subset, verbose=False
-            )
-            record[f"kid{suffix}"] = float(kid["kernel_inception_distance_mean"])
-            record[f"kid_std{suffix}"] = float(kid["kernel_inception_distance_std"])
-            if not suffix:
-                record["kid_samples"] = len(scored)
-            if self.judge is not None:
-                record[f"class_accuracy{suffix}"] = float(self.judge.accuracy(images, classes))
-        shutil.rmtree(model_dir)
-        return record
-
-
 def train_seconds_at(metrics_path: Path) -> dict[int, float]:
     """step -> cumulative seconds of optimizer steps (perf/step_time_s x log interval), from metrics.jsonl."""
     seconds, last_step, out = 0.0, 0, {}
-    for line in metrics_path.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(metrics_path):
         step = int(row["step"])
         seconds += float(row.get("perf/step_time_s", 0.0)) * (step - last_step)
         last_step = step
@@ -311,12 +240,8 @@ def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: S
             returncode = proc.wait(timeout=args.train_seconds)
         except subprocess.TimeoutExpired:  # --train-seconds: stop it; its finished checkpoints are scored
             stopped = True
-            proc.terminate()
-            try:
-                returncode = proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                returncode = proc.wait()
+            stop(proc, grace=30)
+            returncode = proc.returncode
     if returncode != 0 and not stopped:
         raise RuntimeError(f"run {name} failed (exit {returncode}); see {run_dir.parent / f'{name}.log'}")
     wall = time.time() - started
@@ -347,222 +272,58 @@ def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: S
     return records
 
 
-# ------------------------------------------------------------------------------------------- summary
-
-
-def summarise(records: list[dict], metric: str) -> dict:
-    """(variant, width) -> step -> (mean, min, max, n) of `metric` over seeds."""
-    table: dict = {}
-    for r in records:
-        if metric in r:
-            table.setdefault((r["variant"], r["width"]), {}).setdefault(r["step"], []).append(r[metric])
-    return {
-        key: {
-            s: (float(np.mean(v)), float(np.min(v)), float(np.max(v)), len(v))
-            for s, v in sorted(steps.items())
-        }
-        for key, steps in table.items()
-    }
-
-
-def steps_to_reach(curve: dict, target: float, lower_is_better: bool) -> int | None:
-    """First evaluated step whose seed-mean reaches `target` (None: never within the budget)."""
-    for step, (mean, *_rest) in sorted(curve.items()):
-        if (mean <= target) if lower_is_better else (mean >= target):
-            return step
-    return None
-
-
-def metric_keys(records: list[dict]) -> list[str]:
-    """The scored metrics present: kid, class_accuracy, then those of --extra-cfg-scales (kid_cfgS, ...)."""
-    extra = sorted({k for r in records for k in r if k.startswith(("kid_cfg", "class_accuracy_cfg"))})
-    return [m for m in ("kid", "class_accuracy") if any(m in r for r in records)] + extra
-
-
-def write_table(records: list[dict], out: Path, header: str) -> str:
-    metrics = [(m, m.startswith("kid")) for m in metric_keys(records)]
-    lines = [header, ""]
-    for metric, lower in metrics:
-        summary = summarise(records, metric)
-        if not summary:
-            continue
-        widths = sorted({w for _, w in summary})
-        steps = sorted({s for curve in summary.values() for s in curve})
-        for width in widths:
-            base = summary.get(("vanilla", width))
-            target = base[max(base)][0] if base else None
-            lines.append(
-                f"**{metric}** ({'lower' if lower else 'higher'} is better), width {width}: seed mean "
-                f"[min, max]; last column = first step reaching vanilla's final value"
-            )
-            lines.append("")
-            lines.append(
-                "| variant | " + " | ".join(f"step {s}" for s in steps) + " | reaches vanilla's final |"
-            )
-            lines.append("|---" * (len(steps) + 2) + "|")
-            for (variant, w), curve in sorted(summary.items(), key=lambda kv: DEFAULT_ORDER(kv[0][0])):
-                if w != width:
-                    continue
-                cells = []
-                for s in steps:
-                    if s in curve:
-                        mean, lo, hi, n = curve[s]
-                        cells.append(
-                            f"{mean:.4f} [{lo:.4f}, {hi:.4f}]"
-                            if metric.startswith("kid")
-                            else f"{100 * mean:.1f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
-                        )
-                    else:
-                        cells.append("-")
-                reach = steps_to_reach(curve, target, lower) if target is not None else None
-                lines.append(
-                    f"| {variant} | " + " | ".join(cells) + f" | {reach if reach else 'not reached'} |"
-                )
-            lines.append("")
-    seconds = {}
-    for r in records:
-        if r["step"] == max(x["step"] for x in records) and r.get("train_seconds"):
-            seconds.setdefault((r["variant"], r["width"]), []).append(r["train_seconds"])
-    if seconds:
-        lines.append(
-            "Training seconds for the whole budget (seed mean; compute per step ~ equal when the same):"
-        )
-        lines.append("")
-        lines.append("| variant | width | seconds | relative to vanilla |")
-        lines.append("|---|---|---|---|")
-        for (variant, width), values in sorted(
-            seconds.items(), key=lambda kv: (kv[0][1], DEFAULT_ORDER(kv[0][0]))
-        ):
-            base = seconds.get(("vanilla", width))
-            rel = f"{np.mean(values) / np.mean(base):.2f}x" if base else "-"
-            lines.append(f"| {variant} | {width} | {np.mean(values):.0f} | {rel} |")
-    text = "\n".join(lines) + "\n"
-    out.write_text(text)
-    return text
-
-
-def DEFAULT_ORDER(variant: str) -> int:  # noqa: N802 - a sort key table
-    order = list(VARIANTS)
-    return order.index(variant) if variant in order else len(order)
-
-
-def plot(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = metric_keys(records)
-    widths = sorted({r["width"] for r in records})
-    fig, axes = plt.subplots(
-        len(metrics), len(widths), figsize=(5.2 * len(widths), 3.8 * len(metrics)), squeeze=False
-    )
-    colors = dict(zip(VARIANTS, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 2))
-    for i, metric in enumerate(metrics):
-        summary = summarise(records, metric)
-        for j, width in enumerate(widths):
-            ax = axes[i][j]
-            for (variant, w), curve in sorted(summary.items(), key=lambda kv: DEFAULT_ORDER(kv[0][0])):
-                if w != width:
-                    continue
-                steps = list(curve)
-                mean = [curve[s][0] for s in steps]
-                lo = [curve[s][1] for s in steps]
-                hi = [curve[s][2] for s in steps]
-                n = max(curve[s][3] for s in steps)
-                style = "--" if variant.startswith("dtr") else "-"
-                ax.plot(
-                    steps, mean, style, marker="o", ms=3, color=colors[variant], label=f"{variant} (n={n})"
-                )
-                ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.15)
-            ax.set_title(f"width {width}: {metric.replace('_', ' ')}")
-            ax.set_xlabel("optimizer steps")
-            kid = metric.startswith("kid")
-            label = {"kid": "KID", "class_accuracy": "class accuracy"}.get(metric, metric)
-            ax.set_ylabel(f"{label} ({'lower' if kid else 'higher'} is better)")
-            if kid:
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle("EMA samples: seed mean, band = min-max over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------------------------------- main
 
 
-def report(records: list[dict], out: Path, header: str) -> None:
-    """Write OUT/table.md and OUT/convergence.png from the records, and print the table."""
-    print(write_table(records, out / "table.md", header))
-    plot(records, out / "convergence.png")
-    print(f"results: {out / 'results.json'}; plot: {out / 'convergence.png'}; table: {out / 'table.md'}")
+def training_data(args: argparse.Namespace, out: Path) -> tuple[Path, dict | None]:
+    """(the training manifest, the built-in digits' {"train", "heldout"} manifests or None for the user's data)."""
+    from dtr_scale.data.builtin import prepare_builtin
+
+    if args.manifest is not None:
+        return Path(args.manifest).resolve(), None
+    data = prepare_builtin(out / "data", image_size=16)
+    return Path(data["train"]).resolve(), data
 
 
-def describe(records: list[dict]) -> str:
-    """One line naming what the records hold (steps, checkpoints, seeds per width)."""
-    steps = sorted({r["step"] for r in records})
-    per_width: dict[int, set] = {}
-    for r in records:
-        per_width.setdefault(r["width"], set()).add(r["seed"])
-    seeds = "; ".join(f"width {w}: seeds {sorted(s)}" for w, s in sorted(per_width.items()))
-    return f"Convergence benchmark: EMA samples scored at steps {steps}; {seeds}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.report_only:
-        out = Path(args.out)
-        records = json.loads((out / "results.json").read_text())["records"]
-        report(records, out, describe(records))
-        return 0
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from dtr_scale.data.builtin import heldout_images, prepare_builtin
-    from dtr_scale.data.shards import load_manifest
-    from dtr_scale.metrics import load_images
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    builtin = args.manifest is None
-    if builtin:
-        data = prepare_builtin(out / "data", image_size=16)
-        manifest = Path(data["train"]).resolve()
-    else:
-        manifest = Path(args.manifest).resolve()
-    num_classes = len(load_manifest(manifest).labels)
-    judge = None
-    if args.judge == "digits" or (args.judge == "auto" and builtin):
-        from dtr_scale.sample.digits import DigitClassifier
-
-        judge = DigitClassifier.fit_builtin(image_size=16)
-
-    results_path = out / "results.json"
+def load_results(args: argparse.Namespace, results_path: Path) -> dict:
+    """OUT/results.json of an interrupted benchmark with these settings (or a new one); refuses other settings."""
     document = json.loads(results_path.read_text()) if results_path.is_file() else {"records": []}
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "jobs", "keep_runs")}
     if document.get("settings", settings) != settings:
         raise SystemExit(f"{results_path} holds results of other settings; use another --out")
     document["settings"] = settings
-    records: list[dict] = document["records"]
+    return document
 
-    reference_cache = out / "reference_features.npy"
-    scorer = Scorer(args, None, judge)
-    if reference_cache.is_file():
-        scorer.reference_features = torch.from_numpy(np.load(reference_cache))
+
+def reference_features(args: argparse.Namespace, out: Path, scorer: Scorer, data: dict | None):
+    """Inception features of the KID reference, computed once per benchmark (cached in OUT)."""
+    import torch
+
+    from dtr_scale.data.builtin import heldout_images
+    from dtr_scale.metrics import load_images
+
+    cache = out / "reference_features.npy"
+    if cache.is_file():
+        return torch.from_numpy(np.load(cache))
+    if args.reference is None:
+        reference = heldout_images(Path(data["heldout"]), rgb=True)
     else:
-        if args.reference is None:
-            reference = heldout_images(Path(data["heldout"]), rgb=True)
-        else:
-            reference, _ = load_images(args.reference, "reference")
-        step = max(1, len(reference) // args.reference_size)  # an even spread (the held-out split is ordered)
-        reference = reference[::step][: args.reference_size]
-        print(f"reference: {len(reference)} real images -> Inception features", flush=True)
-        scorer.reference_features = scorer.features(reference)
-        np.save(reference_cache, scorer.reference_features.numpy())
+        reference, _ = load_images(args.reference, "reference")
+    step = max(1, len(reference) // args.reference_size)  # an even spread (the held-out split is ordered)
+    reference = reference[::step][: args.reference_size]
+    print(f"reference: {len(reference)} real images -> Inception features", flush=True)
+    features = scorer.features(reference)
+    np.save(cache, features.numpy())
+    return features
 
+
+def train_all(
+    args, document: dict, results_path: Path, manifest: Path, scorer: Scorer, num_classes: int
+) -> None:
+    """Train and score every run not in the results yet, --jobs at a time; the results are saved as runs finish."""
+    import torch
+
+    records: list[dict] = document["records"]
     done = {(r["variant"], r["width"], r["seed"]) for r in records}
     todo = [
         (v, w, s) for w in args.widths for s in args.seeds for v in args.variants if (v, w, s) not in done
@@ -577,36 +338,55 @@ def main(argv: list[str] | None = None) -> int:
             "threads_per_run": args.threads,
         }
         document["command"] = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
-        tmp = results_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(document, indent=1))
-        os.replace(tmp, results_path)
+        write_json(results_path, document)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
-            pool.submit(
-                run_one, args, manifest, v, w, s, Scorer(args, scorer.reference_features, judge), num_classes
-            ): (v, w, s)
+            pool.submit(run_one, args, manifest, v, w, s, Scorer(args, scorer.reference_features, scorer.judge),
+                        num_classes): (v, w, s)
             for v, w, s in todo
-        }
+        }  # fmt: skip
         for future in concurrent.futures.as_completed(futures):
-            v, w, s = futures[future]
             new = future.result()
             records.extend(new)
             save()
+            name, elapsed = run_name(*futures[future]), time.time() - started
             if not new:  # --train-seconds stopped it before its first planned checkpoint
-                print(
-                    f"[{time.time() - started:6.0f} s] {run_name(v, w, s)}: no checkpoint reached", flush=True
-                )
+                print(f"[{elapsed:6.0f} s] {name}: no checkpoint reached", flush=True)
                 continue
             last = new[-1]
             acc = f", class accuracy {100 * last['class_accuracy']:.1f}%" if "class_accuracy" in last else ""
-            print(
-                f"[{time.time() - started:6.0f} s] {run_name(v, w, s)}: KID {last['kid']:.4f}{acc} at step "
-                f"{last['step']}",
-                flush=True,
-            )
+            print(f"[{elapsed:6.0f} s] {name}: KID {last['kid']:.4f}{acc} at step {last['step']}", flush=True)
     save()
-    report(records, out, describe(records))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:
+        records = json.loads((out / "results.json").read_text())["records"]
+        report(records, out, describe(records), list(VARIANTS))
+        return 0
+    import torch
+
+    from dtr_scale.data.shards import load_manifest
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest, data = training_data(args, out)
+    judge = None
+    if args.judge == "digits" or (args.judge == "auto" and data is not None):
+        from dtr_scale.sample.digits import DigitClassifier
+
+        judge = DigitClassifier.fit_builtin(image_size=16)
+    results_path = out / "results.json"
+    document = load_results(args, results_path)
+    scorer = Scorer(args, None, judge)
+    scorer.reference_features = reference_features(args, out, scorer, data)
+    train_all(args, document, results_path, manifest, scorer, len(load_manifest(manifest).labels))
+    records = document["records"]
+    report(records, out, describe(records), list(VARIANTS))
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU first light (bench/device_check.py has the details and the JSON schema): installs what `make device-wheels`
+# GPU first light (bench/device_check.py has the details, bench/device_report.py the JSON schema): installs what `make device-wheels`
 # carried, then checks and measures the GPU machine in time-boxed steps, all written under OUT_DIR:
 #   device_check.json, device_check.md, convergence.png, samples.png, logs/{install,cuda_smoke,gpu_bench,convergence}.log
 #

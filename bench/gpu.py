@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,8 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+from common import REPO, append_results, last_logged_step, read_metrics, single_rank_env, stop, write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,16 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def rank_env(device: str) -> dict[str, str]:
-    """Environment of a one-process run started without a launcher (one GPU, or the CPU)."""
-    from dtr_scale.distributed import free_port
-
-    env = {**os.environ, "DS_ACCELERATOR": device, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    env.update(LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def start_process(command: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(
         command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -99,22 +87,7 @@ def finish_process(proc: subprocess.Popen, timeout: float | None) -> tuple[int |
         output, _ = proc.communicate(timeout=timeout)
         return proc.returncode, output
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            output, _ = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        return None, output
-
-
-def logged_steps(metrics_path: Path) -> int:
-    """The last step a run's metrics.jsonl holds (0 before the first)."""
-    try:
-        lines = metrics_path.read_text().splitlines()
-        return int(json.loads(lines[-1])["step"]) if lines else 0
-    except (OSError, ValueError, KeyError):  # not written yet, or a line being written
-        return 0
+        return None, stop(proc, grace=20, drain=True)  # (communicate keeps what it read before the timeout)
 
 
 def run_until_logged(
@@ -131,22 +104,16 @@ def run_until_logged(
     stop_at = None if timeout is None else time.time() + timeout
     reached = False
     while proc.poll() is None:
-        if logged_steps(metrics_path) >= steps:
+        if last_logged_step(metrics_path) >= steps:
             reached = True
             break
         if stop_at is not None and time.time() > stop_at:
             break
         time.sleep(0.5)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc, grace=20)
     reader.join(timeout=5)
     output = "".join(chunks)
-    if reached or logged_steps(metrics_path) >= steps:
+    if reached or last_logged_step(metrics_path) >= steps:
         return 0, output
     return (proc.returncode if stop_at is None or time.time() <= stop_at else None), output
 
@@ -165,64 +132,21 @@ def time_left(args) -> float | None:
 
 
 SYNC_SCRIPT = r"""
-import collections, json, sys, warnings, torch
+import json, os, sys
+from bench.host_syncs import count_host_syncs
 from dtr_scale.config import load_config
 from dtr_scale.train.engine import Trainer
 
-out_path = sys.argv[1]
-cfg = load_config(sys.argv[2], sys.argv[3:])
-tr = Trainer(cfg)
+out_path, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+tr = Trainer(load_config(config, overrides))
 batches = iter(tr.stream)
 for _ in range(2):  # warm-up: first-use set-up is not what is counted
     assert tr.train_step(batches)
-calls = collections.Counter()
-counting = [False]
-
-def counted(name, original):
-    def wrapper(self, *args, **kwargs):
-        if counting[0]:
-            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
-            if "/dtr_scale/" in caller and "/dtr_scale/data/" not in caller:
-                calls[f"{name} {caller.split('/dtr_scale/')[-1]}:{sys._getframe(1).f_lineno}"] += 1
-        return original(self, *args, **kwargs)
-    return wrapper
-
-for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu"):
-    setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-
-def origin(filename):
-    f = filename.replace("\\", "/")
-    for key, mark in (("dtr_scale/data", "/dtr_scale/data/"), ("dtr_scale", "/dtr_scale/"),
-                      ("deepspeed", "/deepspeed/"), ("torch", "/torch/")):
-        if mark in f:
-            return key, f.split(mark)[-1]
-    return "other", f
-
-steps = 5
-cuda = tr.device.type == "cuda"
-device_syncs, where = collections.Counter(), collections.Counter()
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-    counting[0] = True
-    for _ in range(steps):
-        assert tr.train_step(batches)
-    counting[0] = False
-    if cuda:
-        torch.cuda.set_sync_debug_mode("default")
-for w in caught:
-    if "synchroniz" in str(w.message):
-        key, path = origin(w.filename)
-        device_syncs[key] += 1
-        where[f"{key} {path}:{w.lineno}"] += 1
+report = count_host_syncs(tr, batches, steps=5)
 if tr.rank == 0:
     with open(out_path, "w") as fh:
-        json.dump({"steps": steps, "accumulation": tr.accumulation, "calls": calls,
-                   "cuda_sync_debug": cuda, "device_syncs": device_syncs, "device_sync_sites": where}, fh)
+        json.dump(report, fh)
 # not through interpreter exit while gloo threads still release tensors (as tests/distributed.py's leave())
-import os
 sys.stdout.flush()
 sys.stderr.flush()
 os._exit(0)
@@ -252,7 +176,7 @@ def count_syncs(args, device: str, work: Path) -> dict:
             str(REPO / "configs/demo-cpu.yaml"),
             *overrides,
         ]
-        runs[micro] = (out, start_process(command, rank_env(device)))
+        runs[micro] = (out, start_process(command, single_rank_env(device)))
     results = {}
     for micro, (out, proc) in runs.items():
         code, output = finish_process(proc, time_left(args))
@@ -296,7 +220,7 @@ def run_setting(
         overrides.append(f"routing.enabled={str(routing).lower()}")
     if gpus == 1:  # one process: no launcher, so a time-boxed stop reaches the trainer itself
         command = [sys.executable, "-m", "dtr_scale", "train", "--config", args.config, *overrides]
-        env = rank_env(device)
+        env = single_rank_env(device)
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                    "-m", "dtr_scale", "train", "--config", args.config, *overrides]  # fmt: skip
@@ -309,8 +233,7 @@ def run_setting(
         return {"error": output[-1500:], "timed_out": False, "seconds": round(time.time() - started, 1)}
     if code is None:
         return {"error": "timed out", "timed_out": True, "seconds": round(time.time() - started, 1)}
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    metrics = [m for m in metrics if m["step"] <= args.steps]
+    metrics = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["step"] <= args.steps]
     timed = [m for m in metrics if m["step"] > args.warmup] or metrics[-1:]
 
     def median(key: str) -> float | None:
@@ -377,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def save() -> None:
         if args.json:
-            Path(args.json).write_text(json.dumps(document, indent=1))
+            write_json(Path(args.json), document)
 
     with tempfile.TemporaryDirectory(prefix="dtr-gpu-bench-") as tmp:
         work = Path(tmp)
@@ -417,8 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(report)
     if args.append:
-        with open(REPO / "bench" / "RESULTS.md", "a") as fh:
-            fh.write(report)
+        append_results(report)
 
 
 if __name__ == "__main__":

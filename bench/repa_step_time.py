@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import timed  # noqa: E402
 
 from dtr_scale.models.dit import DiT_models  # noqa: E402
 from dtr_scale.models.repa import build_projector, match_token_grid, repa_loss  # noqa: E402
@@ -114,15 +115,6 @@ def main(argv: list[str] | None = None) -> int:
             loss = loss + 0.5 * repa_loss(projector(hidden[0]), target)
         loss.backward()
 
-    def timed(mode: str) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run(mode)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
     modes = ["off", "precomputed", "on the fly"]
     for mode in modes * args.warmup:
         run(mode)
@@ -130,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = []
     for r in range(args.rounds):
         for mode in modes[r % 3 :] + modes[: r % 3]:  # rotating order
-            wall[mode].append(timed(mode))
+            wall[mode].append(timed(lambda mode=mode: run(mode), device)[0])
         pairs.append(wall["on the fly"][-1] / wall["off"][-1])
     ms = {m: 1e3 * statistics.median(v) for m, v in wall.items()}
     if args.header:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import timed  # noqa: E402
 
 from dtr_scale.models.dit import DiT, DiT_models  # noqa: E402
 
@@ -72,13 +73,7 @@ def step(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
 
 def timed_step(model: DiT, batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[float, float]:
     """Wall-clock and process CPU seconds of one step."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    step(model, *batch)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start_wall, time.process_time() - start_cpu
+    return timed(lambda: step(model, *batch), device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,7 @@ def smoke(tmp_path_factory) -> tuple[dict, Path, float]:
 @pytest.mark.slow
 @pytest.mark.minutes  # ~2.5 min on 2 cores: `make test-slow`, which CI runs
 def test_cpu_smoke_writes_every_field_of_the_schema(smoke):
-    from device_check import MAX_FILES, SCHEMA, STEPS, missing_keys
+    from device_report import MAX_FILES, SCHEMA, STEPS, missing_keys
 
     doc, out, wall = smoke
     assert missing_keys(doc) == []
@@ -124,7 +124,7 @@ def test_cpu_smoke_values_are_sane(smoke):
 
 
 def test_missing_keys_reads_wildcards_lists_and_dotted_cfg_keys():
-    from device_check import missing_keys
+    from device_report import missing_keys
 
     schema = ["a.*.x", "b[].y", "c.cfg1.5", "d.zero1.ok"]
     good = {"a": {"p": {"x": 1}}, "b": [{"y": None}], "c": {"cfg1.5": 0}, "d": {"zero1": {"ok": True}}}
@@ -135,7 +135,7 @@ def test_missing_keys_reads_wildcards_lists_and_dotted_cfg_keys():
 
 def test_the_carried_inception_round_trips_to_a_full_fp32_state_dict(tmp_path):
     """pack-inception keeps pool3 (conv weights in fp16); unpacked it loads strictly, logits layer zero."""
-    from device_check import pack_inception, unpack_inception
+    from device_wheels import pack_inception, unpack_inception
 
     from dtr_scale.inception import inception_extractor, load_inception_weights
 

@@ -19,35 +19,17 @@ from test_train_distributed import train_args
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 COUNT_SCRIPT = r"""
-import collections, json, sys, torch
+import json, sys
+from bench.host_syncs import count_host_syncs  # the counter bench/gpu.py --syncs uses on a GPU
 from dtr_scale.config import load_config
 from dtr_scale.train.engine import Trainer
 
-cfg = load_config(sys.argv[1], sys.argv[2:])
-tr = Trainer(cfg)
-batches = iter(tr.stream)
-assert tr.train_step(batches)  # warm-up step: first-use set-up is not what is counted
-counts = collections.Counter()
-counting = [False]
-
-def counted(name, original):
-    def wrapper(self, *args, **kwargs):
-        if counting[0]:
-            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
-            if "/dtr_scale/" in caller and "/dtr_scale/data/" not in caller:
-                counts[f"{name} {caller.split('/dtr_scale/')[-1]}:{sys._getframe(1).f_lineno}"] += 1
-        return original(self, *args, **kwargs)
-    return wrapper
-
-for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu"):
-    setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-steps = 3
-counting[0] = True
-for _ in range(steps):
-    assert tr.train_step(batches)
-counting[0] = False
-if tr.rank == 0:
-    print("COUNTS " + json.dumps({"steps": steps, "accumulation": tr.accumulation, "calls": counts}))
+trainer = Trainer(load_config(sys.argv[1], sys.argv[2:]))
+batches = iter(trainer.stream)
+assert trainer.train_step(batches)  # warm-up step: first-use set-up is not what is counted
+report = count_host_syncs(trainer, batches, steps=3)
+if trainer.rank == 0:
+    print("COUNTS " + json.dumps(report))
 from distributed import leave
 leave()  # not through interpreter exit while gloo threads still release tensors (tests/distributed.py)
 """

@@ -1,17 +1,21 @@
 """The docs cannot rot: every `dtr-scale ...` command shown in README.md and docs/*.md names a real subcommand,
 every `--flag` in it is an option of that subcommand's real argparse parser (and a value shown for a flag with
 choices is one of them), every `key=value` override in it and every config key named in the docs (`train.lr`,
-`mtl.method=uw`, a YAML block) is a key of the config schema. The last tests show the check fails when a flag or a
+`mtl.method=uw`, a YAML block) is a key of the config schema; every `python bench/NAME.py --flag` shown there and
+in bench/RESULTS.md is an option of that benchmark's parser. The last tests show the check fails when a flag or a
 key is renamed, in the docs or in a parser."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import importlib
+import io
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import yaml
@@ -126,6 +130,37 @@ def doc_problems(text: str, parser_for=_parser) -> list[str]:
     return problems + [p for key, span in _named_keys(text) for p in key_problems(key, span)]
 
 
+BENCH_COMMAND = re.compile(r"\bpython3? bench/([a-z_]+)\.py\b")
+
+
+@functools.cache
+def bench_options(script: str) -> frozenset[str]:
+    """The option strings of `python bench/SCRIPT.py`, read from its own parser's --help."""
+    sys.path.insert(0, str(REPO / "bench"))
+    module = importlib.import_module(script)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        module.parse_args(["--help"])
+    options = set(re.findall(r"(?<![\w-])--[a-z0-9][a-z0-9-]*", text.getvalue()))
+    if script == "step_time":  # `--repa` hands the rest to bench/repa_step_time.py
+        options |= {"--repa"} | bench_options("repa_step_time")
+    return frozenset(options)
+
+
+def bench_problems(text: str) -> list[str]:
+    """Flags of the `python bench/NAME.py ...` commands in a markdown text that the script does not have."""
+    pieces = [line for _, body in FENCE.findall(text) for line in body.replace("\\\n", " ").splitlines()]
+    pieces += INLINE.findall(FENCE.sub("", text))
+    problems = []
+    for piece in pieces:
+        for match in BENCH_COMMAND.finditer(piece):
+            for token in _tokens(piece[match.end() :].split(" python ")[0]):
+                flag = token.partition("=")[0]
+                if flag.startswith("--") and flag not in bench_options(match.group(1)):
+                    problems.append(f"{piece.strip()!r}: bench/{match.group(1)}.py has no option {flag}")
+    return problems
+
+
 def test_the_docs_show_commands_and_keys_to_check():
     text = "\n".join(path.read_text() for path in DOCS)
     commands = _commands(text)
@@ -146,6 +181,17 @@ def test_the_docs_show_commands_and_keys_to_check():
 def test_every_documented_command_flag_and_key_exists():
     problems = {path.name: doc_problems(path.read_text()) for path in DOCS}
     assert {name: p for name, p in problems.items() if p} == {}
+
+
+def test_every_documented_benchmark_flag_exists():
+    docs = [*DOCS, REPO / "bench/RESULTS.md"]
+    text = "\n".join(path.read_text() for path in docs)
+    assert len({m.group(1) for m in BENCH_COMMAND.finditer(text)}) >= 6  # the benchmarks are shown
+    assert {path.name: p for path in docs if (p := bench_problems(path.read_text()))} == {}
+    renamed = bench_problems("`python bench/zero.py --hidden 64 --worldsize 2`")
+    assert renamed == [
+        "'python bench/zero.py --hidden 64 --worldsize 2': bench/zero.py has no option --worldsize"
+    ]
 
 
 def test_a_renamed_flag_in_the_docs_is_caught():

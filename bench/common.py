@@ -51,19 +51,27 @@ def append_results(text: str) -> None:
         fh.write(text)
 
 
-def single_rank_env(device: str, extra: dict | None = None, tests: bool = False) -> dict[str, str]:
-    """The environment of one process of world size 1 started without a launcher: rank variables, a free
-    MASTER_PORT, DeepSpeed's accelerator, the repository (and tests/, for the test hooks) importable."""
-    from dtr_scale.distributed import free_port
-
+def rank_env(
+    rank: int, world_size: int, port: int, extra: dict | None = None, tests: bool = False
+) -> dict[str, str]:
+    """The environment of rank `rank` of `world_size` processes on this machine started without a launcher: the
+    torch.distributed variables (rendezvous at 127.0.0.1:`port`), the repository (and tests/, for the test hooks)
+    importable, then `extra`."""
     env = dict(os.environ)
     paths = [str(REPO), *([str(REPO / "tests")] if tests else []), os.environ.get("PYTHONPATH", "")]
     env.update(
-        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()), DS_ACCELERATOR=device, PYTHONPATH=os.pathsep.join(p for p in paths if p),
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=os.pathsep.join(p for p in paths if p),
     )  # fmt: skip
     env.update(extra or {})
     return env
+
+
+def single_rank_env(device: str, extra: dict | None = None, tests: bool = False) -> dict[str, str]:
+    """`rank_env` of one process of world size 1 on a free port, with DeepSpeed's accelerator named."""
+    from dtr_scale.distributed import free_port
+
+    return rank_env(0, 1, free_port(), {"DS_ACCELERATOR": device, **(extra or {})}, tests)
 
 
 def stop(*procs: subprocess.Popen, grace: float, drain: bool = False) -> str:

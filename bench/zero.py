@@ -45,7 +45,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import REPO
+from common import REPO, rank_env
 from zero_rank import CATEGORIES, PHASES, RESULT_TAG, worker
 
 from dtr_scale.distributed import free_port
@@ -126,18 +126,7 @@ def launch_stage(args: argparse.Namespace, stage: int, manifest: Path, run_dir: 
     ]  # fmt: skip
     procs = []
     for rank in range(args.world_size):
-        env = dict(os.environ)
-        env.update(
-            RANK=str(rank),
-            WORLD_SIZE=str(args.world_size),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(args.world_size),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-            HF_HUB_OFFLINE="1",
-        )
+        env = rank_env(rank, args.world_size, port, {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
         env.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
         procs.append(
             subprocess.Popen(

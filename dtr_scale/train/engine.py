@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from dtr_scale.config import ConfigError, RunConfig, dump_yaml
+from dtr_scale.errors import NonFiniteLossError
 from dtr_scale.models.build import build_model
 from dtr_scale.train.build import build_balancer, build_optimizer, build_stream
 from dtr_scale.train.data_health import check_skipped_fraction, skipped_scalars
@@ -140,6 +141,7 @@ class Trainer:
         )
         self.progress = TrainProgress()
         self.nonfinite_in_row = 0
+        self.checkpoint_due = False  # a checkpoint postponed by a non-finite step (_checkpoint_if_due)
         global_objects = {
             "progress": self.progress,
             "run": RunRecord(dump_yaml(cfg), self.clusters),
@@ -200,9 +202,25 @@ class Trainer:
             self.monitor.image("balancer/gradient_cosines", self.step + 1, cosine_image(gram))
 
     def train_step(self, batches) -> bool:
-        """One optimizer step (train/step.py); False when it was skipped for a non-finite loss."""
+        """One optimizer step (train/step.py); False when it was skipped for a non-finite loss (its losses are
+        then left out of the logged means: they were not trained on)."""
         balancer = self.engine.module.balancer
         gram = self._gram_update if balancer.should_update(self.step) else None
+        marks = self.log_sums.mark(), self.cluster_buffer.mark()
+        try:
+            applied = self._step(batches, gram)
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: {err}; last complete checkpoint: {self._latest_text()}"
+            ) from None
+        if applied:
+            self.ema.update()
+        else:
+            self.log_sums.rollback(marks[0])
+            self.cluster_buffer.rollback(marks[1])
+        return applied
+
+    def _step(self, batches, gram) -> bool:
         applied = train_step(
             self.engine,
             batches,
@@ -214,16 +232,16 @@ class Trainer:
             gram,
             self.repa_features if repa_active(self.cfg, self.step) else None,
         )
-        if applied:
-            self.ema.update()
         return applied
 
     def read_scalars(self) -> dict[str, float]:
         """What is logged at `log_every`: losses since the last read, LR, grad norm, per-cluster losses,
         weights and counts. Collective (every rank calls it): the one place logging reads the device."""
         means, counts = self.cluster_buffer.reduce()
-        total = counts.sum().clamp_min(1)
-        scalars = {"loss/mean": float((means * counts).sum() / total), **self.log_sums.read()}
+        scalars = {"skipped_steps": float(self.skipped_steps)}
+        if counts.sum() > 0:  # no sample since the last read (every step skipped): the loss is absent, not 0
+            scalars["loss/mean"] = float((means * counts).sum() / counts.sum())
+        scalars.update(self.log_sums.read())
         scalars["lr"] = float(self.scheduler.get_last_lr()[0])
         scalars.update(skipped_scalars(self.stream.skipped, self.device))
         if not self.cfg.data.resampled:  # epoch mode: which pass over the data this step came from
@@ -235,7 +253,8 @@ class Trainer:
             balancer = self.engine.module.balancer
             weights = balancer.weights().detach().float().cpu()
             for i in range(self.k):
-                scalars[f"cluster/loss_{i}"] = float(means[i])
+                if counts[i] > 0:  # a cluster without samples since the last read has no loss to log
+                    scalars[f"cluster/loss_{i}"] = float(means[i])
                 scalars[f"cluster/weight_{i}"] = float(weights[i])
                 scalars[f"cluster/count_{i}"] = float(counts[i])  # samples since the last read, all ranks
             scalars.update(balancer.log_scalars())
@@ -274,9 +293,11 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
                 scalars = {**self.read_scalars(), **memory_stats(self.device)}
                 last_scalars = self.monitor.step(self.step, scalars, t.global_batch_size)
-            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
-                check_skipped_fraction(self.stream.skipped, cfg.data.max_skipped_fraction, cfg.data.shards)
-                self.save()
+            elif not applied:  # a skipped step between two logged ones gets its own record (no loss in it)
+                self.monitor.record(self.step, {"skipped_steps": float(self.skipped_steps)})
+            if self.nonfinite_in_row >= t.max_nonfinite_steps:
+                self._stop_nonfinite()
+            self._checkpoint_if_due()
             if cfg.monitor.sample_every and self.step % cfg.monitor.sample_every == 0:
                 self.sample_grid()
                 self.log_loss_profile()
@@ -285,6 +306,25 @@ class Trainer:
         self.monitor.close()
         return last_scalars
 
+    def _checkpoint_if_due(self) -> None:
+        """Checkpoint every train.checkpoint_every steps and at the end. A checkpoint that falls on a step skipped
+        for a non-finite loss waits for the next step whose loss is finite, so that `latest` is always a
+        checkpoint whose last step was finite (the one the non-finite stop names)."""
+        t = self.cfg.train
+        on_schedule = self.step % t.checkpoint_every == 0
+        self.checkpoint_due = self.checkpoint_due or on_schedule
+        if not (self.checkpoint_due or self.step == t.max_steps):
+            return
+        if self.nonfinite_in_row and self.step < t.max_steps:
+            if on_schedule:
+                self.monitor_message(
+                    f"step {self.step}: checkpoint postponed to the next step with a finite loss"
+                )
+            return
+        check_skipped_fraction(self.stream.skipped, self.cfg.data.max_skipped_fraction, self.cfg.data.shards)
+        self.save()
+        self.checkpoint_due = False
+
     def _skipped(self) -> None:
         self.skipped_steps += 1
         self.nonfinite_in_row += 1
@@ -292,16 +332,21 @@ class Trainer:
             f"step {self.step}: non-finite loss on some rank, optimizer step skipped "
             f"({self.nonfinite_in_row} in a row, {self.skipped_steps} in total)"
         )
-        self.monitor.scalars(self.step, {"skipped_steps": self.skipped_steps})
-        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"stopping: {self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps="
-                f"{self.cfg.train.max_nonfinite_steps}); last complete checkpoint: {self._latest_text()}"
-            )
+
+    def _stop_nonfinite(self) -> None:
+        """Every rank stops with the same one line (the CLI prints it on rank 0, no traceback)."""
+        self.monitor.close()
+        raise NonFiniteLossError(
+            f"step {self.step}: stopping after {self.nonfinite_in_row} non-finite losses in a row "
+            f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); last complete checkpoint: "
+            f"{self._latest_text()} (a lower train.lr or train.grad_clip may help)"
+        )
 
     def _latest_text(self) -> str:
         tag = self.checkpointer.latest_tag()
-        return str(self.checkpointer.dir / tag) if tag else "none written yet"
+        if tag is None:
+            return "none written yet (a rerun starts from step 0)"
+        return f"{self.checkpointer.dir / tag} (a rerun resumes from it)"
 
     def log_loss_profile(self) -> None:
         """Loss vs t since the last call (all ranks' samples) as a TensorBoard image and PNG (rank 0)."""

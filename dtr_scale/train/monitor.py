@@ -186,11 +186,7 @@ class Monitor:
         if self.peak_flops:
             achieved = 3 * self.flops_per_sample * samples_per_step / seconds
             scalars["perf/mfu"] = achieved / (self.world_size * self.peak_flops)
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
-        if self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, step)
+        self.record(step, scalars)
         if self.bar is not None:
             self.bar.n = step
             remaining = (self.bar.total - step) * seconds
@@ -204,8 +200,19 @@ class Monitor:
             self.bar.refresh()
         return scalars
 
+    def record(self, step: int, values: dict[str, float]) -> None:
+        """Log a record of named float scalars at `step` to metrics.jsonl and TensorBoard alike (rank 0), without
+        the throughput figures of `step` (a skipped optimizer step between two logged ones)."""
+        if not self.active:
+            return
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        """Log named float scalars at `step` (TensorBoard and metrics.jsonl, rank 0)."""
+        """Log named float scalars at `step` to TensorBoard (rank 0)."""
         if self.active and self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)

@@ -263,7 +263,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps: steps, logging, checkpoints, in-loop grids and evals; returns the last
         logged scalars."""
-        from dtr_scale.train.monitor import Monitor, memory_stats, peak_flops_per_device
+        from dtr_scale.train.monitor import Monitor, peak_flops_per_device
 
         cfg, t = self.cfg, self.cfg.train
         self.monitor = Monitor(
@@ -282,29 +282,42 @@ class Trainer:
         self.engine.train()
         batches = self.stream.batches()  # epoch mode rolls over into the next, reshuffled epoch
         last_scalars: dict[str, float] = {}
-        while self.step < t.max_steps:
-            applied = self.train_step(batches)
-            self.step += 1
-            self.samples_seen += t.global_batch_size
-            if not applied:
-                self._skipped()
-            else:
-                self.nonfinite_in_row = 0
-            if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
-                scalars = {**self.read_scalars(), **memory_stats(self.device)}
-                last_scalars = self.monitor.step(self.step, scalars, t.global_batch_size)
-            elif not applied:  # a skipped step between two logged ones gets its own record (no loss in it)
-                self.monitor.record(self.step, {"skipped_steps": float(self.skipped_steps)})
-            if self.nonfinite_in_row >= t.max_nonfinite_steps:
-                self._stop_nonfinite()
-            self._checkpoint_if_due()
-            if cfg.monitor.sample_every and self.step % cfg.monitor.sample_every == 0:
-                self.sample_grid()
-                self.log_loss_profile()
-            if cfg.eval.every and self.step % cfg.eval.every == 0:
-                self.evaluate_in_loop()
-        self.monitor.close()
+        try:
+            while self.step < t.max_steps:
+                applied = self.train_step(batches)
+                self.step += 1
+                self.samples_seen += t.global_batch_size
+                last_scalars = self._log_step(applied) or last_scalars
+                self._checkpoint_if_due()
+                if cfg.monitor.sample_every and self.step % cfg.monitor.sample_every == 0:
+                    self.sample_grid()
+                    self.log_loss_profile()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.evaluate_in_loop()
+        finally:  # also when a run stops on an error: the progress bar ends, TensorBoard is flushed
+            self.monitor.close()
         return last_scalars
+
+    def _log_step(self, applied: bool) -> dict[str, float] | None:
+        """Count a skipped step, log the step's record when one is due (every train.log_every, the first and the
+        last; a skipped step between two logged ones gets a record of its own, without a loss), and stop after
+        train.max_nonfinite_steps skipped in a row. Returns the logged scalars of a full record."""
+        from dtr_scale.train.monitor import memory_stats
+
+        t = self.cfg.train
+        if not applied:
+            self._skipped()
+        else:
+            self.nonfinite_in_row = 0
+        logged = None
+        if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
+            scalars = {**self.read_scalars(), **memory_stats(self.device)}
+            logged = self.monitor.step(self.step, scalars, t.global_batch_size)
+        elif not applied:
+            self.monitor.record(self.step, {"skipped_steps": float(self.skipped_steps)})
+        if self.nonfinite_in_row >= t.max_nonfinite_steps:
+            self._stop_nonfinite()
+        return logged
 
     def _checkpoint_if_due(self) -> None:
         """Checkpoint every train.checkpoint_every steps and at the end. A checkpoint that falls on a step skipped
@@ -335,7 +348,6 @@ class Trainer:
 
     def _stop_nonfinite(self) -> None:
         """Every rank stops with the same one line (the CLI prints it on rank 0, no traceback)."""
-        self.monitor.close()
         raise NonFiniteLossError(
             f"step {self.step}: stopping after {self.nonfinite_in_row} non-finite losses in a row "
             f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); last complete checkpoint: "

@@ -239,12 +239,13 @@ class Monitor:
             print(text, flush=True)
 
     def close(self) -> None:
-        """Flush and close TensorBoard and the progress bar."""
+        """Flush and close TensorBoard and the progress bar (once; a second call does nothing)."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        self.bar = self.writer = None
 
 
 def cosine_image(gram: torch.Tensor, cell: int = 16) -> np.ndarray:

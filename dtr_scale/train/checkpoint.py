@@ -79,16 +79,18 @@ class TrainProgress:
 
 @dataclass
 class RunRecord:
-    """What the run is: its config (YAML text), ANT clusters and the package version. Restoring it checks
-    that the clusters the config gives now are those the checkpoint was trained with (CheckpointError)."""
+    """What the run is: its config (YAML text), ANT clusters, the identity of its data (train/resume.py's
+    data_fingerprint) and the package version. Restoring it checks that the clusters the config gives now are
+    those the checkpoint was trained with (CheckpointError)."""
 
     config_text: str
     clusters: list[tuple[int, int]] | None
+    data: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Config text, clusters as lists and the package version."""
+        """Config text, clusters as lists, data fingerprint and the package version."""
         clusters = [list(c) for c in self.clusters] if self.clusters else []
-        return {"config": self.config_text, "clusters": clusters, "version": __version__}
+        return {"config": self.config_text, "clusters": clusters, "data": self.data, "version": __version__}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check the saved clusters equal this run's (CheckpointError otherwise)."""

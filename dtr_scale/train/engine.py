@@ -18,13 +18,16 @@ from typing import Any
 
 import torch
 
+from dtr_scale.checkpoint_format import CHECKPOINTS_DIR, read_latest
 from dtr_scale.config import ConfigError, RunConfig, dump_yaml
 from dtr_scale.errors import NonFiniteLossError
 from dtr_scale.models.build import build_model
+from dtr_scale.train import resume
 from dtr_scale.train.build import build_balancer, build_optimizer, build_stream
 from dtr_scale.train.data_health import check_skipped_fraction, skipped_scalars
 from dtr_scale.train.plan import plan_run
 from dtr_scale.train.repa import build_repa, repa_active
+from dtr_scale.train.resume import ResumeChanges, check_config, data_fingerprint, keep_config
 from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
 from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
 
@@ -42,15 +45,16 @@ class Trainer:
                 "data.shards: set it to a manifest.json (e.g. from `dtr-scale prepare-builtin`)"
             )
         self._setup_runtime(cfg, user_ds_config)
+        # A resumed run's config is checked against the checkpoint's before anything is built or written.
+        tag = resume_tag or read_latest(self.run_dir / CHECKPOINTS_DIR)
+        changes = check_config(self.cfg, self.run_dir, tag, self.manifest) if tag is not None else None
         self._build_modules()
         self._build_engine()
         self._build_state()
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-        tag = resume_tag or self.checkpointer.latest_tag()
-        if tag is not None:
-            self._resume(tag)
+            keep_config(self.run_dir, self.cfg, changes)
+        if changes is not None:
+            self._resume(tag, changes)
 
     def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None) -> None:
         """Process group, device, the run plan for this world size (train/plan.py: layout, precision, DeepSpeed
@@ -144,7 +148,7 @@ class Trainer:
         self.checkpoint_due = False  # a checkpoint postponed by a non-finite step (_checkpoint_if_due)
         global_objects = {
             "progress": self.progress,
-            "run": RunRecord(dump_yaml(cfg), self.clusters),
+            "run": RunRecord(dump_yaml(cfg), self.clusters, data_fingerprint(self.manifest)),
             "balancer": BalancerState(self.engine.module.balancer),
         }
         rank_objects = {
@@ -177,10 +181,16 @@ class Trainer:
             self.monitor_message(f"saved checkpoint {self.checkpointer.dir / tag}")
         return tag
 
-    def _resume(self, tag: str) -> None:
+    def _resume(self, tag: str, changes: ResumeChanges) -> None:
+        """Load checkpoint `tag`, then apply this launch's LR schedule (a changed train.lr reaches the optimizer
+        and the scheduler: resume.reset_lr_schedule) and state each changed key in one line."""
+        base_lrs = list(self.scheduler.base_lrs)  # what this launch's config asks for, before the load
         self.checkpointer.load(tag)
+        resume.reset_lr_schedule(self.scheduler, base_lrs)
         if self.rank == 0:
             print(f"resumed from {self.checkpointer.dir / tag} at step {self.step}", flush=True)
+            for line in changes.applied:
+                print(f"resume: changed {line}", flush=True)
 
     def monitor_message(self, text: str) -> None:
         """A line to the progress bar / log on rank 0."""

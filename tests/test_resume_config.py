@@ -107,6 +107,16 @@ def test_the_same_shards_at_another_path_may_change_other_shards_may_not(tmp_pat
         check_config(_cfg(), tmp_path, "step00000007", _manifest("b" * 64))
 
 
+def test_changes_that_may_happen_are_stated_one_line_each(tmp_path):
+    _checkpoint(tmp_path, _cfg(), data_fingerprint(_manifest()))
+    changes = check_config(_cfg("train.global_batch_size=256", "train.lr=5e-4", "monitor.sample_every=50",
+                                "train.max_steps=3e3"), tmp_path, "step00000007", _manifest())  # fmt: skip
+    assert [line.split(" (")[0] for line in changes.applied] == [
+        "train.max_steps: 2000 -> 3000", "train.global_batch_size: 128 -> 256", "train.lr: 0.001 -> 0.0005",
+        "monitor.sample_every: 1000 -> 50"]  # fmt: skip
+    assert changes.step == 7 and changes.saved_config_text == dump_yaml(_cfg())
+
+
 def test_a_checkpoint_without_a_data_fingerprint_compares_the_path(tmp_path):
     _checkpoint(tmp_path, _cfg(), None)  # written before fingerprints
     assert check_config(_cfg(), tmp_path, "step00000007", _manifest("c" * 64)).applied == []
@@ -147,37 +157,34 @@ def test_reset_lr_schedule_gives_the_new_lr_at_the_checkpoints_position():
 
 # ------------------------------------------------------------------------------- as a user runs it
 
-STEPS = ["train.warmup_steps=0", "train.global_batch_size=8", "train.checkpoint_every=3", "train.max_steps=3"]
+STEPS = ["train.warmup_steps=0", "train.global_batch_size=8", "train.checkpoint_every=1", "train.max_steps=4"]
 
 
-@pytest.fixture
-def trained_to_step_3(tmp_path, builtin_data) -> Path:
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_to_step_4(tmp_path_factory, builtin_data) -> Path:
+    """A run of 4 steps with its checkpoints at steps 3 and 4 (the tests copy it, or check it is left alone)."""
+    run_dir = tmp_path_factory.mktemp("resume") / "run"
     run_ranks(train_args(run_dir, builtin_data["train"], *STEPS), world_size=1)
     return run_dir
 
 
 @pytest.mark.multiprocess
-def test_a_changed_lr_and_schedule_reach_the_optimizer_on_resume(tmp_path, builtin_data, trained_to_step_3):
-    # Step 4 from the same checkpoint, once as saved and once with lr 0.002 and a linear decay to step 5: the same
-    # weights, Adam moments and gradient, so AdamW's update (lr x m_hat / (sqrt(v_hat) + eps), no weight decay)
-    # scales by the ratio of the LRs used at step 4: 0.002 x (5 - 3) / 5 = 0.0008 against 0.001. (Before the fix the
-    # checkpoint's LR 0.001 came back: ratio 1.)
-    manifest = builtin_data["train"]
-    same, changed = tmp_path / "same", tmp_path / "changed"
-    shutil.copytree(trained_to_step_3, same)
-    shutil.copytree(trained_to_step_3, changed)
-    run_ranks(
-        train_args(same, manifest, *STEPS, "train.max_steps=4", "train.checkpoint_every=1"), world_size=1
-    )
-    out = run_ranks(train_args(changed, manifest, *STEPS, "train.max_steps=5", "train.checkpoint_every=1",
-                               "train.lr=2e-3", "train.lr_schedule=linear"), world_size=1)[0].stdout  # fmt: skip
+def test_a_changed_lr_and_schedule_reach_the_optimizer_on_resume(tmp_path, builtin_data, trained_to_step_4):
+    # Step 4 from the checkpoint of step 3, once as trained and once resumed with lr 0.002 and a linear decay to
+    # step 5: the same weights, Adam moments and gradient, so AdamW's update (lr x m_hat / (sqrt(v_hat) + eps), no
+    # weight decay) scales by the ratio of the LRs used at step 4: 0.002 x (5 - 3) / 5 = 0.0008 against 0.001.
+    # (Before the fix the checkpoint's LR 0.001 came back: ratio 1.)
+    straight, changed = trained_to_step_4, tmp_path / "changed"
+    shutil.copytree(straight, changed)
+    args = train_args(changed, builtin_data["train"], *STEPS, "train.max_steps=5", "train.lr=2e-3",
+                      "train.lr_schedule=linear", "--resume", "step00000003")  # fmt: skip
+    out = run_ranks(args, world_size=1)[0].stdout
     said = [line for line in out.splitlines() if line.startswith("resume: changed")]
     assert [line.removeprefix("resume: changed ").split(":")[0] for line in said] == [
-        "run_dir", "train.max_steps", "train.lr", "train.lr_schedule", "train.checkpoint_every"]  # fmt: skip
+        "run_dir", "train.max_steps", "train.lr", "train.lr_schedule"]  # fmt: skip
     assert "resume: changed train.lr: 0.001 -> 0.002 (" in out
-    w3 = final_weights(trained_to_step_3, "step00000003")
-    w_same, w_changed = final_weights(same, "step00000004"), final_weights(changed, "step00000004")
+    w3 = final_weights(straight, "step00000003")
+    w_same, w_changed = final_weights(straight, "step00000004"), final_weights(changed, "step00000004")
     eps = torch.finfo(torch.float32).eps
     moved = 0.0
     for key in w3:
@@ -192,12 +199,12 @@ def test_a_changed_lr_and_schedule_reach_the_optimizer_on_resume(tmp_path, built
     assert lr == pytest.approx({1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 2e-3 * (5 - 4) / 5, 5: 0.0})
     assert "lr: 0.002\n" in (changed / "config.yaml").read_text()
     kept = (changed / "config.step00000003.yaml").read_text()
-    assert kept == (trained_to_step_3 / "config.yaml").read_text() and "lr: 0.001\n" in kept
+    assert kept == (straight / "config.yaml").read_text() and "lr: 0.001\n" in kept
 
 
 @pytest.mark.multiprocess
-def test_a_refused_change_is_one_line_and_writes_nothing(builtin_data, trained_to_step_3):
-    run_dir = trained_to_step_3
+def test_a_refused_change_is_one_line_and_writes_nothing(builtin_data, trained_to_step_4):
+    run_dir = trained_to_step_4
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     args = train_args(run_dir, builtin_data["train"], *STEPS, "train.max_steps=6", "model.depth=3",
                       "routing.beta=0.5", "train.lr=1e-4")  # fmt: skip
@@ -205,7 +212,7 @@ def test_a_refused_change_is_one_line_and_writes_nothing(builtin_data, trained_t
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert errors == [
-        f"dtr-scale train: error: {run_dir} resumes from {run_dir}/checkpoints/step00000003 (step 3), where these "
+        f"dtr-scale train: error: {run_dir} resumes from {run_dir}/checkpoints/step00000004 (step 4), where these "
         "keys cannot change: model.depth 2 -> 3; routing.beta 0.8 -> 0.5. Set them back, or train them in a new "
         "run_dir (what may change on resume: docs/resume.md)"
     ]

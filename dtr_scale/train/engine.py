@@ -3,12 +3,14 @@
 Works as a plain single process, under `torchrun`, under the `deepspeed` launcher (hostfile,
 `--module dtr_scale`), and under SLURM (`srun`: SLURM_* variables are mapped to the torch ones); the CLI is
 train/cli.py. Ranks are always the GLOBAL rank / world size of torch.distributed. A Trainer on an existing
-`run_dir` resumes from `checkpoints/latest` (or the tag it is given).
+`run_dir` resumes from `checkpoints/latest` (or the tag it is given), after its config is checked against the
+checkpoint's (train/resume.py: what may change on resume is applied, the rest refused; docs/resume.md).
 
 Each optimizer step (train/step.py): the step's timesteps drawn up front, then per micro-batch
 (x, y) from the stream, noise from the seeded generator, per-sample diffusion loss -> ANT cluster losses ->
 balancer -> engine.backward / engine.step; then the fp32 EMA update, logging every train.log_every and
-checkpoints every train.checkpoint_every.
+checkpoints every train.checkpoint_every (train/cadence.py, which also handles steps skipped for non-finite
+losses).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from dtr_scale.errors import NonFiniteLossError
 from dtr_scale.models.build import build_model
 from dtr_scale.train import resume
 from dtr_scale.train.build import build_balancer, build_optimizer, build_stream
-from dtr_scale.train.data_health import check_skipped_fraction, skipped_scalars
+from dtr_scale.train.cadence import checkpoint_if_due, latest_text, log_step
+from dtr_scale.train.data_health import skipped_scalars
 from dtr_scale.train.plan import plan_run
 from dtr_scale.train.repa import build_repa, repa_active
 from dtr_scale.train.resume import ResumeChanges, check_config, data_fingerprint, keep_config
@@ -145,7 +148,7 @@ class Trainer:
         )
         self.progress = TrainProgress()
         self.nonfinite_in_row = 0
-        self.checkpoint_due = False  # a checkpoint postponed by a non-finite step (_checkpoint_if_due)
+        self.checkpoint_due = False  # a checkpoint postponed by a non-finite step (cadence.py)
         global_objects = {
             "progress": self.progress,
             "run": RunRecord(dump_yaml(cfg), self.clusters, data_fingerprint(self.manifest)),
@@ -221,7 +224,7 @@ class Trainer:
             applied = self._step(batches, gram)
         except NonFiniteLossError as err:
             raise NonFiniteLossError(
-                f"step {self.step + 1}: {err}; last complete checkpoint: {self._latest_text()}"
+                f"step {self.step + 1}: {err}; last complete checkpoint: {latest_text(self.checkpointer)}"
             ) from None
         if applied:
             self.ema.update()
@@ -297,8 +300,8 @@ class Trainer:
                 applied = self.train_step(batches)
                 self.step += 1
                 self.samples_seen += t.global_batch_size
-                last_scalars = self._log_step(applied) or last_scalars
-                self._checkpoint_if_due()
+                last_scalars = log_step(self, applied) or last_scalars
+                checkpoint_if_due(self)
                 if cfg.monitor.sample_every and self.step % cfg.monitor.sample_every == 0:
                     self.sample_grid()
                     self.log_loss_profile()
@@ -307,68 +310,6 @@ class Trainer:
         finally:  # also when a run stops on an error: the progress bar ends, TensorBoard is flushed
             self.monitor.close()
         return last_scalars
-
-    def _log_step(self, applied: bool) -> dict[str, float] | None:
-        """Count a skipped step, log the step's record when one is due (every train.log_every, the first and the
-        last; a skipped step between two logged ones gets a record of its own, without a loss), and stop after
-        train.max_nonfinite_steps skipped in a row. Returns the logged scalars of a full record."""
-        from dtr_scale.train.monitor import memory_stats
-
-        t = self.cfg.train
-        if not applied:
-            self._skipped()
-        else:
-            self.nonfinite_in_row = 0
-        logged = None
-        if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
-            scalars = {**self.read_scalars(), **memory_stats(self.device)}
-            logged = self.monitor.step(self.step, scalars, t.global_batch_size)
-        elif not applied:
-            self.monitor.record(self.step, {"skipped_steps": float(self.skipped_steps)})
-        if self.nonfinite_in_row >= t.max_nonfinite_steps:
-            self._stop_nonfinite()
-        return logged
-
-    def _checkpoint_if_due(self) -> None:
-        """Checkpoint every train.checkpoint_every steps and at the end. A checkpoint that falls on a step skipped
-        for a non-finite loss waits for the next step whose loss is finite, so that `latest` is always a
-        checkpoint whose last step was finite (the one the non-finite stop names)."""
-        t = self.cfg.train
-        on_schedule = self.step % t.checkpoint_every == 0
-        self.checkpoint_due = self.checkpoint_due or on_schedule
-        if not (self.checkpoint_due or self.step == t.max_steps):
-            return
-        if self.nonfinite_in_row and self.step < t.max_steps:
-            if on_schedule:
-                self.monitor_message(
-                    f"step {self.step}: checkpoint postponed to the next step with a finite loss"
-                )
-            return
-        check_skipped_fraction(self.stream.skipped, self.cfg.data.max_skipped_fraction, self.cfg.data.shards)
-        self.save()
-        self.checkpoint_due = False
-
-    def _skipped(self) -> None:
-        self.skipped_steps += 1
-        self.nonfinite_in_row += 1
-        self.monitor.message(
-            f"step {self.step}: non-finite loss on some rank, optimizer step skipped "
-            f"({self.nonfinite_in_row} in a row, {self.skipped_steps} in total)"
-        )
-
-    def _stop_nonfinite(self) -> None:
-        """Every rank stops with the same one line (the CLI prints it on rank 0, no traceback)."""
-        raise NonFiniteLossError(
-            f"step {self.step}: stopping after {self.nonfinite_in_row} non-finite losses in a row "
-            f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); last complete checkpoint: "
-            f"{self._latest_text()} (a lower train.lr or train.grad_clip may help)"
-        )
-
-    def _latest_text(self) -> str:
-        tag = self.checkpointer.latest_tag()
-        if tag is None:
-            return "none written yet (a rerun starts from step 0)"
-        return f"{self.checkpointer.dir / tag} (a rerun resumes from it)"
 
     def log_loss_profile(self) -> None:
         """Loss vs t since the last call (all ranks' samples) as a TensorBoard image and PNG (rank 0)."""

@@ -217,3 +217,23 @@ def test_a_refused_change_is_one_line_and_writes_nothing(builtin_data, trained_t
         "run_dir (what may change on resume: docs/resume.md)"
     ]
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # config.yaml included
+
+
+@pytest.mark.multiprocess
+def test_a_larger_global_batch_is_applied_with_gradient_accumulation(
+    tmp_path, builtin_data, trained_to_step_4
+):
+    # 8 per step until the checkpoint at step 4, then 16 (two micro-batches of 8, the micro-batch the data stream
+    # was saved with): step 5 trains on 16 samples and the run has seen 4 x 8 + 16 = 48.
+    from dtr_scale.checkpoint_format import read_state_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_to_step_4, run_dir)
+    args = train_args(run_dir, builtin_data["train"], *STEPS, "train.max_steps=5", "train.global_batch_size=16",
+                      "train.micro_batch_size=8")  # fmt: skip
+    out = run_ranks(args, world_size=1)[0].stdout
+    assert "resume: changed train.global_batch_size: 8 -> 16 (" in out
+    last = read_metrics(run_dir)[-1]
+    assert last["step"] == 5 and sum(last[f"cluster/count_{i}"] for i in range(4)) == 16
+    state = read_state_file(run_dir / "checkpoints/step00000005/dtr_scale/global.safetensors")
+    assert state["progress"]["samples_seen"] == 48

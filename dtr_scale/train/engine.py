@@ -54,10 +54,10 @@ class Trainer:
         self._build_modules()
         self._build_engine()
         self._build_state()
-        if self.rank == 0:
-            keep_config(self.run_dir, self.cfg, changes)
         if changes is not None:
             self._resume(tag, changes)
+        if self.rank == 0:  # only now: a checkpoint that does not load leaves config.yaml as it was
+            keep_config(self.run_dir, self.cfg, changes)
 
     def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None) -> None:
         """Process group, device, the run plan for this world size (train/plan.py: layout, precision, DeepSpeed

@@ -4,6 +4,7 @@ NaN steps logged as a perfect loss, then a raw FloatingPointError traceback)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -52,41 +53,53 @@ def test_two_process_diverging_run_counts_skipped_steps_and_stops_in_one_line(tm
 
 
 POISON_SCRIPT = r"""
-import sys
+import json, sys
 from dtr_scale.config import load_config
 from dtr_scale.train.engine import Trainer
 cfg = load_config(sys.argv[1], sys.argv[2:])
 tr = Trainer(cfg)
 losses = tr.engine.module.diffusion.training_losses
 calls = {"n": 0}
-def poisoned(*args, **kwargs):  # the micro-batches of steps 2 and 3 (one each) give a NaN loss
+def poisoned(*args, **kwargs):  # two micro-batches a step: the second of step 2 and the first of step 3 are NaN
     calls["n"] += 1
     out = losses(*args, **kwargs)
-    if calls["n"] in (2, 3):
+    if calls["n"] in (4, 5):
         out["loss"] = out["loss"] * float("nan")
     return out
 tr.engine.module.diffusion.training_losses = poisoned
+seen = []  # what each micro-batch fed the logged sums: step, objective, mean per-sample loss, mean MSE
+add = tr.log_sums.add
+def record(loss, mse, finite, repa=None):
+    seen.append([tr.step + 1, float(loss), float(tr.cluster_buffer_last), float(mse.double().mean())])
+    add(loss, mse, finite, repa)
+tr.log_sums.add = record
+buffer_add = tr.cluster_buffer.add
+def keep(per_sample, cluster_idx, t=None):
+    tr.cluster_buffer_last = per_sample.double().mean()
+    buffer_add(per_sample, cluster_idx, t)
+tr.cluster_buffer.add = keep
 tr.fit()
+print("SEEN", json.dumps(seen))
 """
 
 
 def test_logged_losses_are_means_over_the_applied_steps_only(tmp_path, builtin_data):
-    # The same poisoned run logged every step and every third step: a record's loss must be the mean over the
-    # applied steps of its window (what the every-step log gives for each), a skipped step between two
-    # records gets a record of its own with the counter and no loss.
-    def run(name: str, log_every: int) -> list[dict]:
-        args = train_args(tmp_path / name, builtin_data["train"], "train.max_steps=5", "train.global_batch_size=8",
-                          "train.checkpoint_every=100", f"train.log_every={log_every}")  # fmt: skip
-        run_ranks(["-c", POISON_SCRIPT, *args[4:]], world_size=1)
-        return read_metrics(tmp_path / name)
-
-    every = {m["step"]: m for m in run("every", 1)}
-    third = {m["step"]: m for m in run("third", 3)}
-    assert [every[s]["skipped_steps"] for s in range(1, 6)] == [0, 1, 2, 2, 2]
-    assert all(k not in every[s] for s in (2, 3) for k in LOSS_KEYS)
-    assert sorted(third) == [1, 2, 3, 5]
-    assert third[2] == {"step": 2, "skipped_steps": 1.0}  # its own record: the counter, no loss
-    assert third[3]["skipped_steps"] == 2 and not any(k in third[3] for k in LOSS_KEYS)
-    for key in LOSS_KEYS:  # steps 4 and 5, one micro-batch each; the skipped ones are not in the mean
-        assert third[5][key] == pytest.approx((every[4][key] + every[5][key]) / 2, rel=1e-12)
-    assert third[1]["loss/mean"] == every[1]["loss/mean"]
+    # Steps 2 and 3 each have one NaN and one finite micro-batch (of two), so both are skipped; records every third
+    # step. A record's losses must be the means over the applied steps of its window, computed here from what each
+    # micro-batch fed the sums: the finite halves of the skipped steps were not trained on and must not count. A
+    # skipped step between two records gets a record of its own with the counter and no loss.
+    args = train_args(tmp_path, builtin_data["train"], "train.max_steps=5", "train.global_batch_size=16",
+                      "train.checkpoint_every=100", "train.log_every=3")  # fmt: skip
+    out = run_ranks(["-c", POISON_SCRIPT, *args[4:]], world_size=1)[0].stdout
+    seen = json.loads(next(line for line in out.splitlines() if line.startswith("SEEN "))[5:])
+    assert [s[0] for s in seen] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert [math.isnan(s[1]) for s in seen[2:6]] == [False, True, True, False]
+    records = {m["step"]: m for m in read_metrics(tmp_path)}
+    assert sorted(records) == [1, 2, 3, 5]
+    assert records[2] == {"step": 2, "skipped_steps": 1.0}  # its own record: the counter, no loss
+    assert records[3]["skipped_steps"] == 2 and not any(k in records[3] for k in LOSS_KEYS)
+    for column, key in enumerate(("loss/objective", "loss/mean", "loss/mse_rank0"), start=1):
+        assert records[1][key] == pytest.approx(sum(s[column] for s in seen[:2]) / 2, rel=1e-6)
+        # the four micro-batches (8 samples each) of steps 4 and 5; none of the skipped steps 2 and 3
+        assert records[5][key] == pytest.approx(sum(s[column] for s in seen[6:]) / 4, rel=1e-6)
+    assert records[5]["skipped_steps"] == 2

@@ -24,13 +24,18 @@ from dtr_scale.checkpoint_format import CHECKPOINTS_DIR, read_latest
 from dtr_scale.config import ConfigError, RunConfig, dump_yaml
 from dtr_scale.errors import NonFiniteLossError
 from dtr_scale.models.build import build_model
-from dtr_scale.train import resume
 from dtr_scale.train.build import build_balancer, build_optimizer, build_stream
 from dtr_scale.train.cadence import checkpoint_if_due, latest_text, log_step
 from dtr_scale.train.data_health import skipped_scalars
 from dtr_scale.train.plan import plan_run
 from dtr_scale.train.repa import build_repa, repa_active
-from dtr_scale.train.resume import ResumeChanges, check_config, data_fingerprint, keep_config
+from dtr_scale.train.resume import (
+    ResumeChanges,
+    check_config,
+    data_fingerprint,
+    keep_config,
+    reset_lr_schedule,
+)
 from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
 from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
 
@@ -186,10 +191,10 @@ class Trainer:
 
     def _resume(self, tag: str, changes: ResumeChanges) -> None:
         """Load checkpoint `tag`, then apply this launch's LR schedule (a changed train.lr reaches the optimizer
-        and the scheduler: resume.reset_lr_schedule) and state each changed key in one line."""
+        and the scheduler: train/resume.py) and state each changed key in one line."""
         base_lrs = list(self.scheduler.base_lrs)  # what this launch's config asks for, before the load
         self.checkpointer.load(tag)
-        resume.reset_lr_schedule(self.scheduler, base_lrs)
+        reset_lr_schedule(self.scheduler, base_lrs)
         if self.rank == 0:
             print(f"resumed from {self.checkpointer.dir / tag} at step {self.step}", flush=True)
             for line in changes.applied:
@@ -221,7 +226,17 @@ class Trainer:
         gram = self._gram_update if balancer.should_update(self.step) else None
         marks = self.log_sums.mark(), self.cluster_buffer.mark()
         try:
-            applied = self._step(batches, gram)
+            applied = train_step(
+                self.engine,
+                batches,
+                self.timestep_sampler,
+                self.generator,
+                self.plan,
+                self.cluster_buffer,
+                self.log_sums,
+                gram,
+                self.repa_features if repa_active(self.cfg, self.step) else None,
+            )
         except NonFiniteLossError as err:
             raise NonFiniteLossError(
                 f"step {self.step + 1}: {err}; last complete checkpoint: {latest_text(self.checkpointer)}"
@@ -231,20 +246,6 @@ class Trainer:
         else:
             self.log_sums.rollback(marks[0])
             self.cluster_buffer.rollback(marks[1])
-        return applied
-
-    def _step(self, batches, gram) -> bool:
-        applied = train_step(
-            self.engine,
-            batches,
-            self.timestep_sampler,
-            self.generator,
-            self.plan,
-            self.cluster_buffer,
-            self.log_sums,
-            gram,
-            self.repa_features if repa_active(self.cfg, self.step) else None,
-        )
         return applied
 
     def read_scalars(self) -> dict[str, float]:

@@ -182,3 +182,25 @@ def test_a_run_that_fills_its_disk_stops_in_one_line_with_latest_intact(tmp_path
         assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000002"]
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_metrics_record_the_disk_refuses_is_one_line_and_training_goes_on(tmp_path, capsys):
+    # Records are written every log_every, checkpoints rarely: a full disk meets metrics.jsonl first. Rank 0 alone
+    # must not die there (the others would wait in their next collective); the next checkpoint stops the run.
+    from dtr_scale.train.monitor import Monitor
+
+    monitor = Monitor(tmp_path, 0, 1, 10, 1.0, None, tensorboard=False, progress=False)
+    monitor.record(1, {"loss/mean": 0.5})
+    (tmp_path / "metrics.jsonl").rename(tmp_path / "kept.jsonl")
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    monitor.record(2, {"loss/mean": 0.4})
+    monitor.record(3, {"loss/mean": 0.3})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"{tmp_path}/metrics.jsonl: the record of step 2 was not written (No space left on device); training "
+        "goes on, and the next checkpoint stops the run if the disk is full"
+    ]
+    (tmp_path / "metrics.jsonl").unlink()
+    monitor.record(4, {"loss/mean": 0.2})
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 4, "loss/mean": 0.2}\n'
+    assert monitor.metrics_failing is False

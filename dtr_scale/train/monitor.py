@@ -128,6 +128,7 @@ class Monitor:
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self._last_time = time.perf_counter()
         self._last_step = start_step
+        self.metrics_failing = False  # the last metrics.jsonl record could not be written (record())
         if not self.active:
             return
         self._truncate_metrics(start_step)
@@ -205,8 +206,21 @@ class Monitor:
         the throughput figures of `step` (a skipped optimizer step between two logged ones)."""
         if not self.active:
             return
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+        line = json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n"
+        try:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(line)
+        except (
+            OSError
+        ) as err:  # a full disk: rank 0 alone must not die here, with the other ranks left waiting
+            if not self.metrics_failing:  # one line per streak of failed records
+                self.message(
+                    f"{self.metrics_path}: the record of step {step} was not written ({err.strerror or err}); "
+                    "training goes on, and the next checkpoint stops the run if the disk is full"
+                )
+            self.metrics_failing = True
+        else:
+            self.metrics_failing = False
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)

@@ -116,6 +116,7 @@ def test_deepspeeds_writer_keeps_the_os_error_of_a_full_device(tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_process_disk_full_on_one_rank_stops_every_rank_and_latest_stays(tmp_path, builtin_data):
     run_dir = tmp_path / "run"
     # rank 1's optimizer partition of step 4 lands on a device that is always full; step 2's is written as usual

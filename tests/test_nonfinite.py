@@ -12,7 +12,7 @@ from distributed import run_ranks
 from test_cli_errors import _ranks
 from test_train_distributed import read_metrics, train_args
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 LOSS_KEYS = ("loss/mean", "loss/objective", "loss/mse_rank0")
 

@@ -169,6 +169,7 @@ def trained_to_step_4(tmp_path_factory, builtin_data) -> Path:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_changed_lr_and_schedule_reach_the_optimizer_on_resume(tmp_path, builtin_data, trained_to_step_4):
     # Step 4 from the checkpoint of step 3, once as trained and once resumed with lr 0.002 and a linear decay to
     # step 5: the same weights, Adam moments and gradient, so AdamW's update (lr x m_hat / (sqrt(v_hat) + eps), no

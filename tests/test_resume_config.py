@@ -171,15 +171,29 @@ def trained_to_step_4(tmp_path_factory, builtin_data) -> Path:
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_changed_lr_and_schedule_reach_the_optimizer_on_resume(tmp_path, builtin_data, trained_to_step_4):
+    _check_new_lr_reaches_the_optimizer(trained_to_step_4, tmp_path / "changed", builtin_data["train"], 1)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.minutes  # two more two-process runs; ZeRO-2 at world 1 above is the same path in `make test`
+def test_two_process_zero3_changed_lr_reaches_the_partitioned_optimizer(tmp_path, builtin_data):
+    straight = tmp_path / "straight"
+    zero3 = ["deepspeed.zero_stage=3", "train.micro_batch_size=4"]  # 8 = 4 per rank x 2
+    run_ranks(train_args(straight, builtin_data["train"], *STEPS, *zero3), world_size=2)
+    _check_new_lr_reaches_the_optimizer(straight, tmp_path / "changed", builtin_data["train"], 2, *zero3)
+
+
+def _check_new_lr_reaches_the_optimizer(
+    straight: Path, changed: Path, manifest: Path, world: int, *extra: str
+):
     # Step 4 from the checkpoint of step 3, once as trained and once resumed with lr 0.002 and a linear decay to
     # step 5: the same weights, Adam moments and gradient, so AdamW's update (lr x m_hat / (sqrt(v_hat) + eps), no
     # weight decay) scales by the ratio of the LRs used at step 4: 0.002 x (5 - 3) / 5 = 0.0008 against 0.001.
     # (Before the fix the checkpoint's LR 0.001 came back: ratio 1.)
-    straight, changed = trained_to_step_4, tmp_path / "changed"
     shutil.copytree(straight, changed)
-    args = train_args(changed, builtin_data["train"], *STEPS, "train.max_steps=5", "train.lr=2e-3",
+    args = train_args(changed, manifest, *STEPS, *extra, "train.max_steps=5", "train.lr=2e-3",
                       "train.lr_schedule=linear", "--resume", "step00000003")  # fmt: skip
-    out = run_ranks(args, world_size=1)[0].stdout
+    out = run_ranks(args, world_size=world)[0].stdout
     said = [line for line in out.splitlines() if line.startswith("resume: changed")]
     assert [line.removeprefix("resume: changed ").split(":")[0] for line in said] == [
         "run_dir", "train.max_steps", "train.lr", "train.lr_schedule"]  # fmt: skip

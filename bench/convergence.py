@@ -285,8 +285,10 @@ def train_seconds_at(metrics_path: Path) -> dict[int, float]:
     seconds, last_step, out = 0.0, 0, {}
     for line in metrics_path.read_text().splitlines():
         row = json.loads(line)
+        if "perf/step_time_s" not in row:  # a skipped step's own record: its time is in the next full one
+            continue
         step = int(row["step"])
-        seconds += float(row.get("perf/step_time_s", 0.0)) * (step - last_step)
+        seconds += float(row["perf/step_time_s"]) * (step - last_step)
         last_step = step
         out[step] = seconds
     return out

@@ -214,8 +214,10 @@ def train_seconds_at(metrics_path: Path) -> dict[int, float]:
     """step -> cumulative seconds of optimizer steps (perf/step_time_s x log interval), from metrics.jsonl."""
     seconds, last_step, out = 0.0, 0, {}
     for row in read_metrics(metrics_path):
+        if "perf/step_time_s" not in row:  # a skipped step's own record: its time is in the next full one
+            continue
         step = int(row["step"])
-        seconds += float(row.get("perf/step_time_s", 0.0)) * (step - last_step)
+        seconds += float(row["perf/step_time_s"]) * (step - last_step)
         last_step = step
         out[step] = seconds
     return out

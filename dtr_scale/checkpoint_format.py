@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dtr_scale.errors import CheckpointError
@@ -88,11 +90,18 @@ def join_state(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def write_state_file(path: Path, state: dict[str, Any]) -> None:
-    """Write a nested state to one safetensors file, atomically (tmp + fsync + rename)."""
+    """Write a nested state to one safetensors file, atomically (tmp + fsync + rename); OSError (with its errno)
+    when the file system refuses the write."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = split_state(state, tensors)
     with atomic_path(path, durable=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"state": json.dumps(skeleton)})
+        try:
+            save_file(tensors, str(tmp), metadata={"state": json.dumps(skeleton)})
+        except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors: give the errno back
+            code = re.search(r"\(os error (\d+)\)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def read_state_file(path: Path) -> dict[str, Any]:

@@ -69,14 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, OSError) as err:
         if os.environ.get("DTR_SCALE_DEBUG"):
             raise
-        # One line on rank 0 (every rank usually meets the same error); exit 2 everywhere.
+        # One line on rank 0 (every rank usually meets the same error; an error with `every_rank` set is
+        # printed by the rank that met it too); exit 2 everywhere.
         from dtr_scale.distributed import launcher_ranks
 
         try:
             rank = launcher_ranks()[0]
         except ValueError:  # a malformed RANK: still say what went wrong
             rank = 0
-        if rank == 0:
+        if rank == 0 or getattr(err, "every_rank", False):  # e.g. a disk full on one node: that rank says so
             print(f"dtr-scale {args.command}: error: {err}", file=sys.stderr, flush=True)
         return 2
 

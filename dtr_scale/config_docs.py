@@ -177,6 +177,11 @@ def reference_markdown() -> str:
         "Generated from dtr_scale/config/schema.py and dtr_scale/config_docs.py "
         "(`python -m dtr_scale.config_docs > docs/config.md`); a test keeps it current.",
         "",
+        "Numbers are read as YAML 1.2 reads them, in config files and `key=value` overrides alike: `1e-4`, "
+        "`3e5`, `1E-4`, `-1e-4` and `.5e-3` are floats (YAML 1.1, PyYAML's default, reads them as strings). A key "
+        "of type `int` takes an integral number in any spelling (`train.max_steps=3e5` is 300000) and refuses "
+        "a fractional one (`2.5`). Which keys may change when a run resumes: docs/resume.md.",
+        "",
         "| key | type | default | unit | meaning |",
         "|---|---|---|---|---|",
     ]

@@ -16,3 +16,8 @@ class UserError(Exception):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed as asked (incomplete, unsafe, other world size or clusters)."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training stopped on non-finite losses (train.max_nonfinite_steps in a row, or one that DeepSpeed applied);
+    the message names the step and the last complete checkpoint to resume from."""

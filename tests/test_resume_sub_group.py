@@ -34,11 +34,11 @@ def test_zero3_resume_with_another_sub_group_size_names_the_key_and_the_override
     refused = _train([*resumed, "deepspeed.sub_group_size=4000"])
     assert refused.returncode == 2, refused.stdout + refused.stderr
     errors = [line for line in refused.stderr.splitlines() if "error:" in line]
-    assert errors == [
-        "dtr-scale train: error: checkpoint step00000002 was saved with deepspeed.sub_group_size=1000 "
-        "(ZeRO-3 partitions the optimizer state by it); this run has 4000: resume with the override "
-        "deepspeed.sub_group_size=1000"
-    ], refused.stderr
+    assert len(errors) == 1, refused.stderr
+    # the key, the saved and the new value, and the override that resumes, in one line (the generic resume check
+    # of dtr_scale/train/resume.py; its ZeRO-3 twin in checkpoint.py covers checkpoints saved before the key)
+    assert "deepspeed.sub_group_size 1000 -> 4000" in errors[0], errors
+    assert "the overrides that resume: deepspeed.sub_group_size=1000)" in errors[0], errors
 
     again = _train([*resumed, "deepspeed.sub_group_size=1000"])
     assert again.returncode == 0, again.stdout + again.stderr

@@ -285,7 +285,7 @@ def test_nonfinite_loss_skips_the_step_visibly_then_stops(tmp_path, builtin_data
         f"train.precision={precision}",
     )
     out = run_ranks(["-c", NAN_SCRIPT, *base[4:]], world_size=1)[0].stdout
-    assert "STOPPED stopping: 2 non-finite losses in a row" in out
+    assert "STOPPED step 2: stopping after 2 non-finite losses in a row" in out
 
 
 def test_deepspeed_launcher_module_mode_two_ranks(tmp_path, builtin_data):

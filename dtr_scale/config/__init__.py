@@ -5,9 +5,11 @@ One source of truth: every knob of a run lives in `RunConfig`; the DeepSpeed JSO
 types and impossible combinations are errors that name the key, raised before any work starts.
 
   schema.py          the dataclasses (one per YAML section), `ConfigError`, `dump_yaml`
-  loading.py         YAML + overrides -> a validated `RunConfig` (`load_config`, `config_from_dict`)
+  loading.py         YAML (1.2 numbers: 1e-4) + overrides -> a validated `RunConfig` (`load_config`,
+                     `config_from_dict`)
   validation.py      checks that need no world size, data or device (`validate`, `stratifies`)
   deepspeed_json.py  batch layout, precision and the DeepSpeed JSON for a world size and device
+  changes.py         which keys may change when a run resumes (the rest is refused), and config diffs
 """
 
 from dtr_scale.config.deepspeed_json import (

@@ -17,7 +17,9 @@ from dtr_scale.config.validation import validate
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys (plain YAML silently keeps the last one)."""
+    """yaml.SafeLoader that refuses duplicate keys (plain YAML silently keeps the last one) and reads numbers as
+    YAML 1.2 does: PyYAML follows YAML 1.1, whose float needs a dot and a signed exponent, so `1e-4`, `3e5`,
+    `1E-4` and `-.5` were strings there (and `lr: 1e-4`, the way papers write it, was refused)."""
 
 
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -31,6 +33,21 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+# The YAML 1.2 core schema's float (yaml.org/spec/1.2.2, 10.3.2), restricted to what YAML 1.1 reads as a string:
+# an exponent with or without a dot or exponent sign (1e-4, 3e5, 1E-4, 1.0e4, .5e-3), or a leading dot after a
+# sign (-.5). Appended after PyYAML's own resolvers, so ints (1000, 0x10) and 1.1 floats (1.5, .inf) are
+# resolved as before; SafeLoader's float constructor (Python's float()) then reads the text.
+_YAML12_FLOAT = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+|[-+]\.[0-9][0-9_]*)$"
+)
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+.0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML text: safe (no Python objects), duplicate keys refused (ConfigError), YAML 1.2 floats
+    (`1e-4`, `3e5`). Config files, `key=value` overrides and the configs saved with checkpoints all use it."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:
@@ -59,6 +76,10 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
     if annotation is int:
+        # An integral float is the integer it writes (train.max_steps=3e5, reduce_bucket_size: 1e7): papers and
+        # DeepSpeed configs write counts that way. 1.5 or 1e400 (inf) is refused.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
@@ -94,7 +115,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `key.sub=value` override (value parsed as YAML) to a nested dict in place."""
+    """Apply one `key.sub=value` override (value parsed as YAML, `load_yaml`) to a nested dict in place."""
     if "=" not in override:
         raise ConfigError(f"override {override!r}: expected key.sub=value")
     key, raw = override.split("=", 1)
@@ -106,7 +127,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({err.problem})") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -119,7 +143,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         except ConfigError as err:

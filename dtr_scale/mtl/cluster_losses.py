@@ -128,6 +128,14 @@ class ClusterLossBuffer:
             self.reset()
         return means, counts
 
+    def mark(self) -> list[torch.Tensor]:
+        """Copies of the unread sums and counts, for `rollback` (device copies, no host sync)."""
+        return [t.clone() for t in (self.sums, self.counts, self.bin_sums, self.bin_counts)]
+
+    def rollback(self, mark: list[torch.Tensor]) -> None:
+        """Forget what was added since `mark()`: the micro-batches of an optimizer step that was skipped."""
+        self.sums, self.counts, self.bin_sums, self.bin_counts = mark
+
     def reset(self) -> None:
         """Clear the accumulated sums and counts (the reduced profile is kept)."""
         for tensor in (self.sums, self.counts, self.bin_sums, self.bin_counts):

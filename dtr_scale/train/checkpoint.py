@@ -4,8 +4,9 @@ owner for all state.
 The on-disk layout and the state-file format live in dtr_scale/checkpoint_format.py (which `convert`
 reads too).
 
-`latest` moves only after every rank has written and fsynced its files (barrier), so a crash
-mid-save leaves the previous checkpoint as the resume point and never a half-written one.
+`latest` moves only after every rank has written and fsynced its files and the ranks agreed that none failed,
+so a crash mid-save leaves the previous checkpoint as the resume point and never a half-written one; a write
+error (full disk, I/O error) is one line per rank that met it (train/checkpoint_write.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ from dtr_scale.checkpoint_format import (
 from dtr_scale.distributed import barrier
 from dtr_scale.errors import CheckpointError
 from dtr_scale.fileio import atomic_write_text, fsync_path
+from dtr_scale.train.checkpoint_write import (
+    WriteFailures,
+    failure_error,
+    gather_messages,
+    guard_engine_writes,
+    latest_now,
+)
 from dtr_scale.train.runtime import load_rng_state, rng_state
 
 # ------------------------------------------------------------------------------- the checkpointer
@@ -73,16 +81,18 @@ class TrainProgress:
 
 @dataclass
 class RunRecord:
-    """What the run is: its config (YAML text), ANT clusters and the package version. Restoring it checks
-    that the clusters the config gives now are those the checkpoint was trained with (CheckpointError)."""
+    """What the run is: its config (YAML text), ANT clusters, the identity of its data (train/resume.py's
+    data_fingerprint) and the package version. Restoring it checks that the clusters the config gives now are
+    those the checkpoint was trained with (CheckpointError)."""
 
     config_text: str
     clusters: list[tuple[int, int]] | None
+    data: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Config text, clusters as lists and the package version."""
+        """Config text, clusters as lists, data fingerprint and the package version."""
         clusters = [list(c) for c in self.clusters] if self.clusters else []
-        return {"config": self.config_text, "clusters": clusters, "version": __version__}
+        return {"config": self.config_text, "clusters": clusters, "data": self.data, "version": __version__}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Check the saved clusters equal this run's (CheckpointError otherwise)."""
@@ -174,6 +184,8 @@ class Checkpointer:
         self.global_objects, self.rank_objects = global_objects or {}, rank_objects or {}
         self.keep_last, self.keep_every = keep_last, keep_every
         self.rank, self.world_size = rank, world_size
+        self.failures = WriteFailures()  # the current save's first OSError on this rank (checkpoint_write.py)
+        guard_engine_writes(engine, self.failures)
 
     def latest_tag(self) -> str | None:
         """The tag `latest` names, or None before the first checkpoint; CheckpointError if it names an
@@ -181,11 +193,26 @@ class Checkpointer:
         return read_latest(self.dir)
 
     def save(self, step: int) -> str:
-        """Write the checkpoint of optimizer step `step` on every rank (collective); return its tag."""
+        """Write the checkpoint of optimizer step `step` on every rank (collective); return its tag. A write that
+        fails on any rank (full disk, I/O error) raises CheckpointWriteError on every rank after they agree:
+        `latest` does not move and the tag's files are removed."""
         tag = tag_for_step(step)
         global_state = {name: obj.state_dict() for name, obj in self.global_objects.items()}
         rank_state = {name: obj.state_dict() for name, obj in self.rank_objects.items()}
-        self.engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+        self.failures.reset()
+        self.engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)  # its writes: self.failures
+        self.failures.run(self.dir / tag, self._write_own_files, tag, rank_state, global_state)
+        self._agree(tag)  # every rank has written and fsynced: only now may `latest` move
+        if self.rank == 0:
+            self.failures.run(self.dir / LATEST_NAME, self._move_latest, tag)
+        self._agree(tag)
+        if self.rank == 0:
+            self._prune(step)
+        barrier()
+        return tag
+
+    def _write_own_files(self, tag: str, rank_state: dict, global_state: dict) -> None:
+        """This rank's dtr-scale state file (rank 0: the global one too), then an fsync of every file it wrote."""
         ours = self.dir / tag / "dtr_scale"
         ours.mkdir(parents=True, exist_ok=True)
         write_state_file(
@@ -197,14 +224,24 @@ class Checkpointer:
             )
         for path in files_written_by_rank(self.dir / tag, self.rank):
             fsync_path(path)  # DeepSpeed does not fsync its files
-        barrier()  # every rank has written and fsynced: only now may `latest` move
-        if self.rank == 0:
-            for directory in (ours, self.dir / tag, self.dir):  # the new names themselves are durable
-                fsync_path(directory)
-            atomic_write_text(self.dir / LATEST_NAME, tag, durable=True)
-            self._prune(step)
+
+    def _move_latest(self, tag: str) -> None:
+        # the new names themselves are durable before `latest` names them
+        for directory in (self.dir / tag / "dtr_scale", self.dir / tag, self.dir):
+            fsync_path(directory)
+        atomic_write_text(self.dir / LATEST_NAME, tag, durable=True)
+
+    def _agree(self, tag: str) -> None:
+        """Collective: when some rank failed to write, every rank raises (checkpoint_write.failure_error) after
+        rank 0 removed the tag, unless `latest` already names it (a failure after the rename itself)."""
+        messages = gather_messages(self.failures.message())
+        if all(m is None for m in messages):
+            return
+        latest, still_safe = latest_now(self.dir)
+        if self.rank == 0 and latest != tag:
+            shutil.rmtree(self.dir / tag, ignore_errors=True)  # nothing half-written is left behind
         barrier()
-        return tag
+        raise failure_error(messages, self.rank, tag, still_safe)
 
     def _prune(self, current_step: int) -> None:
         steps = sorted(

@@ -3,12 +3,14 @@
 Works as a plain single process, under `torchrun`, under the `deepspeed` launcher (hostfile,
 `--module dtr_scale`), and under SLURM (`srun`: SLURM_* variables are mapped to the torch ones); the CLI is
 train/cli.py. Ranks are always the GLOBAL rank / world size of torch.distributed. A Trainer on an existing
-`run_dir` resumes from `checkpoints/latest` (or the tag it is given).
+`run_dir` resumes from `checkpoints/latest` (or the tag it is given), after its config is checked against the
+checkpoint's (train/resume.py: what may change on resume is applied, the rest refused; docs/resume.md).
 
 Each optimizer step (train/step.py): the step's timesteps drawn up front, then per micro-batch
 (x, y) from the stream, noise from the seeded generator, per-sample diffusion loss -> ANT cluster losses ->
 balancer -> engine.backward / engine.step; then the fp32 EMA update, logging every train.log_every and
-checkpoints every train.checkpoint_every.
+checkpoints every train.checkpoint_every (train/cadence.py, which also handles steps skipped for non-finite
+losses).
 """
 
 from __future__ import annotations
@@ -18,12 +20,22 @@ from typing import Any
 
 import torch
 
+from dtr_scale.checkpoint_format import CHECKPOINTS_DIR, read_latest
 from dtr_scale.config import ConfigError, RunConfig, dump_yaml
+from dtr_scale.errors import NonFiniteLossError
 from dtr_scale.models.build import build_model
 from dtr_scale.train.build import build_balancer, build_optimizer, build_stream
-from dtr_scale.train.data_health import check_skipped_fraction, skipped_scalars
+from dtr_scale.train.cadence import checkpoint_if_due, latest_text, log_step
+from dtr_scale.train.data_health import skipped_scalars
 from dtr_scale.train.plan import plan_run
 from dtr_scale.train.repa import build_repa, repa_active
+from dtr_scale.train.resume import (
+    ResumeChanges,
+    check_config,
+    data_fingerprint,
+    keep_config,
+    reset_lr_schedule,
+)
 from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
 from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
 
@@ -41,15 +53,16 @@ class Trainer:
                 "data.shards: set it to a manifest.json (e.g. from `dtr-scale prepare-builtin`)"
             )
         self._setup_runtime(cfg, user_ds_config)
+        # A resumed run's config is checked against the checkpoint's before anything is built or written.
+        tag = resume_tag or read_latest(self.run_dir / CHECKPOINTS_DIR)
+        changes = check_config(self.cfg, self.run_dir, tag, self.manifest) if tag is not None else None
         self._build_modules()
         self._build_engine()
         self._build_state()
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-        tag = resume_tag or self.checkpointer.latest_tag()
-        if tag is not None:
-            self._resume(tag)
+        if changes is not None:
+            self._resume(tag, changes)
+        if self.rank == 0:  # only now: a checkpoint that does not load leaves config.yaml as it was
+            keep_config(self.run_dir, self.cfg, changes)
 
     def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None) -> None:
         """Process group, device, the run plan for this world size (train/plan.py: layout, precision, DeepSpeed
@@ -140,9 +153,10 @@ class Trainer:
         )
         self.progress = TrainProgress()
         self.nonfinite_in_row = 0
+        self.checkpoint_due = False  # a checkpoint postponed by a non-finite step (cadence.py)
         global_objects = {
             "progress": self.progress,
-            "run": RunRecord(dump_yaml(cfg), self.clusters),
+            "run": RunRecord(dump_yaml(cfg), self.clusters, data_fingerprint(self.manifest)),
             "balancer": BalancerState(self.engine.module.balancer),
         }
         rank_objects = {
@@ -175,10 +189,16 @@ class Trainer:
             self.monitor_message(f"saved checkpoint {self.checkpointer.dir / tag}")
         return tag
 
-    def _resume(self, tag: str) -> None:
+    def _resume(self, tag: str, changes: ResumeChanges) -> None:
+        """Load checkpoint `tag`, then apply this launch's LR schedule (a changed train.lr reaches the optimizer
+        and the scheduler: train/resume.py) and state each changed key in one line."""
+        base_lrs = list(self.scheduler.base_lrs)  # what this launch's config asks for, before the load
         self.checkpointer.load(tag)
+        reset_lr_schedule(self.scheduler, base_lrs)
         if self.rank == 0:
             print(f"resumed from {self.checkpointer.dir / tag} at step {self.step}", flush=True)
+            for line in changes.applied:
+                print(f"resume: changed {line}", flush=True)
 
     def monitor_message(self, text: str) -> None:
         """A line to the progress bar / log on rank 0."""
@@ -200,30 +220,42 @@ class Trainer:
             self.monitor.image("balancer/gradient_cosines", self.step + 1, cosine_image(gram))
 
     def train_step(self, batches) -> bool:
-        """One optimizer step (train/step.py); False when it was skipped for a non-finite loss."""
+        """One optimizer step (train/step.py); False when it was skipped for a non-finite loss (its losses are
+        then left out of the logged means: they were not trained on)."""
         balancer = self.engine.module.balancer
         gram = self._gram_update if balancer.should_update(self.step) else None
-        applied = train_step(
-            self.engine,
-            batches,
-            self.timestep_sampler,
-            self.generator,
-            self.plan,
-            self.cluster_buffer,
-            self.log_sums,
-            gram,
-            self.repa_features if repa_active(self.cfg, self.step) else None,
-        )
+        marks = self.log_sums.mark(), self.cluster_buffer.mark()
+        try:
+            applied = train_step(
+                self.engine,
+                batches,
+                self.timestep_sampler,
+                self.generator,
+                self.plan,
+                self.cluster_buffer,
+                self.log_sums,
+                gram,
+                self.repa_features if repa_active(self.cfg, self.step) else None,
+            )
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: {err}; last complete checkpoint: {latest_text(self.checkpointer)}"
+            ) from None
         if applied:
             self.ema.update()
+        else:
+            self.log_sums.rollback(marks[0])
+            self.cluster_buffer.rollback(marks[1])
         return applied
 
     def read_scalars(self) -> dict[str, float]:
         """What is logged at `log_every`: losses since the last read, LR, grad norm, per-cluster losses,
         weights and counts. Collective (every rank calls it): the one place logging reads the device."""
         means, counts = self.cluster_buffer.reduce()
-        total = counts.sum().clamp_min(1)
-        scalars = {"loss/mean": float((means * counts).sum() / total), **self.log_sums.read()}
+        scalars = {"skipped_steps": float(self.skipped_steps)}
+        if counts.sum() > 0:  # no sample since the last read (every step skipped): the loss is absent, not 0
+            scalars["loss/mean"] = float((means * counts).sum() / counts.sum())
+        scalars.update(self.log_sums.read())
         scalars["lr"] = float(self.scheduler.get_last_lr()[0])
         scalars.update(skipped_scalars(self.stream.skipped, self.device))
         if not self.cfg.data.resampled:  # epoch mode: which pass over the data this step came from
@@ -235,7 +267,8 @@ class Trainer:
             balancer = self.engine.module.balancer
             weights = balancer.weights().detach().float().cpu()
             for i in range(self.k):
-                scalars[f"cluster/loss_{i}"] = float(means[i])
+                if counts[i] > 0:  # a cluster without samples since the last read has no loss to log
+                    scalars[f"cluster/loss_{i}"] = float(means[i])
                 scalars[f"cluster/weight_{i}"] = float(weights[i])
                 scalars[f"cluster/count_{i}"] = float(counts[i])  # samples since the last read, all ranks
             scalars.update(balancer.log_scalars())
@@ -244,7 +277,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps: steps, logging, checkpoints, in-loop grids and evals; returns the last
         logged scalars."""
-        from dtr_scale.train.monitor import Monitor, memory_stats, peak_flops_per_device
+        from dtr_scale.train.monitor import Monitor, peak_flops_per_device
 
         cfg, t = self.cfg, self.cfg.train
         self.monitor = Monitor(
@@ -263,45 +296,21 @@ class Trainer:
         self.engine.train()
         batches = self.stream.batches()  # epoch mode rolls over into the next, reshuffled epoch
         last_scalars: dict[str, float] = {}
-        while self.step < t.max_steps:
-            applied = self.train_step(batches)
-            self.step += 1
-            self.samples_seen += t.global_batch_size
-            if not applied:
-                self._skipped()
-            else:
-                self.nonfinite_in_row = 0
-            if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
-                scalars = {**self.read_scalars(), **memory_stats(self.device)}
-                last_scalars = self.monitor.step(self.step, scalars, t.global_batch_size)
-            if self.step % t.checkpoint_every == 0 or self.step == t.max_steps:
-                check_skipped_fraction(self.stream.skipped, cfg.data.max_skipped_fraction, cfg.data.shards)
-                self.save()
-            if cfg.monitor.sample_every and self.step % cfg.monitor.sample_every == 0:
-                self.sample_grid()
-                self.log_loss_profile()
-            if cfg.eval.every and self.step % cfg.eval.every == 0:
-                self.evaluate_in_loop()
-        self.monitor.close()
+        try:
+            while self.step < t.max_steps:
+                applied = self.train_step(batches)
+                self.step += 1
+                self.samples_seen += t.global_batch_size
+                last_scalars = log_step(self, applied) or last_scalars
+                checkpoint_if_due(self)
+                if cfg.monitor.sample_every and self.step % cfg.monitor.sample_every == 0:
+                    self.sample_grid()
+                    self.log_loss_profile()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.evaluate_in_loop()
+        finally:  # also when a run stops on an error: the progress bar ends, TensorBoard is flushed
+            self.monitor.close()
         return last_scalars
-
-    def _skipped(self) -> None:
-        self.skipped_steps += 1
-        self.nonfinite_in_row += 1
-        self.monitor.message(
-            f"step {self.step}: non-finite loss on some rank, optimizer step skipped "
-            f"({self.nonfinite_in_row} in a row, {self.skipped_steps} in total)"
-        )
-        self.monitor.scalars(self.step, {"skipped_steps": self.skipped_steps})
-        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
-            raise FloatingPointError(
-                f"stopping: {self.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite_steps="
-                f"{self.cfg.train.max_nonfinite_steps}); last complete checkpoint: {self._latest_text()}"
-            )
-
-    def _latest_text(self) -> str:
-        tag = self.checkpointer.latest_tag()
-        return str(self.checkpointer.dir / tag) if tag else "none written yet"
 
     def log_loss_profile(self) -> None:
         """Loss vs t since the last call (all ranks' samples) as a TensorBoard image and PNG (rank 0)."""

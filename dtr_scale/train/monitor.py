@@ -128,6 +128,7 @@ class Monitor:
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self._last_time = time.perf_counter()
         self._last_step = start_step
+        self.metrics_failing = False  # the last metrics.jsonl record could not be written (record())
         if not self.active:
             return
         self._truncate_metrics(start_step)
@@ -188,11 +189,7 @@ class Monitor:
         if self.peak_flops:
             achieved = 3 * self.flops_per_sample * samples_per_step / seconds
             scalars["perf/mfu"] = achieved / (self.world_size * self.peak_flops)
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
-        if self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, step)
+        self.record(step, scalars)
         if self.bar is not None:
             # tqdm's own rate (step/s) and ETA; the postfix adds what tqdm cannot know.
             self.bar.set_postfix(
@@ -203,8 +200,32 @@ class Monitor:
             self.bar.update(step - self.bar.n)
         return scalars
 
+    def record(self, step: int, values: dict[str, float]) -> None:
+        """Log a record of named float scalars at `step` to metrics.jsonl and TensorBoard alike (rank 0), without
+        the throughput figures of `step` (a skipped optimizer step between two logged ones)."""
+        if not self.active:
+            return
+        line = json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n"
+        try:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(line)
+        except (
+            OSError
+        ) as err:  # a full disk: rank 0 alone must not die here, with the other ranks left waiting
+            if not self.metrics_failing:  # one line per streak of failed records
+                self.message(
+                    f"{self.metrics_path}: the record of step {step} was not written ({err.strerror or err}); "
+                    "training goes on, and the next checkpoint stops the run if the disk is full"
+                )
+            self.metrics_failing = True
+        else:
+            self.metrics_failing = False
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        """Log named float scalars at `step` (TensorBoard and metrics.jsonl, rank 0)."""
+        """Log named float scalars at `step` to TensorBoard (rank 0)."""
         if self.active and self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
@@ -231,12 +252,13 @@ class Monitor:
             print(text, flush=True)
 
     def close(self) -> None:
-        """Flush and close TensorBoard and the progress bar."""
+        """Flush and close TensorBoard and the progress bar (once; a second call does nothing)."""
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        self.bar = self.writer = None
 
 
 def cosine_image(gram: torch.Tensor, cell: int = 16) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dtr_scale.errors import NonFiniteLossError
 from dtr_scale.mtl.cluster_losses import ClusterLossBuffer, step_cluster_means
 from dtr_scale.mtl.sampling import TimestepSampler
 
@@ -131,13 +132,23 @@ class LogSums:
         )
         self.values += torch.where(finite, update, torch.zeros_like(update))
 
+    def mark(self) -> torch.Tensor:
+        """A copy of the unread sums, for `rollback` (a device copy, no host sync)."""
+        return self.values.clone()
+
+    def rollback(self, mark: torch.Tensor) -> None:
+        """Forget what was added since `mark()`: the micro-batches of an optimizer step that was skipped."""
+        self.values = mark
+
     def read(self) -> dict[str, float]:
         """{"loss/objective", "loss/mse_rank0"} (+ "loss/repa", "loss/diffusion" = objective - coeff x REPA and
         "loss/repa_share" = |coeff x REPA| / (|coeff x REPA| + |diffusion|) with REPA): means per finite
-        micro-batch since the last read; clears."""
+        micro-batch since the last read; clears. Empty when no micro-batch was added (every step since the last
+        read was skipped): a loss that was not measured is absent, never 0."""
         objective, mse, n, repa, aligned = self.values.tolist()
         self.values.zero_()
-        n = max(n, 1.0)
+        if n == 0:
+            return {}
         scalars = {"loss/objective": objective / n, "loss/mse_rank0": mse / n}
         if self.repa_coeff is not None and aligned:  # not after repa.stop_step
             # The REPA loss lies in [-1, 1] and the objective includes coeff x it: the share compares the sizes
@@ -199,7 +210,7 @@ def train_step(
     at ZeRO-0 fp32 the gradients are set to None first, which torch's AdamW skips. `gram_update(x, t, y,
     noise, cluster_idx)`, given, runs on the first micro-batch (NashMTL / PCGrad balancer updates);
     `repa_features(x, *stored)`, given, makes each micro-batch's REPA targets (the step aligns).
-    Raises FloatingPointError if DeepSpeed applied a step whose loss was not finite.
+    Raises NonFiniteLossError if DeepSpeed applied a step whose loss was not finite.
     """
     drawn, step_counts = draw_step_timesteps(sampler, plan, generator)
     nonfinite = torch.zeros((), device=plan.device)
@@ -226,9 +237,9 @@ def train_step(
                     p.grad = None
         engine.step()
     if bad and engine.was_step_applied() and not plan.drop_grads_on_nonfinite:
-        raise FloatingPointError(
+        raise NonFiniteLossError(
             "a non-finite loss reached an optimizer step that DeepSpeed applied (its gradient norm was finite); "
-            "the weights may be damaged: resume from the last checkpoint"
+            "the weights may be damaged"
         )
     return not bad
 

@@ -5,32 +5,28 @@ latents already multiplied by the manifest's `scaling_factor`, where each sample
 or flipped) is chosen at random and its latent drawn from the stored posterior, `mean + std * eps`
 (DESIGN §7; MAR-style moments for both flips, so augmentation survives offline encoding).
 
-How exact resume works (the design choice)
-------------------------------------------
-Everything random is a pure function of (seed, epoch, rank, world size, worker) and never of timing or
-content, so a stream can be *recomputed* instead of saved:
+How the order is made (the design choice; docs/design-choices.md weighs it)
+---------------------------------------------------------------------------
+Everything random is a pure function of (seed, epoch, canonical stream) and never of rank, world size,
+loader worker, timing or content, so a stream can be *recomputed* instead of saved, at any world size that
+divides the number C of canonical streams (`data.canonical_streams`, MosaicML Streaming's idea):
 
-1. Shard order. Epoch e's global shard list is a permutation of all shards drawn from (seed, e), the same
-   on every rank. Rank r takes every world_size-th entry starting at r (the *global* rank), and loader
-   worker w of R workers takes every R-th entry of that. In `resampled` (infinite) mode the list is
-   extended with further permutations to at least world_size * R entries and cut to a multiple of it, so
-   every (rank, worker) reads the same number of shards per epoch, even with fewer shards than
-   consumers, and the epochs simply go on forever. In epoch mode each epoch is one pass: disjoint and
-   complete across ranks and workers.
-2. Shuffle buffer in index space. A worker's samples, numbered in read order, are shuffled by the usual
-   buffer algorithm (fill `shuffle_buffer`, then emit a random slot and refill it), but the random slot
-   choices are drawn from (seed, e, rank, world, worker) before any data is read. The emission order of
-   an epoch is therefore a plain integer array computed up front.
-3. Augmentation is keyed by the sample's identity in the epoch, (seed, e, slot in the global shard list,
-   index in the shard): the same sample gets the same flip and noise whatever the world size or the
-   number of workers.
-4. Position. A worker's position is (epoch, number of emitted plan entries). Each batch carries its
-   worker's new position to the main process, which records it together with the round-robin pointer of
-   the DataLoader (it hands out batches worker 0, 1, ..., R-1, 0, ...). `state_dict()` is just these
-   integers. A rebuilt stream recomputes each worker's emission order, skips shards whose samples were all
-   emitted already, keeps only the not-yet-emitted samples of the others, and maps the new loader's
-   worker k to logical worker (pointer + k) mod R: it yields exactly the batches the original would have.
-   The cost of a resume is re-reading at most the shards still in the shuffle buffer.
+1. Shard order. Epoch e's global shard list is a permutation of all shards drawn from (seed, e). Canonical
+   stream c reads every C-th entry from c. In `resampled` (infinite) mode the list is extended with further
+   permutations to at least C entries and cut to a multiple of C, so every stream reads the same number of
+   shards per epoch, and each stream's epochs go on forever. In epoch mode each epoch is one pass.
+2. Per stream, `interleave` shards are read at once (round robin) and a shuffle buffer permutes the
+   arrivals, its slot choices drawn from (seed, e, c) up front: a stream's emission order is an integer
+   array, and a stream yields its readable samples in that order.
+3. The global sequence takes one sample of each stream in turn: global sample n is the (n // C)-th of
+   stream n % C. Global-batch slot g of a step goes to rank g % world (the trainer's layout), and with
+   world dividing C and the global batch that rank reads exactly the streams c with c % world == rank. Loader
+   workers only share out a rank's streams: they never change the order.
+4. Augmentation is keyed by the sample's identity in the epoch, (seed, e, slot in the global shard list,
+   index in the shard): the same sample gets the same flip and noise whatever the world size or workers.
+5. Position: (epoch, emitted plan entries) per canonical stream, after the last sample the trainer took,
+   and the turns taken. A rebuilt stream recomputes each emission order and re-reads at most the shards
+   still in a buffer. `reshard_states` gathers every rank's streams for a resume at another world size.
 
 Errors: every sample the stream cannot use (a shard missing, unreadable, cut or short, a member that fails
 to decode, latents of the wrong shape, a label outside the manifest) is counted by kind and shard in
@@ -40,8 +36,9 @@ ShardError at the first one; `"ignore"` only counts. Errors are deterministic, s
 deterministic (and resume exact). Missing files are also reported up front. Each skipped sample is counted
 once, when its turn in the emission order comes, so a resume neither loses nor repeats counts.
 
-Modules: stream_order.py computes the schedule (1, 2), stream_worker.py runs in the loader workers (reads,
-shuffles, augments: 2, 3); this one is the trainer side (positions, state_dict: 4).
+Modules: stream_order.py computes the schedule (1-3), stream_worker.py runs in the loader workers (reads,
+shuffles, augments: 2, 4), stream_assembly.py queues their samples per stream; this one is the trainer side
+(the global order, positions, state_dict: 3, 5).
 """
 
 from __future__ import annotations
@@ -393,8 +390,9 @@ class LatentStream:
         self.stats = {"samples": int(state["samples"]), "batches": self._batches}
         self.skipped.load_state_dict(state["skipped"])
 
-    def reshard_states(self, states: list[dict[str, Any]]) -> dict[str, Any]:
-        """This rank's state from every rank's saved state at another world size (a resharding resume).
+    def reshard_states(self, states: list[dict[str, Any]], rank: int | None = None) -> dict[str, Any]:
+        """This rank's state from every rank's saved state at another world size (a resharding resume; `rank`
+        is this stream's own, accepted for the checkpointer's common call).
 
         The positions of all canonical streams are collected and this rank takes its own; its turns are the
         global samples taken (each old rank's turns x its world size, equal at a step boundary) over the new

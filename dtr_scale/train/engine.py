@@ -6,13 +6,14 @@ train/cli.py. Ranks are always the GLOBAL rank / world size of torch.distributed
 `run_dir` resumes from `checkpoints/latest` (or the tag it is given).
 
 Each optimizer step (train/step.py): the step's timesteps drawn up front, then per micro-batch
-(x, y) from the stream, noise from the seeded generator, per-sample diffusion loss -> ANT cluster losses ->
+(x, y) from the stream, noise, timesteps and label dropout drawn per slot of the global batch, per-sample diffusion loss -> ANT cluster losses ->
 balancer -> engine.backward / engine.step; then the fp32 EMA update, logging every train.log_every and
 checkpoints every train.checkpoint_every.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -40,28 +41,44 @@ class Trainer:
             raise ConfigError(
                 "data.shards: set it to a manifest.json (e.g. from `dtr-scale prepare-builtin`)"
             )
-        self._setup_runtime(cfg, user_ds_config)
+        self._setup_runtime(cfg, user_ds_config, resume_tag)
         self._build_modules()
         self._build_engine()
         self._build_state()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
-        tag = resume_tag or self.checkpointer.latest_tag()
-        if tag is not None:
-            self._resume(tag)
+        if self.saved is not None:
+            self._resume(self.saved.tag_dir.name)
 
-    def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None) -> None:
-        """Process group, device, the run plan for this world size (train/plan.py: layout, precision, DeepSpeed
-        JSON, diffusion, clusters, timestep sampler) and the data manifest."""
+    def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None, resume_tag: str | None) -> None:
+        """Process group, device, the checkpoint to resume (and whether it must be resharded: train/reshard.py),
+        the run plan for this world size (train/plan.py: layout, precision, DeepSpeed JSON, diffusion, clusters,
+        timestep sampler) and the data manifest."""
         from deepspeed.accelerator import get_accelerator
 
+        from dtr_scale.checkpoint_format import CHECKPOINTS_DIR, read_latest
         from dtr_scale.data.shards import load_manifest
+        from dtr_scale.train.reshard import check_reshard, saved_layout
 
         info = init_distributed()
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        checkpoints = Path(cfg.run_dir) / CHECKPOINTS_DIR
+        tag = resume_tag or read_latest(checkpoints)
+        self.saved = saved_layout(checkpoints / tag) if tag is not None else None
+        if self.saved is not None and cfg.data.canonical_streams is None and self.saved.elastic:
+            # the sample order is the run's: a resumed run keeps its checkpoint's canonical streams
+            data = dataclasses.replace(cfg.data, canonical_streams=self.saved.canonical_streams)
+            cfg = dataclasses.replace(cfg, data=data)
         bf16 = bool(get_accelerator().is_bf16_supported())
         plan = plan_run(cfg, self.world, self.device.type, bf16, user_ds_config)
+        hint = f"CONFIG run_dir={cfg.run_dir}"
+        stage = plan.cfg.deepspeed.zero_stage
+        self.reshard = self.saved is not None and check_reshard(self.saved, self.world, stage, hint)
+        if (
+            self.reshard
+        ):  # DeepSpeed reads the universal checkpoint of the tag (Checkpointer.load converts it)
+            plan.ds_config["checkpoint"] = {**plan.ds_config.get("checkpoint", {}), "load_universal": True}
         # The micro-batch for this world size (train.micro_batch_size may be unset): one config, 1..N GPUs.
         self.cfg, self.precision, self.accumulation = plan.cfg, plan.precision, plan.accumulation
         self.ds_config, self.diffusion, self.clusters = plan.ds_config, plan.diffusion, plan.clusters
@@ -98,14 +115,11 @@ class Trainer:
         )  # fmt: skip
 
     def _build_engine(self) -> None:
-        """Per-rank seeds (seed * world + rank), the step's generator, and the DeepSpeed engine."""
+        """Per-rank seeds of the global generators (seed * world + rank) and the DeepSpeed engine."""
         import deepspeed
 
         cfg = self.cfg
         seed_everything(cfg.train.seed * self.world + self.rank)
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            cfg.train.seed * self.world + self.rank
-        )
         optimizer, scheduler = build_optimizer(
             cfg, self.module.model, self.module.balancer, self.device, self.module.repa_projector
         )
@@ -127,7 +141,7 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         self.ema = ShardedEMA(self.engine.module.model, t.ema_decay, t.ema_warmup, self.rank, self.world)
-        self.stream = build_stream(cfg, self.manifest, self.rank, self.world, self.device)
+        self.stream = build_stream(cfg, self.manifest, self.rank, self.world, self.device, self.accumulation)
         self.cluster_buffer = ClusterLossBuffer(self.k, num_timesteps=cfg.diffusion.diffusion_steps)
         self.log_sums = LogSums(self.device, cfg.repa.coeff if cfg.repa.encoder is not None else None)
         self.plan = StepPlan(
@@ -137,6 +151,10 @@ class Trainer:
             num_clusters=self.k,
             device=self.device,
             drop_grads_on_nonfinite=cfg.deepspeed.zero_stage == 0 and self.precision == "fp32",
+            rank=self.rank,
+            seed=t.seed,
+            latent_shape=tuple(self.manifest.latent_shape),
+            label_dropout=cfg.model.class_dropout_prob,
         )
         self.progress = TrainProgress()
         self.nonfinite_in_row = 0
@@ -148,13 +166,14 @@ class Trainer:
         rank_objects = {
             "ema": self.ema,
             "stream": self.stream,
-            "rng": RNGState(self.generator),
+            "rng": RNGState(),
             "cluster_buffer": self.cluster_buffer,
             "log_sums": self.log_sums,
         }
         self.checkpointer = Checkpointer(
             self.run_dir, self.engine, global_objects, rank_objects, keep_last=t.keep_last,
             keep_every=t.keep_every, rank=self.rank, world_size=self.world,
+            layout={"zero_stage": cfg.deepspeed.zero_stage, "canonical_streams": cfg.data.canonical_streams},
         )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------------
@@ -176,7 +195,16 @@ class Trainer:
         return tag
 
     def _resume(self, tag: str) -> None:
-        self.checkpointer.load(tag)
+        saved = self.saved
+        if self.reshard and self.rank == 0:
+            stages = f" (ZeRO-{saved.zero_stage} -> ZeRO-{self.cfg.deepspeed.zero_stage})"
+            stages = stages if saved.zero_stage != self.cfg.deepspeed.zero_stage else ""
+            step = int(tag.removeprefix("step")) if tag.startswith("step") else tag
+            print(
+                f"resharding step {step} from world {saved.world_size} to world {self.world}{stages}",
+                flush=True,
+            )
+        self.checkpointer.load(tag, reshard=self.reshard)
         if self.rank == 0:
             print(f"resumed from {self.checkpointer.dir / tag} at step {self.step}", flush=True)
 
@@ -189,12 +217,12 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------------
 
-    def _gram_update(self, x, t, y, noise, cluster_idx) -> None:
+    def _gram_update(self, x, t, y, noise, cluster_idx, drop) -> None:
         """NashMTL / PCGrad: the balancer's update from the exact Gram (step.cluster_gram), and its
         gradient cosines as a TensorBoard image."""
         from dtr_scale.train.monitor import cosine_image
 
-        gram = cluster_gram(self.engine.module, x, t, y, noise, cluster_idx, self.k)
+        gram = cluster_gram(self.engine.module, x, t, y, noise, cluster_idx, self.k, drop)
         self.engine.module.balancer.update_from_gram(gram)
         if self.rank == 0 and getattr(self, "monitor", None) is not None:
             self.monitor.image("balancer/gradient_cosines", self.step + 1, cosine_image(gram))
@@ -207,7 +235,7 @@ class Trainer:
             self.engine,
             batches,
             self.timestep_sampler,
-            self.generator,
+            self.step,
             self.plan,
             self.cluster_buffer,
             self.log_sums,

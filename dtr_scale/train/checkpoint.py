@@ -228,9 +228,12 @@ class Checkpointer:
             load_dir, ds_tag = str(tag_dir), UNIVERSAL_DIR
         else:
             check_deepspeed_files_safe(tag_dir, self.rank)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         load_path, _ = self.engine.load_checkpoint(
             load_dir, tag=ds_tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
+        if reshard:
+            restore_group_settings(self.engine, groups)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
         ranks = range(saved_world) if reshard else [self.rank]
@@ -253,6 +256,24 @@ class Checkpointer:
                     obj.load_state_dict(obj.reshard_states([st[name] for st in states], self.rank))
             except CheckpointError as err:
                 raise CheckpointError(f"checkpoint {tag}: {err}") from None
+
+
+def restore_group_settings(engine, groups: list[dict[str, Any]]) -> None:
+    """Repair two effects of DeepSpeed 0.19.8's ZeRO-3 universal load on a torch optimizer with several param
+    groups (the model's and UW's s): every group gets the first group's settings, and the groups' Adam states
+    share one `step` tensor, which each group's update then increments (measured: UW's s trained its first
+    resumed step at the model's LR, and later ones with the bias correction of twice the steps). Puts back
+    each group's settings as built (betas, eps, weight decay, initial_lr) with the LR of the restored schedule,
+    and gives every state its own step."""
+    lrs = engine.lr_scheduler.get_last_lr() if engine.lr_scheduler is not None else None
+    for i, (group, settings) in enumerate(zip(engine.optimizer.param_groups, groups, strict=True)):
+        group.update({k: v for k, v in settings.items() if k != "lr"})
+        if lrs is not None:
+            group["lr"] = lrs[i]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def files_written_by_rank(tag_dir: Path, rank: int) -> list[Path]:

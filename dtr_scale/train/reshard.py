@@ -79,16 +79,31 @@ def check_reshard(saved: SavedLayout, world_size: int, zero_stage: int, config_h
 def universal_checkpoint(tag_dir: Path) -> Path:
     """`tag_dir`/universal: DeepSpeed's universal checkpoint of the tag, converted here when it is not there yet
     (rank 0 only; the caller holds the other ranks at a barrier). Written to a temporary name and renamed, so
-    an interrupted conversion is redone, never used."""
-    out = Path(tag_dir) / UNIVERSAL_DIR
-    if out.is_dir():
-        return out
+    an interrupted conversion is redone, never used.
+
+    The conversion copies each module entry as a tensor, and NashMTL's / PCGrad's solver state is a module
+    entry that is not one (nn.Module extra state, restored by dtr-scale from its own state file): it converts
+    a staged copy of the tag whose model-state files hold the tensors only, and puts the original model-state
+    files beside the result, which is what the engine loads the module from.
+    """
     from deepspeed.checkpoint import ds_to_universal
 
-    partial = Path(tag_dir) / f"{UNIVERSAL_DIR}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    tag_dir = Path(tag_dir)
+    out = tag_dir / UNIVERSAL_DIR
+    if out.is_dir():
+        return out
+    partial, staged = tag_dir / f"{UNIVERSAL_DIR}.partial", tag_dir / f"{UNIVERSAL_DIR}.input"
+    for path in (partial, staged):
+        shutil.rmtree(path, ignore_errors=True)
+    staged.mkdir()
+    model_files = sorted(tag_dir.glob("*model_states.pt"))
+    for path in tag_dir.glob("*.pt"):
+        if path in model_files:
+            _save_tensor_module_entries(path, staged / path.name)
+        else:
+            (staged / path.name).symlink_to(path.resolve())
     args = SimpleNamespace(
-        input_folder=str(tag_dir),
+        input_folder=str(staged),
         output_folder=str(partial),
         num_extract_workers=1,  # in-process: no worker pool inside a training rank
         num_merge_workers=1,
@@ -97,6 +112,22 @@ def universal_checkpoint(tag_dir: Path) -> Path:
         inject_missing_state=True,  # ZeRO-1/2 checkpoints lack the universal info DeepSpeed adds here
     )
     ds_to_universal.main(args)
-    (Path(tag_dir) / "latest_universal").unlink(missing_ok=True)  # written by the conversion; not ours
+    for path in model_files:
+        shutil.copy2(path, partial / path.name)
+    shutil.rmtree(staged)
+    (tag_dir / "latest_universal").unlink(missing_ok=True)  # written by the conversion; not ours
     partial.rename(out)
     return out
+
+
+def _save_tensor_module_entries(source: Path, target: Path) -> None:
+    """A copy of a DeepSpeed model-state file whose "module" holds its tensor entries only (read safely)."""
+    import torch
+
+    from dtr_scale.checkpoint_format import deepspeed_safe_loading
+
+    with deepspeed_safe_loading():
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    if isinstance(state.get("module"), dict):
+        state["module"] = {k: v for k, v in state["module"].items() if isinstance(v, torch.Tensor)}
+    torch.save(state, target)

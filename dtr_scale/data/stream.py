@@ -54,76 +54,22 @@ import torch
 from dtr_scale.data.shards import Manifest, load_manifest
 from dtr_scale.data.skipped import SkipLedger, merge_ledger_states
 from dtr_scale.data.stream_assembly import SampleAssembler
+from dtr_scale.data.stream_checks import (
+    StreamLayoutError,
+    check_arguments,
+    check_canonical_streams,
+    check_manifest,
+)
 from dtr_scale.data.stream_order import epoch_shard_list, rank_streams, stream_of, stream_slots
 from dtr_scale.data.stream_worker import ShardError, WorkerStream
-from dtr_scale.errors import UserError
 
-STATE_FORMAT = "dtr-scale-stream/2"  # /1: positions per (rank, loader worker), before canonical streams
-ON_ERROR_CHOICES = ("warn", "raise", "ignore")
+STATE_FORMAT = "dtr-scale-stream/2"
+LEGACY_FORMAT = "dtr-scale-stream/1"  # positions per (rank, loader worker), before canonical streams
+__all__ = ["LatentStream", "ShardError", "ShardWarning", "StreamLayoutError", "check_canonical_streams"]
 
 
 class ShardWarning(UserWarning):
     """A shard or sample could not be read and was skipped (on_error="warn")."""
-
-
-def _check_arguments(
-    micro_batch_size: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    interleave: int,
-    shuffle_buffer: int,
-    on_error: str,
-) -> None:
-    """LatentStream's arguments, each in its range; ValueError naming the first that is not."""
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size); got rank {rank}, world_size {world_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if interleave < 1:
-        raise ValueError(f"interleave must be >= 1 (shards read at once per worker), got {interleave}")
-    if shuffle_buffer < 0:
-        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-    if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-
-
-class StreamLayoutError(UserError, ValueError):
-    """The world size cannot read the canonical streams (it must divide data.canonical_streams)."""
-
-
-def check_canonical_streams(num_streams: int, world_size: int) -> None:
-    """StreamLayoutError unless `world_size` divides `num_streams` (the family of world sizes that see one
-    global sample order)."""
-    if num_streams < 1 or num_streams % world_size:
-        raise StreamLayoutError(
-            f"data.canonical_streams={num_streams} cannot be split over {world_size} ranks: the sample order is "
-            f"defined over canonical streams and every world size dividing their number sees the same order; "
-            f"use a world size dividing {num_streams} or set data.canonical_streams to a multiple of {world_size} "
-            "(a new run: the number fixes the order)"
-        )
-
-
-def _check_manifest(
-    manifest: Manifest, expected_latent_shape: tuple[int, ...] | None, resampled: bool, num_streams: int
-) -> None:
-    """The manifest fits the model and the run: latent shape, some samples, a shard per stream (epoch mode)."""
-    path = manifest.path
-    if expected_latent_shape is not None and tuple(expected_latent_shape) != tuple(manifest.latent_shape):
-        raise ValueError(
-            f"{path}: latent_shape {list(manifest.latent_shape)} does not match the configured "
-            f"model input {list(expected_latent_shape)} (in_channels, input_size, input_size)"
-        )
-    if manifest.num_samples == 0:
-        raise ValueError(f"{path}: the manifest's shards hold no samples")
-    if not resampled and len(manifest.shards) < num_streams:
-        raise ValueError(
-            f"{path}: {len(manifest.shards)} shards cannot give each of {num_streams} canonical streams a "
-            "shard in epoch mode; use fewer streams (data.canonical_streams), data.resampled=true, or write "
-            "more, smaller shards"
-        )
 
 
 class LatentStream:
@@ -167,12 +113,10 @@ class LatentStream:
         accumulation: int = 1,
     ) -> None:
         self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-        _check_arguments(
-            micro_batch_size, rank, world_size, num_workers, interleave, shuffle_buffer, on_error
-        )
+        check_arguments(micro_batch_size, rank, world_size, num_workers, interleave, shuffle_buffer, on_error)
         streams = world_size * max(1, num_workers) if canonical_streams is None else int(canonical_streams)
         check_canonical_streams(streams, world_size)
-        _check_manifest(self.manifest, expected_latent_shape, resampled, streams)
+        check_manifest(self.manifest, expected_latent_shape, resampled, streams)
         # What defines the global sample order: the same for every world size of the family.
         self.cfg = {
             "seed": int(seed),
@@ -365,6 +309,15 @@ class LatentStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`: this rank's `state_dict()`, or `reshard_states` of every saved rank's (at
         another world size). The global order's settings (self.cfg) must be the same."""
+        if state.get("format") == LEGACY_FORMAT:
+            warnings.warn(
+                f"data stream state: saved by a dtr-scale from before canonical streams ({LEGACY_FORMAT}), whose "
+                "sample order this one cannot continue: the data stream starts over from its first epoch "
+                f"({self.manifest.path})",
+                ShardWarning,
+                stacklevel=2,
+            )
+            return
         if state.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"data stream state: format {state.get('format')!r}, expected {STATE_FORMAT!r} (a checkpoint "

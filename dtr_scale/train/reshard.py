@@ -57,7 +57,9 @@ def auto_canonical_streams(world_size: int) -> int:
 
 def check_reshard(saved: SavedLayout, world_size: int, zero_stage: int, config_hint: str) -> bool:
     """Whether resuming `saved` at (world_size, zero_stage) needs resharding; CheckpointError (one line) when
-    it cannot be: a checkpoint from before elastic runs, or ZeRO stage 0 on either side."""
+    it cannot be: a checkpoint from before elastic runs, ZeRO stage 0 on either side, or a move between ZeRO-1/2
+    and ZeRO-3 (DeepSpeed 0.19.8's universal load looks for the new stage's model-state files, which a
+    checkpoint of the other kind does not have)."""
     if saved.world_size == world_size and saved.zero_stage in (None, zero_stage):
         return False
     if not saved.elastic:
@@ -72,6 +74,13 @@ def check_reshard(saved: SavedLayout, world_size: int, zero_stage: int, config_h
             f"checkpoint {saved.tag_dir} (ZeRO-{saved.zero_stage}, {saved.world_size} ranks) cannot be resumed "
             f"at ZeRO-{zero_stage} with {world_size} ranks: DeepSpeed's Universal Checkpointing reshards ZeRO-1/2/3 "
             f"only; resume with deepspeed.zero_stage={saved.zero_stage} and {saved.world_size} ranks"
+        )
+    if (saved.zero_stage == 3) != (zero_stage == 3):
+        raise CheckpointError(
+            f"checkpoint {saved.tag_dir} was written at ZeRO-{saved.zero_stage} and cannot be resumed at "
+            f"ZeRO-{zero_stage}: DeepSpeed's universal load moves between ZeRO-1 and 2, not between those and "
+            f"ZeRO-3; resume with deepspeed.zero_stage={saved.zero_stage} (at any world size that divides "
+            "data.canonical_streams)"
         )
     return True
 

@@ -239,3 +239,46 @@ def test_slurm_two_node_job_requeued_mid_run_resumes_to_the_same_weights(
     assert done.returncode == 0, done.stdout[-3000:]
     a, b = final_weights(run_dir, "step00000030"), final_weights(straight, "step00000030")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_slurm_job_requeued_onto_fewer_nodes_reshards_and_finishes(cluster, builtin_data, tmp_path):
+    """`sbatch --nodes 1-2` runs on both nodes; node b is drained and the job requeued, so its second attempt
+    gets one node: the unchanged batch script starts world 1, which reshards the world-2 checkpoint and
+    finishes within 1e-5 relative of a straight world-1 run (docs/multi-node.md)."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    steps = [
+        *train_overrides(run_dir, builtin_data["train"]),
+        "train.max_steps=20",
+        "train.checkpoint_every=2",
+    ]
+    env = cluster.env({**RANK_ENV, "PYTHONPATH": HOOK_PATH, "NPROC_PER_NODE": "1"})
+    submit = subprocess.run(["sbatch", "--parsable", "--nodes", "1-2", "--gpus-per-node=0", "--cpus-per-task=1",
+                             f"--output={log}", "launch/slurm.sbatch", CONFIG, *steps],
+                            cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    scontrol = lambda *args: subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True)  # noqa: E731
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file() or job_state(cluster, job).get("JobState")
+                 in ended, 300, "the job's first checkpoint", interval=1)  # fmt: skip
+        text = log.read_text() if log.is_file() else "(no job log)"
+        assert "attempt 1: 2 nodes x 1" in text, text[-3000:]
+        drain = scontrol("update", "NodeName=dtr-node-b", "State=DRAIN", "Reason=elastic-test")
+        assert drain.returncode == 0, drain.stderr
+        assert scontrol("requeue", job).returncode == 0
+        wait_for(lambda: job_state(cluster, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 400,
+                 f"job {job} to finish after its requeue", interval=1)  # fmt: skip
+    finally:
+        scontrol("update", "NodeName=dtr-node-b", "State=RESUME")
+    text = log.read_text()
+    assert job_state(cluster, job)["JobState"] == "COMPLETED", text[-4000:]
+    assert "attempt 2: 1 nodes x 1" in text, text[-4000:]
+    assert re.search(r"resharding step \d+ from world 2 to world 1\n", text), text[-4000:]
+    straight = tmp_path / "straight"  # the same 20 steps at world 1, uninterrupted
+    done = run(["bash", "launch/torchrun.sh", "1", CONFIG, *[s.replace(str(run_dir), str(straight)) for s in steps]],
+               {**launcher_env(), **RANK_ENV, "PYTHONPATH": HOOK_PATH})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    wa, wb = final_weights(straight, "step00000020"), final_weights(run_dir, "step00000020")
+    a, b = (torch.cat([w[k].detach().flatten() for k in sorted(wa)]) for w in (wa, wb))
+    assert float((a - b).norm() / a.norm()) < 1e-5  # the same steps, up to the order of float reductions

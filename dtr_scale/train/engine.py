@@ -5,10 +5,11 @@ Works as a plain single process, under `torchrun`, under the `deepspeed` launche
 train/cli.py. Ranks are always the GLOBAL rank / world size of torch.distributed. A Trainer on an existing
 `run_dir` resumes from `checkpoints/latest` (or the tag it is given).
 
-Each optimizer step (train/step.py): the step's timesteps drawn up front, then per micro-batch
-(x, y) from the stream, noise, timesteps and label dropout drawn per slot of the global batch, per-sample diffusion loss -> ANT cluster losses ->
-balancer -> engine.backward / engine.step; then the fp32 EMA update, logging every train.log_every and
-checkpoints every train.checkpoint_every.
+Each optimizer step (train/step.py): the step's timesteps, noise and label drops drawn up front per slot of
+the global batch (train/draws.py), then per micro-batch (x, y) from the stream, per-sample diffusion loss ->
+ANT cluster losses -> balancer -> engine.backward / engine.step; then the fp32 EMA update, logging every
+train.log_every and checkpoints every train.checkpoint_every. A checkpoint written at another world size or
+ZeRO stage is resharded on resume (train/reshard.py).
 """
 
 from __future__ import annotations
@@ -75,9 +76,7 @@ class Trainer:
         hint = f"CONFIG run_dir={cfg.run_dir}"
         stage = plan.cfg.deepspeed.zero_stage
         self.reshard = self.saved is not None and check_reshard(self.saved, self.world, stage, hint)
-        if (
-            self.reshard
-        ):  # DeepSpeed reads the universal checkpoint of the tag (Checkpointer.load converts it)
+        if self.reshard:  # DeepSpeed reads the tag's universal checkpoint (Checkpointer.load converts it)
             plan.ds_config["checkpoint"] = {**plan.ds_config.get("checkpoint", {}), "load_universal": True}
         # The micro-batch for this world size (train.micro_batch_size may be unset): one config, 1..N GPUs.
         self.cfg, self.precision, self.accumulation = plan.cfg, plan.precision, plan.accumulation
@@ -195,15 +194,10 @@ class Trainer:
         return tag
 
     def _resume(self, tag: str) -> None:
-        saved = self.saved
         if self.reshard and self.rank == 0:
-            stages = f" (ZeRO-{saved.zero_stage} -> ZeRO-{self.cfg.deepspeed.zero_stage})"
-            stages = stages if saved.zero_stage != self.cfg.deepspeed.zero_stage else ""
-            step = int(tag.removeprefix("step")) if tag.startswith("step") else tag
-            print(
-                f"resharding step {step} from world {saved.world_size} to world {self.world}{stages}",
-                flush=True,
-            )
+            from dtr_scale.train.reshard import reshard_line
+
+            print(reshard_line(self.saved, self.world, self.cfg.deepspeed.zero_stage), flush=True)
         self.checkpointer.load(tag, reshard=self.reshard)
         if self.rank == 0:
             print(f"resumed from {self.checkpointer.dir / tag} at step {self.step}", flush=True)

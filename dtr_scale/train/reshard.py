@@ -85,6 +85,16 @@ def check_reshard(saved: SavedLayout, world_size: int, zero_stage: int, config_h
     return True
 
 
+def reshard_line(saved: SavedLayout, world_size: int, zero_stage: int) -> str:
+    """The one line a resharding resume prints, e.g. "resharding step 400 from world 16 to world 8"."""
+    tag = saved.tag_dir.name
+    step = int(tag.removeprefix("step")) if tag.startswith("step") and tag[4:].isdigit() else tag
+    line = f"resharding step {step} from world {saved.world_size} to world {world_size}"
+    if saved.zero_stage != zero_stage:
+        line += f" (ZeRO-{saved.zero_stage} -> ZeRO-{zero_stage})"
+    return line
+
+
 def universal_checkpoint(tag_dir: Path) -> Path:
     """`tag_dir`/universal: DeepSpeed's universal checkpoint of the tag, converted here when it is not there yet
     (rank 0 only; the caller holds the other ranks at a barrier). Written to a temporary name and renamed, so

@@ -91,7 +91,9 @@ def test_an_elastic_checkpoint_reshards_across_world_sizes_and_zero_1_to_3_but_n
     assert check_reshard(saved, 2, 2, "C") is False
     assert check_reshard(saved, 1, 2, "C") is True and check_reshard(saved, 4, 1, "C") is True
     assert check_reshard(saved, 2, 1, "C") is True  # a ZeRO stage change alone goes through the same path
-    with pytest.raises(RuntimeError, match=r"written at ZeRO-2 and cannot be resumed at ZeRO-3: .* not between"):
+    with pytest.raises(
+        RuntimeError, match=r"written at ZeRO-2 and cannot be resumed at ZeRO-3: .* not between"
+    ):
         check_reshard(saved, 4, 3, "C")
     with pytest.raises(RuntimeError, match=r"cannot be resumed at ZeRO-0 with 1 ranks: .* ZeRO-1/2/3 only"):
         check_reshard(saved, 1, 0, "C")

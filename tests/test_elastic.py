@@ -44,6 +44,7 @@ def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
     )
 
 
+@pytest.mark.minutes  # (~35 s; make test keeps the kill-at-2, resume-at-1 run, which compares worlds 2 and 1)
 def test_straight_runs_at_world_1_2_and_4_train_the_same_steps(tmp_path, builtin_data):
     steps = ["deepspeed.zero_stage=2", "train.max_steps=8", "train.checkpoint_every=8", "mtl.method=uw"]
     runs = {}

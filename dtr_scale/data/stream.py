@@ -163,7 +163,7 @@ class LatentStream:
     # -------------------------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        chunk = -(-self.micro_batch_size // len(self.streams))  # a micro-batch takes B / S of each stream
+        chunk = self.micro_batch_size  # samples per worker message (fewer, larger messages between processes)
         assembler = SampleAssembler(
             WorkerStream({**self.cfg, "chunk": chunk}, self.manifest, [], []),
             {c: list(p) for c, p in self._positions.items()},

@@ -73,16 +73,17 @@ class SampleAssembler:
         return self.tails.get(stream, [])
 
     def _receive(self, message: dict[str, Any]) -> None:
-        stream = message["stream"]
         labels = message["labels"].tolist()
-        repa = message["repa"]
-        for i, label in enumerate(labels):
-            self.queues[stream].append((
-                message["latents"][i], label, None if repa is None else repa[i], message["keys"][i],
-                message["positions"][i], message["skips"][i],
-            ))  # fmt: skip
+        if not labels:
+            latents, repa = [], []
+        else:  # one view per sample, made at once
+            latents = message["latents"].unbind(0)
+            repa = [None] * len(labels) if message["repa"] is None else message["repa"].unbind(0)
+        self.queues[message["stream"]].extend(
+            zip(latents, labels, repa, message["keys"], message["positions"], message["skips"], strict=True)
+        )
         if message["end"]:
-            self.tails[stream] = message["tail"]
+            self.tails[message["stream"]] = message["tail"]
 
     def close(self) -> None:
         """Stop the workers (or the in-process readers, closing their shards)."""

@@ -80,9 +80,8 @@ def ema_and_balancer(run_dir: Path, tag: str) -> tuple[dict[str, torch.Tensor], 
     sizes = {
         name: sum(length for st in states for n, _, length in st["segments"] if n == name) for name in names
     }
-    return assemble_ema_shards(states, {n: (s,) for n, s in sizes.items()}), global_state["balancer"][
-        "weights"
-    ]
+    ema = assemble_ema_shards(states, {n: (s,) for n, s in sizes.items()})
+    return ema, global_state["balancer"]["weights"]
 
 
 def assert_resumed_like_straight(resumed: Path, straight: Path) -> None:
@@ -101,10 +100,9 @@ def assert_resumed_like_straight(resumed: Path, straight: Path) -> None:
     # the balancer moved: Nash's weights differ per cluster; UW's left their start 0.5 exp(0) / k = 0.125
     assert max(max(bal_a) - min(bal_a), abs(bal_a[0] - 0.125)) > 1e-3
     figures = (max_relative_difference(wa, wb), max_relative_difference(ema_a, ema_b), balancer)
+    weights, ema, weights_of_balancer = figures
     print(
-        "relative differences to the straight run: weights {:.2e}, EMA {:.2e}, balancer weights {:.2e}".format(
-            *figures
-        )
+        f"relative to the straight run: weights {weights:.2e}, EMA {ema:.2e}, balancer {weights_of_balancer:.2e}"
     )
     assert max(figures) < 1e-5, figures
     weights_flat = {name: wa[f"model.{name}"].flatten() for name in ema_a}

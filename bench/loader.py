@@ -7,12 +7,17 @@ first batch (worker start-up, first shard open) is left out of the rate, which i
 and prints the ratio loader rate / training consumption (the goal is >= 10).
 
     python bench/loader.py                    # 0, 1, 2 workers, batch 64, 8 shards of 500
+    python bench/loader.py --world 1 2        # rank 0 of world 1 and of world 2
     python bench/loader.py --dit --threads 2  # plus the DiT-B/2 step rate
+
+It times whichever `dtr_scale` is importable, so `PYTHONPATH=<an older checkout>` times that one with the
+same script (an older stream without canonical streams is given its own default split).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import tempfile
 import time
@@ -33,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts")
     parser.add_argument("--batch", type=int, default=64, help="micro-batch size of the stream")
+    parser.add_argument("--world", type=int, nargs="+", default=[1], help="world sizes (rank 0 is timed)")
+    parser.add_argument("--canonical-streams", type=int, default=8, help="data.canonical_streams")
     parser.add_argument("--shards", type=int, default=8, help="synthetic shards to write")
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per worker count")
@@ -62,8 +69,13 @@ def write_synthetic_shards(directory: Path, num_shards: int, shard_size: int) ->
     )  # fmt: skip
 
 
-def loader_rate(manifest: Path, batch: int, workers: int, seconds: float) -> float:
-    stream = LatentStream(manifest, batch, seed=0, rank=0, world_size=1, num_workers=workers)
+def loader_rate(manifest: Path, batch: int, workers: int, seconds: float, world: int, streams: int) -> float:
+    extra = (
+        {"canonical_streams": streams}
+        if "canonical_streams" in inspect.signature(LatentStream).parameters
+        else {}
+    )
+    stream = LatentStream(manifest, batch, seed=0, rank=0, world_size=world, num_workers=workers, **extra)
     iterator = iter(stream)
     next(iterator)  # start-up excluded
     samples, start = 0, time.perf_counter()
@@ -98,11 +110,13 @@ def main(argv: list[str] | None = None) -> None:
         manifest = write_synthetic_shards(Path(tmp), args.shards, args.shard_size)
         total = args.shards * args.shard_size
         print(f"wrote {total} samples of {LATENT_SHAPE} in {time.perf_counter() - start:.1f} s")
-        print("| workers | batch | latents/s |\n|---|---|---|")
+        print("| world | workers | batch | latents/s |\n|---|---|---|---|")
         rates = {}
-        for workers in args.workers:
-            rates[workers] = loader_rate(manifest, args.batch, workers, args.seconds)
-            print(f"| {workers} | {args.batch} | {rates[workers]:.0f} |")
+        for world in args.world:
+            for workers in args.workers:
+                rate = loader_rate(manifest, args.batch, workers, args.seconds, world, args.canonical_streams)
+                rates[workers] = rate
+                print(f"| {world} | {workers} | {args.batch} | {rate:.0f} |")
     if args.dit:
         consumed = dit_rate(args.dit_steps, args.threads)
         print(f"DiT-B/2 fwd+bwd, batch 8, 4x32x32, {args.threads} threads: {consumed:.2f} samples/s "

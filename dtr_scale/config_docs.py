@@ -49,8 +49,12 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "mtl.uw_lr": ("1/step", "learning rate of UW's log-variances s_k (ANT: 0.025)"),
     "data.shards": ("path", "manifest.json of the latent shards (dtr-scale preprocess / prepare-builtin)"),
     "data.num_workers": ("processes", "DataLoader workers per rank (0: in the training process)"),
-    "data.shuffle_buffer": ("samples", "shuffle buffer of each loader worker"),
-    "data.interleave": ("shards", "shards each loader worker reads at once, round robin (class mixing)"),
+    "data.shuffle_buffer": ("samples", "shuffle buffer of each canonical stream"),
+    "data.interleave": ("shards", "shards each canonical stream reads at once, round robin (class mixing)"),
+    "data.canonical_streams": (
+        "streams",
+        "C: the global sample order is defined over C streams, so every world size dividing C trains on the same samples per step and a run resumes at any of them (docs/multi-node.md); a rank reads C / world of them; null: lcm(8, world size) at the run's start, then the checkpoint's",
+    ),
     "data.hflip": ("-", "random horizontal flips; null: the manifest's hflip (digits: off)"),
     "data.resampled": ("-", "true: endless shuffled stream; false: epochs of equal full batches per rank"),
     "data.on_error": (

@@ -2,12 +2,16 @@
 
 - DTR_TEST_KILL_AFTER_STEP=N: rank 0 SIGKILLs itself once step N is complete (its checkpoint, if any,
   written), as a crashed node would: the kill-and-resume tests.
+- DTR_TEST_STEP_LOG=1: every rank appends, per optimizer step, the keys of its samples and their timesteps in
+  its micro-batch order to run_dir/steps_rank{R}.jsonl (with world size and micro-batch size, so a test can
+  put them in global-batch slot order): what the elastic tests compare across world sizes.
 - DTR_TEST_CHECKSUM=1: after training, every rank prints the float64 sum of its whole parameters (ZeRO 0-2)
   and its MASTER_ADDR, so a test can check that the ranks of a launcher agree and where they met.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -25,7 +29,34 @@ _fit = engine.Trainer.fit
 def train_step(self, batches):
     if KILL_AFTER and self.step == KILL_AFTER and self.rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)
-    return _train_step(self, batches)
+    if not os.environ.get("DTR_TEST_STEP_LOG"):
+        return _train_step(self, batches)
+    record = {"step": self.step, "world": self.world, "rank": self.rank, "keys": [], "t": []}
+    record["micro_batch_size"] = self.plan.micro_batch_size
+    module = self.engine.module
+    forward = type(module).forward
+
+    def logged_forward(x, t, *args, **kwargs):
+        record["t"] += t.tolist()
+        return forward(module, x, t, *args, **kwargs)
+
+    class LoggedBatches:
+        def __iter__(self):
+            return self
+
+        def __next__(inner):
+            batch = next(batches)
+            record["keys"] += self.stream.last_keys
+            return batch
+
+    module.forward = logged_forward
+    try:
+        applied = _train_step(self, LoggedBatches())
+    finally:
+        del module.forward
+    with open(self.run_dir / f"steps_rank{self.rank}.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return applied
 
 
 def fit(self):

@@ -35,10 +35,11 @@ def test_unsupported_values_are_refused_by_name(tmp_path):
         write_state_file(tmp_path / "s.safetensors", {"a": [1, object()]})
 
 
-def _fake_checkpoint(ckpt_dir, step: int, world_size: int = 2):
+def _fake_checkpoint(ckpt_dir, step: int, world_size: int = 2, layout: dict | None = None):
     ours = ckpt_dir / tag_for_step(step) / "dtr_scale"
     ours.mkdir(parents=True)
-    write_state_file(ours / "global.safetensors", {"world_size": world_size, "step": step})
+    state = {"world_size": world_size, "step": step, **({"layout": layout} if layout else {})}
+    write_state_file(ours / "global.safetensors", state)
 
 
 def test_retention_keeps_the_last_k_and_every_mth(tmp_path):
@@ -63,11 +64,41 @@ def test_latest_must_name_a_complete_checkpoint(tmp_path):
     assert ckpt.latest_tag() == "step00000020"
 
 
-def test_resume_at_another_world_size_is_refused_with_how_to(tmp_path):
-    _fake_checkpoint(tmp_path / "checkpoints", 30, world_size=2)
-    ckpt = Checkpointer(tmp_path, rank=0, world_size=1)
-    with pytest.raises(RuntimeError, match=r"written by 2 ranks, this run has 1.*relaunch with 2 processes"):
+def test_a_checkpoint_from_before_elastic_runs_resumes_only_at_its_own_world_size(tmp_path):
+    from dtr_scale.train.reshard import check_reshard, saved_layout
+
+    _fake_checkpoint(tmp_path / "checkpoints", 30, world_size=2)  # no layout: written before elastic runs
+    saved = saved_layout(tmp_path / "checkpoints" / "step00000030")
+    assert not saved.elastic and check_reshard(saved, 2, 2, "CONFIG") is False  # as before
+    with pytest.raises(
+        RuntimeError,
+        match=r"step00000030 was written by 2 ranks .* before elastic runs and cannot be resharded to 1: resume "
+        r"it once with 2 processes \(e\.g\. `torchrun --nproc_per_node 2 -m dtr_scale train CONFIG`\)",
+    ):
+        check_reshard(saved, 1, 2, "CONFIG")
+    ckpt = Checkpointer(tmp_path, rank=0, world_size=1)  # and the checkpointer never loads it unresharded
+    with pytest.raises(RuntimeError, match=r"written by 2 ranks, this run has 1"):
         ckpt.load("step00000030")
+
+
+def test_an_elastic_checkpoint_reshards_across_world_sizes_and_zero_1_to_3_but_not_zero_0(tmp_path):
+    from dtr_scale.train.reshard import check_reshard, saved_layout
+
+    _fake_checkpoint(tmp_path, 10, world_size=2, layout={"zero_stage": 2, "canonical_streams": 8})
+    _fake_checkpoint(tmp_path, 20, world_size=2, layout={"zero_stage": 0, "canonical_streams": 8})
+    saved = saved_layout(tmp_path / "step00000010")
+    assert saved.elastic and (saved.world_size, saved.zero_stage, saved.canonical_streams) == (2, 2, 8)
+    assert check_reshard(saved, 2, 2, "C") is False
+    assert check_reshard(saved, 1, 2, "C") is True and check_reshard(saved, 4, 1, "C") is True
+    assert check_reshard(saved, 2, 1, "C") is True  # a ZeRO stage change alone goes through the same path
+    with pytest.raises(
+        RuntimeError, match=r"written at ZeRO-2 and cannot be resumed at ZeRO-3: .* not between"
+    ):
+        check_reshard(saved, 4, 3, "C")
+    with pytest.raises(RuntimeError, match=r"cannot be resumed at ZeRO-0 with 1 ranks: .* ZeRO-1/2/3 only"):
+        check_reshard(saved, 1, 0, "C")
+    with pytest.raises(RuntimeError, match=r"\(ZeRO-0, 2 ranks\) cannot be resumed at ZeRO-0 with 1 ranks"):
+        check_reshard(saved_layout(tmp_path / "step00000020"), 1, 0, "C")
 
 
 DEEPSPEED_NAMES = [

@@ -172,6 +172,7 @@ def test_stratified_sampler_gives_equal_shares_and_t_inside_each_cluster() -> No
     t, cluster_idx = sampler.sample(12, generator=torch.Generator().manual_seed(0))
     assert t.dtype == torch.long and cluster_idx.dtype == torch.long
     assert torch.bincount(cluster_idx, minlength=3).tolist() == [4, 4, 4]
+    assert cluster_idx.tolist() == [0, 1, 2] * 4  # slot g in cluster g mod k, at any world size
     for j, (left, right) in enumerate(clusters):
         chosen = t[cluster_idx == j]
         assert bool(((chosen >= left) & (chosen <= right)).all())
@@ -197,7 +198,8 @@ def test_sampler_without_clusters_is_uniform_with_one_cluster() -> None:
     sampler = TimestepSampler(1000)
     t, cluster_idx = sampler.sample(7, generator=torch.Generator().manual_seed(0))
     assert sampler.num_clusters == 1 and torch.equal(cluster_idx, torch.zeros(7, dtype=torch.long))
-    assert torch.equal(t, torch.randint(0, 1000, (7,), generator=torch.Generator().manual_seed(0)))
+    u = torch.rand(7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert t.tolist() == [int(x * 1000) for x in u.tolist()]  # t = floor(u T), u ~ U[0, 1)
 
 
 def test_sampler_refuses_clusters_with_a_gap() -> None:

@@ -42,9 +42,10 @@ def quarter_bad(builtin_data, tmp_path_factory) -> Path:
 
 
 def _skips_of_rank(manifest: Path, rank: int, batches: int) -> int:
-    """Label skips rank `rank`'s stream meets in `batches` micro-batches of 8 (the run's stream settings)."""
+    """Label skips rank `rank`'s stream meets in `batches` micro-batches of 8 (the run's stream settings, with
+    the trainer's canonical streams at world 2: lcm(8, 2) = 8)."""
     stream = LatentStream(manifest, 8, seed=0, rank=rank, world_size=2, shuffle_buffer=64, drop_last=True,
-                          on_error="ignore")  # fmt: skip
+                          on_error="ignore", canonical_streams=8)  # fmt: skip
     it = stream.batches()
     for _ in range(batches):
         next(it)

@@ -28,14 +28,15 @@ def test_keys_that_define_the_run_are_refused_and_new_keys_by_default():
     for key in ("model.depth", "model.hidden_size", "model.class_dropout_prob", "routing.beta", "routing.enabled",
                 "diffusion.noise_schedule", "diffusion.loss_weighting", "mtl.num_clusters", "mtl.objective",
                 "mtl.method", "data.shards", "data.hflip", "train.seed", "train.precision",
-                "deepspeed.zero_stage", "deepspeed.sub_group_size", "repa.encoder", "repa.depth"):  # fmt: skip
+                "deepspeed.sub_group_size", "data.canonical_streams", "repa.encoder", "repa.depth"):  # fmt: skip
         assert not may_change(key), key
     # keys that do not exist yet (a flow-matching objective, a new model knob) are refused until listed
     assert not may_change("diffusion.objective") and not may_change("model.qk_norm")
     assert not may_change("flow.time_sampling")
     for key in ("train.lr", "train.max_steps", "train.lr_schedule", "train.warmup_steps", "train.global_batch_size",
                 "train.micro_batch_size", "train.log_every", "train.checkpoint_every", "monitor.sample_every",
-                "monitor.a_future_key", "eval.every", "run_dir", "mtl.uw_lr"):  # fmt: skip
+                "monitor.a_future_key", "eval.every", "run_dir", "mtl.uw_lr",
+                "deepspeed.zero_stage"):  # fmt: skip
         assert may_change(key), key
 
 

@@ -159,11 +159,59 @@ def test_resume_mid_epoch_in_epoch_mode_finishes_the_same_pass(dataset: Path) ->
     _assert_same_batches(list(resumed), reference[5:])
 
 
-def test_state_with_a_different_world_size_is_refused(dataset: Path) -> None:
+def test_state_with_other_canonical_streams_is_refused(dataset: Path) -> None:
     state = LatentStream(dataset, 4, seed=0, rank=0, world_size=1).state_dict()
-    other = LatentStream(dataset, 4, seed=0, rank=0, world_size=2)
-    with pytest.raises(ValueError, match="world_size was 1 when saved but is 2"):
+    other = LatentStream(dataset, 4, seed=0, rank=0, world_size=2)  # default: one stream per rank
+    with pytest.raises(ValueError, match="canonical_streams was 1 when saved but is 2"):
         other.load_state_dict(state)
+
+
+def _global_order(manifest: Path, world: int, steps: int, global_batch: int = 8, **kwargs) -> list[list[int]]:
+    """Per step, the labels (= sample numbers) in global-batch slot order: slot g is rank g % world's
+    (g // world)-th sample of the step (the trainer's layout)."""
+    per_rank = []
+    for rank in range(world):
+        stream = LatentStream(manifest, global_batch // world, seed=7, rank=rank, world_size=world, **kwargs)
+        per_rank.append([y.tolist() for _, y in _take(stream, steps)])
+    return [[per_rank[g % world][s][g // world] for g in range(global_batch)] for s in range(steps)]
+
+
+def test_every_world_size_dividing_the_canonical_streams_sees_the_same_global_order(dataset: Path) -> None:
+    common = dict(canonical_streams=4, shuffle_buffer=6, interleave=2)
+    reference = _global_order(dataset, 1, 12, **common)  # 96 samples: several epochs of the 35
+    for world, workers in ((1, 2), (2, 0), (2, 2), (4, 0)):
+        assert _global_order(dataset, world, 12, num_workers=workers, **common) == reference, (world, workers)
+    # round robin over the 4 streams: consecutive global samples come from different streams' shards
+    assert sorted(sum(reference[:4], [])[:35]) != list(range(35))  # and each epoch is shuffled
+    # within the first epoch of each stream no sample appears twice
+    first = sum(reference, [])[:24]
+    assert len(set(first)) == len(first)
+
+
+def test_a_resharded_state_continues_the_same_global_order(dataset: Path) -> None:
+    common = dict(seed=7, canonical_streams=4, shuffle_buffer=6, interleave=2, num_workers=2)
+    reference = _global_order(dataset, 1, 10, canonical_streams=4, shuffle_buffer=6, interleave=2)
+    for old_world, new_world in ((2, 1), (1, 2), (2, 4), (4, 2)):
+        states = []
+        for rank in range(old_world):
+            stream = LatentStream(dataset, 8 // old_world, rank=rank, world_size=old_world, **common)
+            _take(stream, 4)
+            states.append(json.loads(json.dumps(stream.state_dict())))
+        per_rank = []
+        for rank in range(new_world):
+            stream = LatentStream(dataset, 8 // new_world, rank=rank, world_size=new_world, **common)
+            stream.load_state_dict(stream.reshard_states(states))
+            assert stream.stats["samples"] == 4 * 8 // new_world
+            per_rank.append([y.tolist() for _, y in _take(stream, 6)])
+        resumed = [[per_rank[g % new_world][s][g // new_world] for g in range(8)] for s in range(6)]
+        assert resumed == reference[4:], (old_world, new_world)
+
+
+def test_a_world_size_that_does_not_divide_the_canonical_streams_is_refused_by_name(dataset: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"data.canonical_streams=4 cannot be split over 3 ranks.*multiple of 3"
+    ):
+        LatentStream(dataset, 4, seed=0, rank=0, world_size=3, canonical_streams=4)
 
 
 def test_flips_and_posterior_noise_vary_per_sample_and_epoch(tmp_path: Path) -> None:
@@ -264,7 +312,7 @@ def test_latent_shape_mismatch_is_an_error_naming_the_manifest(dataset: Path) ->
 
 def test_too_few_shards_for_the_ranks_in_epoch_mode_is_an_error(tmp_path: Path) -> None:
     manifest = _write_dataset(tmp_path / "one", sizes=(6,))
-    with pytest.raises(ValueError, match="1 shards cannot give each of 2 ranks"):
+    with pytest.raises(ValueError, match="1 shards cannot give each of 2 canonical streams"):
         LatentStream(manifest, 2, seed=0, rank=0, world_size=2, resampled=False)
     # resampled mode shares the shard instead
     batches = _take(LatentStream(manifest, 2, seed=0, rank=1, world_size=2), 4)
@@ -389,22 +437,26 @@ def test_epoch_mode_for_training_takes_equal_full_batches_and_rolls_over(tmp_pat
         assert [len(y) for _, y in ranked] == [16]
 
 
-def test_epoch_mode_ranks_take_the_minimum_share(tmp_path: Path) -> None:
-    # Shards of 5, 7, 6, 5, 8, 4 over 2 ranks: each rank's share depends on the epoch's shard order; the
-    # count every rank takes is the smaller floor(share / 4), computed by hand from the same order.
-    from dtr_scale.data.stream_order import consumer_slots, epoch_shard_list
+def test_epoch_mode_takes_whole_steps_of_the_smallest_canonical_stream(tmp_path: Path) -> None:
+    # Shards of 5, 7, 6, 5, 8, 4 over 2 canonical streams: the global order takes one sample of each stream in
+    # turn, so a pass runs whole for 2 x (the smaller stream's count) samples, cut to whole steps of
+    # world x micro-batch x accumulation samples. Worked from the same shard order by hand.
+    from dtr_scale.data.stream_order import epoch_shard_list
 
     manifest = _write_dataset(tmp_path / "d")
-    streams = [
-        LatentStream(manifest, 4, seed=1, rank=r, world_size=2, resampled=False, drop_last=True)
-        for r in range(2)
-    ]
-    for epoch in range(3):
-        order = epoch_shard_list(6, 1, epoch, 2, resampled=False)
-        shares = [sum(SHARD_SIZES[s] for s in order[consumer_slots(6, r, 2, 0, 1)]) for r in range(2)]
-        assert streams[0].full_batches_per_epoch(epoch) == min(share // 4 for share in shares)
-    counts = [len(list(s)) for s in streams]
-    assert counts[0] == counts[1] == streams[0].full_batches_per_epoch(0)
+    for world, batch, accumulation in ((2, 4, 1), (1, 4, 2), (1, 8, 1)):
+        streams = [
+            LatentStream(manifest, batch, seed=1, rank=r, world_size=world, resampled=False, drop_last=True,
+                         canonical_streams=2, accumulation=accumulation)
+            for r in range(world)
+        ]  # fmt: skip
+        for epoch in range(3):
+            order = epoch_shard_list(6, 1, epoch, 2, resampled=False).tolist()
+            smaller = min(sum(SHARD_SIZES[s] for s in order[0::2]), sum(SHARD_SIZES[s] for s in order[1::2]))
+            steps = 2 * smaller // 8  # every case takes 8 samples per optimizer step
+            assert streams[0].full_batches_per_epoch(epoch) == steps * accumulation
+        counts = [len(list(s)) for s in streams]
+        assert counts == [streams[0].full_batches_per_epoch(0)] * world
 
 
 def test_epoch_mode_resume_mid_epoch_continues_the_same_batches(tmp_path: Path) -> None:
@@ -423,7 +475,9 @@ def test_epoch_mode_resume_mid_epoch_continues_the_same_batches(tmp_path: Path) 
 def test_epoch_mode_without_a_full_batch_is_refused_by_name(tmp_path: Path) -> None:
     manifest = _write_dataset(tmp_path / "d", sizes=(5, 5))
     stream = LatentStream(manifest, 8, seed=0, rank=0, world_size=2, resampled=False, drop_last=True)
-    with pytest.raises(ValueError, match=r"rank \d's shards give no loader worker a full micro-batch of 8"):
+    with pytest.raises(
+        ValueError, match=r"smallest of the 2 canonical streams holds 5 samples.*no full step of 16"
+    ):
         next(stream.batches())
 
 

@@ -369,8 +369,10 @@ def test_two_process_epoch_mode_rolls_over_epochs_and_resumes_exactly(tmp_path):
     # data.resampled=false with 2 shards x 21 and micro-batch 16 died with StopIteration at the end of the
     # data. Now each rank takes one full micro-batch per epoch and training runs on through the epochs.
     manifest = _tiny_manifest(tmp_path / "data")
+    # Epoch mode needs a shard per canonical stream: 2 streams for the 2 shards.
     steps = ["data.resampled=false", "train.micro_batch_size=16", "train.global_batch_size=32",
-             "train.max_steps=6", "train.checkpoint_every=3", "deepspeed.zero_stage=2"]  # fmt: skip
+             "train.max_steps=6", "train.checkpoint_every=3", "deepspeed.zero_stage=2",
+             "data.canonical_streams=2"]  # fmt: skip
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run_ranks(train_args(straight, manifest, *steps))
     run_ranks(

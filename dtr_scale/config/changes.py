@@ -38,6 +38,8 @@ CHANGEABLE: dict[str, str] = {
     "data.on_error": "what an unusable sample does from now on",
     "data.max_skipped_fraction": "the bad-data stop from the next checkpoint",
     "data.vae": "the VAE that decodes in-loop sample grids",
+    "deepspeed.zero_stage": "the ZeRO stage: ZeRO-1 <-> ZeRO-2 through DeepSpeed's Universal Checkpointing (a "
+    "reshard, docs/multi-node.md); ZeRO-0 and moves to or from ZeRO-3 are refused at load by name",
     "deepspeed.overlap_comm": "DeepSpeed communication overlap (the same maths)",
     "deepspeed.reduce_bucket_size": "DeepSpeed's gradient reduce bucket (the same maths)",
     "deepspeed.stage3_max_live_parameters": "ZeRO-3 gathering (the same maths)",

@@ -90,8 +90,11 @@ class DataConfig:
 
     shards: str | None = None  # manifest.json path
     num_workers: int = 2
-    shuffle_buffer: int = 1000  # samples per loader worker's shuffle buffer
-    interleave: int = 8  # shards each loader worker reads at once, round robin (class mixing)
+    shuffle_buffer: int = 1000  # samples per canonical stream's shuffle buffer
+    interleave: int = 8  # shards each canonical stream reads at once, round robin (class mixing)
+    canonical_streams: int | None = (
+        None  # the sample order's streams (null: lcm(8, world) at the run's start)
+    )
     hflip: bool | None = None  # random horizontal flip; None = the manifest's `hflip` (digits: off)
     resampled: bool = True
     on_error: str = "warn"  # warn | raise | ignore

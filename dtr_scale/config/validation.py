@@ -93,10 +93,12 @@ def _check_data(cfg: RunConfig) -> None:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
     if d.interleave < 1:
         raise ConfigError(
-            f"data.interleave must be >= 1 (shards read at once per worker), got {d.interleave}"
+            f"data.interleave must be >= 1 (shards read at once per canonical stream), got {d.interleave}"
         )
     if d.shuffle_buffer < 0:
         raise ConfigError(f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
+    if d.canonical_streams is not None and d.canonical_streams < 1:
+        raise ConfigError(f"data.canonical_streams must be >= 1, got {d.canonical_streams}")
 
 
 def _check_train(cfg: RunConfig) -> None:

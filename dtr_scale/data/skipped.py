@@ -133,6 +133,27 @@ class SkipLedger:
         self.window_first = {s: str(v) for s, v in state["window_first"].items()}
 
 
+def merge_ledger_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One SkipLedger state holding the counts of several (every rank's, for a resharding resume): totals,
+    per-shard counts and windows summed; a shard's first skip is kept from the first state naming it."""
+    merged = SkipLedger()
+    for state in states:
+        ledger = SkipLedger()
+        ledger.load_state_dict(state)
+        for kind, count in ledger.totals.items():
+            merged.totals[kind] += count
+        for shard, kinds in ledger.by_shard.items():
+            into = merged.by_shard.setdefault(shard, {})
+            for kind, count in kinds.items():
+                into[kind] = into.get(kind, 0) + count
+        merged.window_seen += ledger.window_seen
+        for shard, count in ledger.window_by_shard.items():
+            merged.window_by_shard[shard] = merged.window_by_shard.get(shard, 0) + count
+        for shard, first in ledger.window_first.items():
+            merged.window_first.setdefault(shard, first)
+    return merged.state_dict()
+
+
 def judge_windows(windows: list[dict[str, Any]], max_fraction: float, where: str) -> str | None:
     """The stop message when some rank's window skipped more than `max_fraction` of the samples it saw,
     naming that rank, its fraction and its worst shards; None when every rank is within bounds.

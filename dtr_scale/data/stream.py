@@ -6,32 +6,28 @@ or flipped) is chosen at random and its latent drawn from the stored posterior, 
 (MAR-style moments for both flips, so augmentation survives offline encoding; see
 docs/data-and-preprocessing.md).
 
-How exact resume works (the design choice)
-------------------------------------------
-Everything random is a pure function of (seed, epoch, rank, world size, worker) and never of timing or
-content, so a stream can be *recomputed* instead of saved:
+How the order is made (the design choice; docs/design-choices.md weighs it)
+---------------------------------------------------------------------------
+Everything random is a pure function of (seed, epoch, canonical stream) and never of rank, world size,
+loader worker, timing or content, so a stream can be *recomputed* instead of saved, at any world size that
+divides the number C of canonical streams (`data.canonical_streams`, MosaicML Streaming's idea):
 
-1. Shard order. Epoch e's global shard list is a permutation of all shards drawn from (seed, e), the same
-   on every rank. Rank r takes every world_size-th entry starting at r (the *global* rank), and loader
-   worker w of R workers takes every R-th entry of that. In `resampled` (infinite) mode the list is
-   extended with further permutations to at least world_size * R entries and cut to a multiple of it, so
-   every (rank, worker) reads the same number of shards per epoch, even with fewer shards than
-   consumers, and the epochs simply go on forever. In epoch mode each epoch is one pass: disjoint and
-   complete across ranks and workers.
-2. Shuffle buffer in index space. A worker's samples, numbered in read order, are shuffled by the usual
-   buffer algorithm (fill `shuffle_buffer`, then emit a random slot and refill it), but the random slot
-   choices are drawn from (seed, e, rank, world, worker) before any data is read. The emission order of
-   an epoch is therefore a plain integer array computed up front.
-3. Augmentation is keyed by the sample's identity in the epoch, (seed, e, slot in the global shard list,
-   index in the shard): the same sample gets the same flip and noise whatever the world size or the
-   number of workers.
-4. Position. A worker's position is (epoch, number of emitted plan entries). Each batch carries its
-   worker's new position to the main process, which records it together with the round-robin pointer of
-   the DataLoader (it hands out batches worker 0, 1, ..., R-1, 0, ...). `state_dict()` is just these
-   integers. A rebuilt stream recomputes each worker's emission order, skips shards whose samples were all
-   emitted already, keeps only the not-yet-emitted samples of the others, and maps the new loader's
-   worker k to logical worker (pointer + k) mod R: it yields exactly the batches the original would have.
-   The cost of a resume is re-reading at most the shards still in the shuffle buffer.
+1. Shard order. Epoch e's global shard list is a permutation of all shards drawn from (seed, e). Canonical
+   stream c reads every C-th entry from c. In `resampled` (infinite) mode the list is extended with further
+   permutations to at least C entries and cut to a multiple of C, so every stream reads the same number of
+   shards per epoch, and each stream's epochs go on forever. In epoch mode each epoch is one pass.
+2. Per stream, `interleave` shards are read at once (round robin) and a shuffle buffer permutes the
+   arrivals, its slot choices drawn from (seed, e, c) up front: a stream's emission order is an integer
+   array, and a stream yields its readable samples in that order.
+3. The global sequence takes one sample of each stream in turn: global sample n is the (n // C)-th of
+   stream n % C. Global-batch slot g of a step goes to rank g % world (the trainer's layout), and with
+   world dividing C and the global batch that rank reads exactly the streams c with c % world == rank. Loader
+   workers only share out a rank's streams: they never change the order.
+4. Augmentation is keyed by the sample's identity in the epoch, (seed, e, slot in the global shard list,
+   index in the shard): the same sample gets the same flip and noise whatever the world size or workers.
+5. Position: (epoch, emitted plan entries) per canonical stream, after the last sample the trainer took,
+   and the turns taken. A rebuilt stream recomputes each emission order and re-reads at most the shards
+   still in a buffer. `reshard_states` gathers every rank's streams for a resume at another world size.
 
 Errors: every sample the stream cannot use (a shard missing, unreadable, cut or short, a member that fails
 to decode, latents of the wrong shape, a label outside the manifest) is counted by kind and shard in
@@ -41,8 +37,9 @@ ShardError at the first one; `"ignore"` only counts. Errors are deterministic, s
 deterministic (and resume exact). Missing files are also reported up front. Each skipped sample is counted
 once, when its turn in the emission order comes, so a resume neither loses nor repeats counts.
 
-Modules: stream_order.py computes the schedule (1, 2), stream_worker.py runs in the loader workers (reads,
-shuffles, augments: 2, 3); this one is the trainer side (positions, state_dict: 4).
+Modules: stream_order.py computes the schedule (1-3), stream_worker.py runs in the loader workers (reads,
+shuffles, augments: 2, 4), stream_assembly.py queues their samples per stream; this one is the trainer side
+(the global order, positions, state_dict: 3, 5).
 """
 
 from __future__ import annotations
@@ -56,75 +53,43 @@ import numpy as np
 import torch
 
 from dtr_scale.data.shards import Manifest, load_manifest
-from dtr_scale.data.skipped import SkipLedger
-from dtr_scale.data.stream_order import consumer_slots, epoch_shard_list
+from dtr_scale.data.skipped import SkipLedger, merge_ledger_states
+from dtr_scale.data.stream_assembly import SampleAssembler
+from dtr_scale.data.stream_checks import (
+    StreamLayoutError,
+    check_arguments,
+    check_canonical_streams,
+    check_manifest,
+)
+from dtr_scale.data.stream_order import epoch_shard_list, rank_streams, stream_of, stream_slots
 from dtr_scale.data.stream_worker import ShardError, WorkerStream
 
-STATE_FORMAT = "dtr-scale-stream/1"
-ON_ERROR_CHOICES = ("warn", "raise", "ignore")
+STATE_FORMAT = "dtr-scale-stream/2"
+LEGACY_FORMAT = "dtr-scale-stream/1"  # positions per (rank, loader worker), before canonical streams
+__all__ = ["LatentStream", "ShardError", "ShardWarning", "StreamLayoutError", "check_canonical_streams"]
 
 
 class ShardWarning(UserWarning):
     """A shard or sample could not be read and was skipped (on_error="warn")."""
 
 
-def _check_arguments(
-    micro_batch_size: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    interleave: int,
-    shuffle_buffer: int,
-    on_error: str,
-) -> None:
-    """LatentStream's arguments, each in its range; ValueError naming the first that is not."""
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size); got rank {rank}, world_size {world_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if interleave < 1:
-        raise ValueError(f"interleave must be >= 1 (shards read at once per worker), got {interleave}")
-    if shuffle_buffer < 0:
-        raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-    if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-
-
-def _check_manifest(
-    manifest: Manifest, expected_latent_shape: tuple[int, ...] | None, resampled: bool, world_size: int
-) -> None:
-    """The manifest fits the model and the run: latent shape, some samples, a shard per rank (epoch mode)."""
-    path = manifest.path
-    if expected_latent_shape is not None and tuple(expected_latent_shape) != tuple(manifest.latent_shape):
-        raise ValueError(
-            f"{path}: latent_shape {list(manifest.latent_shape)} does not match the configured "
-            f"model input {list(expected_latent_shape)} (in_channels, input_size, input_size)"
-        )
-    if manifest.num_samples == 0:
-        raise ValueError(f"{path}: the manifest's shards hold no samples")
-    if not resampled and len(manifest.shards) < world_size:
-        raise ValueError(
-            f"{path}: {len(manifest.shards)} shards cannot give each of {world_size} ranks a "
-            "shard in epoch mode; use resampled=True or write more, smaller shards"
-        )
-
-
 class LatentStream:
     """Iterable of `(latents, labels)` micro-batches for one rank; see the module docstring.
 
     manifest: a manifest.json path (or its directory) or a loaded Manifest. rank / world_size: the
-    *global* rank and world size. resampled=True: infinite (training); False: one pass per `iter()`,
-    disjoint and complete across ranks and workers, the last batch of each worker possibly short.
-    drop_last (epoch mode, training): only full micro-batches, the same number on every rank per epoch
-    (`full_batches_per_epoch`); `batches()` then rolls over into the next, reshuffled epoch.
-    interleave: shards each loader worker reads at once (round robin), before the shuffle buffer.
+    *global* rank and world size. canonical_streams: the number C of canonical streams the global sample order
+    is defined over (world_size must divide it; None: world_size x max(1, num_workers)); every world size that
+    divides C sees the same global sequence. resampled=True: infinite (training); False: one pass per `iter()`,
+    disjoint and complete across ranks, the last batch possibly short. drop_last (epoch mode, training): only
+    whole optimizer steps of `accumulation` full micro-batches per rank, the same on every rank and for every
+    world size (`full_batches_per_epoch`); `batches()` then rolls over into the next, reshuffled epoch.
+    interleave: shards each canonical stream reads at once (round robin), before its shuffle buffer.
     hflip: pick the stored or the mirrored orientation at random per sample; None = the manifest's
     `hflip` field (absent: True, natural images), False = always the stored one (digits, text).
     expected_latent_shape: (C, H, W) the model is configured for; a mismatch is an error naming the
     manifest, raised here, before training starts. with_repa: yield `(latents, labels, repa)`, the stored
     REPA features (B, M, D) float16 of each latent's orientation (the manifest must have them).
+    `last_keys`: the sample keys of the last batch yielded.
     """
 
     def __init__(
@@ -145,18 +110,18 @@ class LatentStream:
         expected_latent_shape: tuple[int, ...] | None = None,
         pin_memory: bool = False,
         with_repa: bool = False,
+        canonical_streams: int | None = None,
+        accumulation: int = 1,
     ) -> None:
         self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-        _check_arguments(
-            micro_batch_size, rank, world_size, num_workers, interleave, shuffle_buffer, on_error
-        )
-        _check_manifest(self.manifest, expected_latent_shape, resampled, world_size)
+        check_arguments(micro_batch_size, rank, world_size, num_workers, interleave, shuffle_buffer, on_error)
+        streams = world_size * max(1, num_workers) if canonical_streams is None else int(canonical_streams)
+        check_canonical_streams(streams, world_size)
+        check_manifest(self.manifest, expected_latent_shape, resampled, streams)
+        # What defines the global sample order: the same for every world size of the family.
         self.cfg = {
             "seed": int(seed),
-            "rank": int(rank),
-            "world_size": int(world_size),
-            "num_workers": max(1, int(num_workers)),  # logical workers; 0 means one, in-process
-            "micro_batch_size": int(micro_batch_size),
+            "canonical_streams": streams,
             "shuffle_buffer": int(shuffle_buffer),
             "interleave": int(interleave),
             "hflip": bool(self.manifest.extra.get("hflip", True) if hflip is None else hflip),
@@ -165,14 +130,25 @@ class LatentStream:
         if with_repa:  # precomputed REPA features (preprocess --repa-encoder), yielded as a third tensor
             repa = self.manifest.extra["repa"]
             self.cfg["repa_shape"] = (int(repa["tokens"]), int(repa["dim"]))
-        self.num_workers, self.on_error, self.pin_memory = int(num_workers), on_error, pin_memory
-        self.drop_last = bool(drop_last)
+        self.rank, self.world_size, self.micro_batch_size = int(rank), int(world_size), int(micro_batch_size)
+        self.streams = rank_streams(self.rank, self.world_size, streams)
+        self.num_workers, self.on_error, self.pin_memory = (
+            min(int(num_workers), len(self.streams)),
+            on_error,
+            pin_memory,
+        )
+        self.drop_last, self.accumulation = bool(drop_last), int(accumulation)
         self._epoch_batches = 0  # full micro-batches taken from the current epoch (epoch mode)
-        self._workers = [[0, 0] for _ in range(self.cfg["num_workers"])]
-        self._next_worker = 0
+        self._positions = {
+            c: [0, 0] for c in self.streams
+        }  # (epoch, plan position) after the last sample taken
+        self._turns = (
+            0  # turns of this rank's local sequence taken (stream_of: global index turns * world + rank)
+        )
         self._batches = 0
         self.stats: dict[str, Any] = {"samples": 0, "batches": 0}
         self.skipped = SkipLedger()
+        self.last_keys: list[str] = []
         self._report_missing_files()
 
     def _report_missing_files(self) -> None:
@@ -188,78 +164,82 @@ class LatentStream:
     # -------------------------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        workers = self.cfg["num_workers"]
-        roles = [(self._next_worker + k) % workers for k in range(workers)]
-        dataset = WorkerStream(self.cfg, self.manifest, roles, [list(self._workers[r]) for r in roles])
-        if self.num_workers == 0:
-            source = iter(dataset)
-        else:
-            # A private generator: the DataLoader draws its workers' base seed from it instead of from the
-            # global torch RNG, which the trainer restores on resume and uses for label dropout (exact
-            # resume). The workers' randomness never matters here: every draw is keyed by (seed, epoch, ...).
-            source = iter(
-                torch.utils.data.DataLoader(
-                    dataset,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    pin_memory=self.pin_memory,
-                    generator=torch.Generator().manual_seed(self.cfg["seed"]),
-                )
-            )
+        chunk = self.micro_batch_size  # samples per worker message (fewer, larger messages between processes)
+        assembler = SampleAssembler(
+            WorkerStream({**self.cfg, "chunk": chunk}, self.manifest, [], []),
+            {c: list(p) for c, p in self._positions.items()},
+            self.num_workers,
+            self.pin_memory,
+        )
         cap = None
         if self.drop_last and not self.cfg["resampled"]:
-            cap = self.full_batches_per_epoch(max(e for e, _ in self._workers))
-        for message in source:
-            if cap is not None and self._epoch_batches >= cap:
-                break  # every rank has taken its equal share of this epoch
-            role = message["role"]
-            self._workers[role] = [message["epoch"], message["position"]]
-            self._next_worker = (role + 1) % workers
-            self._account(message)
-            if message["latents"] is None:
-                continue
-            if cap is not None and len(message["labels"]) < self.cfg["micro_batch_size"]:
-                continue  # drop_last: a worker's short last batch of the pass
+            cap = self.full_batches_per_epoch(max(e for e, _ in self._positions.values()))
+        while cap is None or self._epoch_batches < cap:
+            taken = self._next_batch(assembler)
+            if not taken:
+                break  # epoch mode: every stream of this rank finished its pass
+            if cap is not None and len(taken) < self.micro_batch_size:
+                break  # drop_last: the pass's short last batch
             self._batches += 1
             self._epoch_batches += 1
             self.stats["batches"] = self._batches
-            self.stats["samples"] += len(message["labels"])
-            repa = (message["repa"],) if "repa_shape" in self.cfg else ()
-            yield message["latents"], message["labels"], *repa
+            self.stats["samples"] += len(taken)
+            self.last_keys = [rec[3] for rec in taken]
+            latents = torch.stack([rec[0] for rec in taken])
+            labels = torch.tensor([rec[1] for rec in taken], dtype=torch.int64)
+            repa = (torch.stack([rec[2] for rec in taken]),) if "repa_shape" in self.cfg else ()
+            yield latents, labels, *repa
+        assembler.close()
         for name, line in self.skipped.finish(None, len(self.manifest.labels)):
             self._say(name, line)  # shards the pass left unfinished (drop_last)
         if not self.cfg["resampled"]:  # the pass is complete: the next iter() starts the next epoch
-            epoch = max(e for e, _ in self._workers) + 1
-            self._workers = [[epoch, 0] for _ in range(workers)]
-            self._next_worker = 0
+            epoch = max(e for e, _ in self._positions.values()) + 1
+            self._positions = {c: [epoch, 0] for c in self.streams}
+            self._turns = 0
             self._epoch_batches = 0
+
+    def _next_batch(self, assembler: SampleAssembler) -> list[tuple]:
+        """Up to micro_batch_size samples in the global order (stream_of); short only at the end of a pass,
+        where an exhausted stream's turns pass to the next of this rank's streams."""
+        taken: list[tuple] = []
+        num_streams = self.cfg["canonical_streams"]
+        while len(taken) < self.micro_batch_size and assembler.live:
+            stream, _ = stream_of(self._turns * self.world_size + self.rank, num_streams)
+            self._turns += 1
+            rec = assembler.pop(stream)
+            if rec is None:  # epoch mode: this stream's pass is over (its trailing skips were returned)
+                self._account(assembler.tail(stream), delivered=0)
+                continue
+            self._account(rec[5])
+            self._positions[stream] = list(rec[4])
+            taken.append(rec)
+        return taken
 
     def full_batches_per_epoch(self, epoch: int) -> int:
         """Epoch mode with drop_last: the full micro-batches every rank takes from `epoch`.
 
-        Rank r's loader worker w can fill floor(n_rw / B) micro-batches from the n_rw samples of its shards
-        (the manifest's counts), so rank r can fill sum_w of that; every rank takes the minimum over ranks,
-        so all ranks make the same number of optimizer steps per epoch (no rank waits in a collective for
-        one that ran dry). Raises ValueError when that is zero.
+        The global sequence takes one sample of each canonical stream in turn, so it runs whole as long as the
+        smallest stream (n_min samples by the manifest's counts): C x n_min samples, of which whole optimizer
+        steps (world x micro-batch x accumulation samples) are taken; every rank takes accumulation x steps
+        micro-batches, the same for every world size. Raises ValueError when that is zero.
         """
         cfg = self.cfg
-        workers, world, batch = cfg["num_workers"], cfg["world_size"], cfg["micro_batch_size"]
+        num_streams = cfg["canonical_streams"]
         counts = np.array([s["num_samples"] for s in self.manifest.shards], dtype=np.int64)
-        order = epoch_shard_list(len(counts), cfg["seed"], epoch, world * workers, resampled=False)
-        per_rank = [
-            sum(int(counts[order[consumer_slots(len(order), r, world, w, workers)]].sum()) // batch
-                for w in range(workers))
-            for r in range(world)
-        ]  # fmt: skip
-        if min(per_rank) == 0:
-            rank = int(np.argmin(per_rank))
+        order = epoch_shard_list(len(counts), cfg["seed"], epoch, num_streams, resampled=False)
+        smallest = min(
+            int(counts[order[stream_slots(len(order), c, num_streams)]].sum()) for c in range(num_streams)
+        )
+        step = self.world_size * self.micro_batch_size * self.accumulation
+        steps = num_streams * smallest // step
+        if steps == 0:
             raise ValueError(
-                f"{self.manifest.path}: in epoch {epoch} rank {rank}'s shards give no loader worker a full "
-                f"micro-batch of {batch} samples ({world} ranks x {workers} workers over "
-                f"{len(counts)} shards); use fewer workers, smaller micro-batches, more shards, or "
+                f"{self.manifest.path}: in epoch {epoch} the smallest of the {num_streams} canonical streams holds "
+                f"{smallest} samples, so one pass ({num_streams} x {smallest}) gives no full step of {step} samples; "
+                "use fewer canonical streams (data.canonical_streams), a smaller batch, more shards, or "
                 "data.resampled=true"
             )
-        return min(per_rank)
+        return steps * self.accumulation
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Micro-batches without end: the infinite stream, or epoch after epoch (each reshuffled) in epoch
@@ -267,7 +247,7 @@ class LatentStream:
         while True:
             # An epoch resumed after its last batch (checkpointed between that batch and the rollover)
             # legitimately delivers nothing more; only an epoch started from its beginning must deliver.
-            fresh = self._epoch_batches == 0 and all(position == 0 for _, position in self._workers)
+            fresh = self._epoch_batches == 0 and self._turns == 0
             delivered = False
             for batch in self:
                 delivered = True
@@ -276,13 +256,13 @@ class LatentStream:
                 return
             if fresh and not delivered:
                 raise ShardError(
-                    f"{self.manifest.path}: an epoch delivered no micro-batch on rank {self.cfg['rank']}"
+                    f"{self.manifest.path}: an epoch delivered no micro-batch on rank {self.rank}"
                 )
 
-    def _account(self, message: dict[str, Any]) -> None:
-        """Count a message's samples and skips (raising at the first skip when on_error="raise"), and warn
-        once per shard and kind for the shards it finished."""
-        for rec in message["skips"]:  # in order, so a shard's next epoch never joins this epoch's count
+    def _account(self, skips: list[dict], delivered: int = 1) -> None:
+        """Count a sample and the skips before it (raising at the first skip when on_error="raise"), and warn
+        once per shard and kind for the shards they finished."""
+        for rec in skips:  # in order, so a shard's next epoch never joins this epoch's count
             if "finished" in rec:
                 for shard, line in self.skipped.finish(rec["finished"], len(self.manifest.labels)):
                     self._say(shard, line)
@@ -292,7 +272,7 @@ class LatentStream:
                     f"{rec['detail']} ({self.manifest.root / rec['shard']}; data.on_error=raise)"
                 )
             self.skipped.add(rec)
-        self.skipped.delivered(len(message["labels"]))
+        self.skipped.delivered(delivered)
 
     def _say(self, name: str, text: str) -> None:
         """Report `text` about shard `name` per on_error: raise, warn, or stay silent (ignore)."""
@@ -304,29 +284,46 @@ class LatentStream:
 
     @property
     def epoch(self) -> int:
-        """The epoch the slowest worker is in (resampled mode: per-worker epochs are a fraction of the data)."""
-        return min(e for e, _ in self._workers)
+        """The epoch the slowest of this rank's streams is in (resampled mode: per-stream epochs)."""
+        return min(e for e, _ in self._positions.values())
 
     # -------------------------------------------------------------------------------- position
 
     def state_dict(self) -> dict[str, Any]:
-        """The stream position, as plain ints, strings and lists (safe in a checkpoint's client state)."""
+        """The stream position, as plain ints, strings and lists (safe in a checkpoint's client state):
+        [stream, epoch, position] for each of this rank's canonical streams and the turns taken."""
         return {
             "format": STATE_FORMAT,
             **self.cfg,
             "num_shards": len(self.manifest.shards),
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "micro_batch_size": self.micro_batch_size,
+            "positions": [[c, *self._positions[c]] for c in self.streams],
+            "turns": self._turns,
             "batches": self._batches,
-            "next_worker": self._next_worker,
-            "workers": [list(w) for w in self._workers],
             "epoch_batches": self._epoch_batches,
             "samples": int(self.stats["samples"]),
             "skipped": self.skipped.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state` (from `state_dict()`); the stream's configuration must be the same."""
+        """Continue from `state`: this rank's `state_dict()`, or `reshard_states` of every saved rank's (at
+        another world size). The global order's settings (self.cfg) must be the same."""
+        if state.get("format") == LEGACY_FORMAT:
+            warnings.warn(
+                f"data stream state: saved by a dtr-scale from before canonical streams ({LEGACY_FORMAT}), whose "
+                "sample order this one cannot continue: the data stream starts over from its first epoch "
+                f"({self.manifest.path})",
+                ShardWarning,
+                stacklevel=2,
+            )
+            return
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"data stream state: format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+            raise ValueError(
+                f"data stream state: format {state.get('format')!r}, expected {STATE_FORMAT!r} (a checkpoint "
+                "from before canonical streams: its sample order cannot be continued)"
+            )
         expected = {**self.cfg, "num_shards": len(self.manifest.shards)}
         for key, value in expected.items():
             if state.get(key) != value:
@@ -334,15 +331,49 @@ class LatentStream:
                     f"data stream state: {key} was {state.get(key)!r} when saved but is {value!r} now "
                     f"({self.manifest.path}); the exact position can only be restored with the same setting"
                 )
-        if len(state["workers"]) != self.cfg["num_workers"]:
+        positions = {int(c): [int(e), int(p)] for c, e, p in state["positions"]}
+        if sorted(positions) != self.streams:
             raise ValueError(
-                f"data stream state: 'workers' has {len(state['workers'])} entries, expected "
-                f"{self.cfg['num_workers']}"
+                f"data stream state holds streams {sorted(positions)}, rank {self.rank} of {self.world_size} "
+                f"reads {self.streams}"
             )
-        self._workers = [[int(e), int(p)] for e, p in state["workers"]]
-        self._next_worker = int(state["next_worker"])
+        self._positions = positions
+        self._turns = int(state["turns"])
         self._batches = int(state["batches"])
-        self._epoch_batches = int(state.get("epoch_batches", 0))
+        self._epoch_batches = int(state["epoch_batches"])
         self.stats = {"samples": int(state["samples"]), "batches": self._batches}
-        if "skipped" in state:  # absent in checkpoints written before skip accounting
-            self.skipped.load_state_dict(state["skipped"])
+        self.skipped.load_state_dict(state["skipped"])
+
+    def reshard_states(self, states: list[dict[str, Any]], rank: int | None = None) -> dict[str, Any]:
+        """This rank's state from every rank's saved state at another world size (a resharding resume; `rank`
+        is this stream's own, accepted for the checkpointer's common call).
+
+        The positions of all canonical streams are collected and this rank takes its own; its turns are the
+        global samples taken (each old rank's turns x its world size, equal at a step boundary) over the new
+        world size; the skip counts of all old ranks go to rank 0 (they are summed over ranks when logged);
+        batch counters are converted through the samples taken."""
+        old_world = int(states[0]["world_size"])
+        positions = {int(c): [int(e), int(p)] for st in states for c, e, p in st["positions"]}
+        global_turns = int(states[0]["turns"]) * old_world
+        samples = sum(int(st["samples"]) for st in states)
+        merged = (
+            merge_ledger_states([st["skipped"] for st in states])
+            if self.rank == 0
+            else SkipLedger().state_dict()
+        )
+        per_batch = self.micro_batch_size * self.world_size
+        return {
+            **states[0],
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "micro_batch_size": self.micro_batch_size,
+            "positions": [[c, *positions[c]] for c in self.streams],
+            "turns": global_turns // self.world_size,
+            "batches": samples // per_batch,
+            "epoch_batches": int(states[0]["epoch_batches"])
+            * int(states[0]["micro_batch_size"])
+            * old_world
+            // per_batch,
+            "samples": samples // self.world_size,
+            "skipped": merged,
+        }

@@ -1,9 +1,11 @@
-"""The stream's schedule: pure functions of (seed, epoch, rank, world size, worker), never of data or timing.
+"""The stream's schedule: pure functions of (seed, epoch, canonical stream), never of rank, data or timing.
 
-Points 1 and 2 of data/stream.py's docstring: which shards each (rank, loader worker) reads in an epoch
-(`epoch_shard_list`, `consumer_slots`), the order in which their samples arrive when several shards are
+Points 1 and 2 of data/stream.py's docstring: which shards each canonical stream reads in an epoch
+(`epoch_shard_list`, `stream_slots`), the order in which their samples arrive when several shards are
 read at once (`interleaved_arrival`), and the shuffle buffer's emission order (`emission_order`), all
-computed up front as integer arrays, so a resumed stream can recompute them instead of saving them.
+computed up front as integer arrays, so a resumed stream can recompute them instead of saving them. The
+canonical streams a rank reads (`rank_streams`) and which stream feeds each sample of the global sequence
+(`stream_of`) are the only places the world size enters.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ TAG_SHARDS, TAG_SHUFFLE, TAG_AUGMENT = 1, 2, 3
 
 
 def epoch_shard_list(num_shards: int, seed: int, epoch: int, consumers: int, resampled: bool) -> np.ndarray:
-    """Epoch `epoch`'s global shard order (same on every rank). `consumers` = world_size * workers."""
+    """Epoch `epoch`'s global shard order (same on every rank). `consumers`: the canonical streams."""
     rng = np.random.default_rng([seed, epoch, TAG_SHARDS])
     order = [rng.permutation(num_shards)]
     if not resampled:
@@ -31,9 +33,22 @@ def epoch_shard_list(num_shards: int, seed: int, epoch: int, consumers: int, res
     return full[: (len(full) // consumers) * consumers]
 
 
-def consumer_slots(list_length: int, rank: int, world_size: int, worker: int, num_workers: int) -> np.ndarray:
-    """Indices into the global shard list read by (rank, worker): split by global rank first, then worker."""
-    return np.arange(rank, list_length, world_size)[worker::num_workers]
+def stream_slots(list_length: int, stream: int, num_streams: int) -> np.ndarray:
+    """Indices into the global shard list read by canonical stream `stream` of `num_streams`."""
+    return np.arange(stream, list_length, num_streams)
+
+
+def rank_streams(rank: int, world_size: int, num_streams: int) -> list[int]:
+    """The canonical streams global rank `rank` reads: every world_size-th, from `rank` (world_size must divide
+    num_streams). They are exactly the streams that feed its slots of the global sequence (`stream_of`)."""
+    return list(range(rank, num_streams, world_size))
+
+
+def stream_of(global_index: int, num_streams: int) -> tuple[int, int]:
+    """Sample `global_index` of the global sequence -> (canonical stream, its n-th good sample): round robin,
+    one sample per stream in turn. With world_size dividing both num_streams and the global batch, global slot
+    g of a step lands on rank g mod world_size, whose streams are those with stream mod world_size == rank."""
+    return global_index % num_streams, global_index // num_streams
 
 
 def emission_order(num_items: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,23 +100,21 @@ def interleaved_arrival(counts: np.ndarray, interleave: int) -> np.ndarray:
 
 
 class WorkerPlan:
-    """One logical worker's epoch: its shards (global slot, manifest index), item offsets, emission order.
+    """One canonical stream's epoch: its shards (global slot, manifest index), item offsets, emission order.
 
     `order[q]` is the item number emitted q-th: `interleave` shards are read round robin (arrival order),
     and the shuffle buffer permutes the arrivals (interleaving plus a buffer makes a micro-batch
     close to an i.i.d. draw even from shards that are not shuffled themselves).
     """
 
-    def __init__(self, cfg: dict[str, Any], manifest: Manifest, role: int, epoch: int) -> None:
-        workers = cfg["num_workers"]
-        global_list = epoch_shard_list(
-            len(manifest.shards), cfg["seed"], epoch, cfg["world_size"] * workers, cfg["resampled"]
-        )
-        self.slots = consumer_slots(len(global_list), cfg["rank"], cfg["world_size"], role, workers)
+    def __init__(self, cfg: dict[str, Any], manifest: Manifest, stream: int, epoch: int) -> None:
+        streams = cfg["canonical_streams"]
+        global_list = epoch_shard_list(len(manifest.shards), cfg["seed"], epoch, streams, cfg["resampled"])
+        self.slots = stream_slots(len(global_list), stream, streams)
         self.shards = global_list[self.slots]
         counts = np.array([manifest.shards[s]["num_samples"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        rng = np.random.default_rng([cfg["seed"], epoch, cfg["rank"], cfg["world_size"], role, TAG_SHUFFLE])
+        rng = np.random.default_rng([cfg["seed"], epoch, stream, streams, TAG_SHUFFLE])
         arrival = interleaved_arrival(counts, cfg["interleave"])
         self.order = arrival[emission_order(int(self.offsets[-1]), cfg["shuffle_buffer"], rng)]
         self.epoch = epoch

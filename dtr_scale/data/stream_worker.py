@@ -1,9 +1,10 @@
 """The worker side of the training data stream: what runs in each DataLoader worker (or in-process).
 
-A worker reads its shards of the epoch (stream_order.py's plan) front to back, several at once, hands the
-samples out in the plan's emission order, decodes and augments them (points 3 and 4 of data/stream.py's
-docstring), and sends each micro-batch to the main process with the worker's new position and the samples
-it had to skip on the way (data/skipped.py). LatentStream (stream.py) turns these messages into batches and a resumable position.
+A worker serves some canonical streams: for each it reads the stream's shards of the epoch (stream_order.py's
+plan) front to back, several at once, hands the samples out in the plan's emission order, decodes and
+augments them (points 3 and 4 of data/stream.py's docstring), and sends chunks of them to the main process,
+each sample with the stream's position after it and the samples skipped before it (data/skipped.py).
+LatentStream (stream.py) assembles these into micro-batches in the global order and keeps the position.
 """
 
 from __future__ import annotations
@@ -108,29 +109,64 @@ def _add_skip(skips: list[dict], rec: dict) -> None:
 class WorkerStream(torch.utils.data.IterableDataset):
     """What runs inside each DataLoader worker (or in-process when num_workers == 0).
 
-    roles[k] / starts[k]: the logical worker and its (epoch, position) that physical worker k continues.
-    Yields one message per micro-batch: latents float32 (B, C, H, W), scaled and augmented, or None (only
-    skips to report), labels int64 (B,), the logical worker ("role") and its position after the batch
-    ("epoch", "position"), and "skips", in order: the skip records (data/skipped.py) of the samples handed
-    out since the last message and {"finished": shard name} markers for shards whose samples of this epoch
-    were all handed out (so their skips are reported once, with the epoch's count). Raises ShardError when in resampled mode two epochs in
-    a row deliver no readable sample.
+    roles[k] / starts[k]: the canonical streams physical worker k serves and the (epoch, position) each
+    continues from. A worker takes `chunk` samples of each of its streams in turn and yields one message per
+    chunk: "stream", latents float32 (n, C, H, W) scaled and augmented (or None), labels int64 (n,), "keys",
+    "positions" ([epoch, position] of the stream after each sample), "skips" (per sample, the skip records
+    (data/skipped.py) and {"finished": shard name} markers met in the stream since the previous sample), and
+    "end" (epoch mode: the pass of this stream is over; its "tail" holds the skips after its last sample).
+    Raises ShardError when in resampled mode two epochs in a row of a stream deliver no readable sample.
     """
 
-    def __init__(self, cfg: dict[str, Any], manifest: Manifest, roles: list[int], starts: list[list[int]]):
+    def __init__(
+        self, cfg: dict[str, Any], manifest: Manifest, roles: list[list[int]], starts: list[list[list[int]]]
+    ):
         super().__init__()
         self.cfg, self.manifest, self.roles, self.starts = cfg, manifest, roles, starts
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         physical = 0 if info is None else info.id
-        role = self.roles[physical]
-        epoch, position = self.starts[physical]
+        sources = [
+            self.messages(stream, *start)
+            for stream, start in zip(self.roles[physical], self.starts[physical])
+        ]
+        while sources:  # round robin over this worker's streams, one chunk each
+            for source in list(sources):
+                message = next(source, None)
+                if message is None:
+                    sources.remove(source)
+                else:
+                    yield message
+
+    def messages(self, stream: int, epoch: int, position: int) -> Iterator[dict[str, Any]]:
+        """Canonical stream `stream` from (epoch, position), as messages of up to `chunk` samples."""
+        out = _empty(stream)
+        for item in self.samples(stream, epoch, position):
+            if len(item) == 1:  # epoch mode: the pass is over; item[0]: the skips after the last sample
+                out["end"], out["tail"] = True, item[0]
+                yield _message(out)
+                return
+            latent, label, repa, key, at, skips = item
+            out["latents"].append(latent)
+            out["labels"].append(label)
+            out["keys"].append(key)
+            out["positions"].append(at)
+            out["skips"].append(skips)
+            if repa is not None:
+                out["repa"].append(repa)
+            if len(out["labels"]) == self.cfg["chunk"]:
+                yield _message(out)
+                out = _empty(stream)
+
+    def samples(self, stream: int, epoch: int, position: int) -> Iterator[tuple]:
+        """Good samples of `stream` in emission order: (latent, label, repa or None, key, [epoch, position]
+        after it, skips met since the previous good sample); epoch mode ends with (skips after the last,)."""
         cfg, manifest = self.cfg, self.manifest
-        out = {"latents": [], "labels": [], "skips": []}
+        skips: list[dict] = []
         empty_epochs = 0
         while True:
-            plan = WorkerPlan(cfg, manifest, role, epoch)
+            plan = WorkerPlan(cfg, manifest, stream, epoch)
             # Samples of each shard still to be handed out this epoch: at 0 the shard is finished.
             due = np.bincount(np.searchsorted(plan.offsets, plan.order[position:], side="right") - 1,
                               minlength=len(plan.shards))  # fmt: skip
@@ -138,22 +174,24 @@ class WorkerStream(torch.utils.data.IterableDataset):
             delivered = 0
             for q, pos, index, raw in reader:
                 position = q + 1
-                delivered += self._take(plan, reader, pos, index, raw, epoch, out)
+                taken = self._take(plan, reader, pos, index, raw, epoch, skips)
                 due[pos] -= 1
                 if due[pos] == 0:
-                    out["skips"].append({"finished": manifest.shards[int(plan.shards[pos])]["name"]})
-                out["skips"].extend(reader.notices)
+                    skips.append({"finished": manifest.shards[int(plan.shards[pos])]["name"]})
+                skips.extend(reader.notices)
                 reader.notices.clear()
-                if len(out["latents"]) == cfg["micro_batch_size"]:
-                    next_epoch, next_position = epoch, position
-                    if cfg["resampled"] and position == len(plan.order):
-                        next_epoch, next_position = epoch + 1, 0
-                    yield self._message(role, next_epoch, next_position, out)
+                if taken is None:
+                    continue
+                delivered += 1
+                at = [epoch, position]
+                if cfg["resampled"] and position == len(plan.order):
+                    at = [epoch + 1, 0]
+                yield (*taken, at, skips)
+                skips = []
             if not cfg["resampled"]:
-                if out["latents"] or out["skips"]:  # the pass's partial last batch
-                    yield self._message(role, epoch, position, out)
+                yield (skips,)
                 return
-            # An epoch that delivers nothing at all means every shard of this worker is unreadable.
+            # An epoch that delivers nothing at all means every shard of this stream is unreadable.
             empty_epochs = 0 if delivered else empty_epochs + 1
             if empty_epochs >= 2:
                 names = sorted({manifest.shards[int(s)]["name"] for s in plan.shards})
@@ -161,16 +199,17 @@ class WorkerStream(torch.utils.data.IterableDataset):
             epoch, position = epoch + 1, 0
 
     def _take(
-        self, plan: WorkerPlan, reader: _EpochReader, pos: int, index: int, raw, epoch: int, out
-    ) -> int:
-        """Decode, check and augment one sample into `out`, or add its skip record; returns 1 if taken."""
+        self, plan: WorkerPlan, reader: _EpochReader, pos: int, index: int, raw, epoch: int, skips: list
+    ) -> tuple | None:
+        """Decode, check and augment one sample: (latent, label, repa or None, key), or None after adding its
+        skip record to `skips`."""
         manifest = self.manifest
         shard = int(plan.shards[pos])
         name = manifest.shards[shard]["name"]
         if raw is None:  # lost with its shard
             kind, detail = reader.lost[pos]
-            _add_skip(out["skips"], record(name, kind, f"member {index}", detail))
-            return 0
+            _add_skip(skips, record(name, kind, f"member {index}", detail))
+            return None
         num_labels = len(manifest.labels)
         try:
             # Details name the key, not the shard: the report puts the shard's path in front once.
@@ -182,14 +221,12 @@ class WorkerStream(torch.utils.data.IterableDataset):
                     sample.key,
                 )
         except SampleError as err:
-            _add_skip(out["skips"], record(name, err.kind, err.key, str(err)))
-            return 0
+            _add_skip(skips, record(name, err.kind, err.key, str(err)))
+            return None
         latent, flip = self._augment(sample, epoch, int(plan.slots[pos]), index)
-        out["latents"].append(latent)
-        out["labels"].append(sample.label)
-        if sample.repa is not None:  # the REPA features of the same orientation as the latent
-            out.setdefault("repa", []).append(sample.repa[flip])
-        return 1
+        # the REPA features of the same orientation as the latent
+        repa = sample.repa[flip] if sample.repa is not None else None
+        return latent, sample.label, repa, sample.key
 
     def _augment(self, sample, epoch: int, slot: int, member: int) -> tuple[np.ndarray, int]:
         # Random flip per sample (only where the data allows it: data.hflip), then a posterior draw
@@ -203,18 +240,17 @@ class WorkerStream(torch.utils.data.IterableDataset):
         z = sample.mean[flip].astype(np.float32) + sample.std[flip].astype(np.float32) * eps
         return z * np.float32(self.manifest.scaling_factor), flip
 
-    @staticmethod
-    def _message(role: int, epoch: int, position: int, out: dict[str, list]) -> dict[str, Any]:
-        """The message for what `out` holds; empties `out` for the next batch."""
-        message = {
-            "latents": torch.from_numpy(np.stack(out["latents"])) if out["latents"] else None,
-            "labels": torch.tensor(out["labels"], dtype=torch.int64),
-            "role": role,
-            "epoch": epoch,
-            "position": position,
-            "skips": out["skips"],
-            "repa": torch.from_numpy(np.stack(out["repa"])) if out.get("repa") else None,
-        }
-        for key in out:
-            out[key] = []
-        return message
+
+def _empty(stream: int) -> dict[str, Any]:
+    return {"stream": stream, "latents": [], "labels": [], "repa": [], "keys": [], "positions": [], "skips": [],
+            "end": False, "tail": []}  # fmt: skip
+
+
+def _message(out: dict[str, Any]) -> dict[str, Any]:
+    """The message for what `out` holds: tensors stacked."""
+    return {
+        **out,
+        "latents": torch.from_numpy(np.stack(out["latents"])) if out["latents"] else None,
+        "labels": torch.tensor(out["labels"], dtype=torch.int64),
+        "repa": torch.from_numpy(np.stack(out["repa"])) if out["repa"] else None,
+    }

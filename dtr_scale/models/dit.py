@@ -215,10 +215,14 @@ class DiT(nn.Module):
         h, p = int(x.shape[1] ** 0.5), self.patch_size
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) latents, t (B,) original timestep indices, y (B,) labels."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, C, H, W) latents, t (B,) original timestep indices, y (B,) labels; force_drop_ids (B,) long,
+        given: 1 replaces the label by the null class, instead of the embedder's own random dropout in training
+        (the reference LabelEmbedder's argument; the trainer draws it per sample, train/draws.py)."""
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         mask = self.routing_mask(t, x.dtype)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -162,6 +162,17 @@ class ClusterLossBuffer:
             "profile_counts": self.profile_counts.clone(),
         }
 
+    def reshard_states(self, states: list[dict], rank: int) -> dict:
+        """This rank's state from every old rank's (another world size): the unread sums and counts are sums
+        over ranks, so rank 0 takes their totals and the others start at zero; the reduced profile is the same
+        on every rank and is kept."""
+        additive = ("sums", "counts", "bin_sums", "bin_counts")
+        merged = dict(states[0])
+        for key in additive:
+            total = sum(st[key] for st in states)
+            merged[key] = total if rank == 0 else torch.zeros_like(total)
+        return merged
+
     def load_state_dict(self, state: dict[str, torch.Tensor | int]) -> None:
         """Restore `state_dict()`; ValueError when it was saved with another number of clusters."""
         if int(state["k"]) != self.k:

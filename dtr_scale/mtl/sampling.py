@@ -5,8 +5,10 @@ official ANT code does with its intervals), `uniform` never, `stratified` always
 resulting marginal, when the clusters are unequal).
 
 Stratified sampling (ANT, NeurIPS 2023, Sec. 4.2: every cluster is a task present in every batch)
-gives each of the k clusters an equal share ``micro_batch_size / k`` of every micro-batch, with t
-uniform inside its cluster. The samples of cluster j form the j-th contiguous block of the batch.
+gives each of the k clusters an equal share of every batch, with t uniform inside its cluster: slot g of
+the global batch belongs to cluster g mod k, so the step's shares (global_batch_size / k each) are the same at
+every world size. A rank's micro-batch holds slots r, r + world, ... (train/step.py), an equal share of each
+cluster when world and k are coprime; the buffered cluster losses are global sums either way.
 
 What this does to the marginal of t
 -----------------------------------
@@ -72,8 +74,8 @@ class TimestepSampler:
     """Draws (t, cluster_idx) for a micro-batch.
 
     ``clusters=None``: t ~ U{0..T-1}, one cluster (k = 1, cluster_idx all 0). With clusters, stratified
-    (the default; ``stratified=True``): batch_size / k samples per cluster, t uniform within the cluster
-    (see the module docstring for the marginal of t); ``stratified=False``: t ~ U{0..T-1} and cluster_idx
+    (the default; ``stratified=True``): slot g in cluster g mod k (batch_size / k each for consecutive slots),
+    t uniform within the cluster (see the module docstring for the marginal of t); ``stratified=False``: t ~ U{0..T-1} and cluster_idx
     the cluster each t falls in (some clusters may get no sample in a micro-batch).
     """
 
@@ -116,22 +118,31 @@ class TimestepSampler:
     def sample(
         self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, cluster_idx), both LongTensor (batch_size,) on ``device``.
-
-        Random numbers are drawn on the generator's device (CPU when no generator is given), so a
-        seeded CPU generator gives the same timesteps whatever ``device`` is.
-        """
+        """(t, cluster_idx), both LongTensor (batch_size,) on ``device``: `from_uniform` of u ~ U[0, 1) float64
+        drawn on the generator's device (CPU when no generator is given), for slots 0..batch_size-1, so a seeded
+        CPU generator gives the same timesteps whatever ``device`` is."""
         self.check_batch_size(batch_size)
         draw_device = generator.device if generator is not None else torch.device("cpu")
-        cluster_of, starts, sizes = self._tables_on(draw_device)
-        if not self.stratified:
-            t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=draw_device)
-            return t.to(device), cluster_of[t].to(device)
-        per_cluster = batch_size // self.num_clusters
-        cluster_idx = torch.arange(self.num_clusters, device=draw_device).repeat_interleave(per_cluster)
-        # offset uniform in 0..n_j-1: floor(u * n_j), u ~ U[0, 1) in float64 (exact for any n_j <= T)
         u = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
-        sizes = sizes[cluster_idx]
-        offset = torch.minimum((u * sizes).long(), sizes - 1)
-        t = starts[cluster_idx] + offset
+        t, cluster_idx = self.from_uniform(u, torch.arange(batch_size, device=draw_device))
         return t.to(device), cluster_idx.to(device)
+
+    def from_uniform(self, u: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The timesteps of samples whose uniform draws are u (float64 in [0, 1)) and whose slots in the global
+        batch are `slots` (long): (t, cluster_idx), LongTensor, on u's device. The one place a uniform becomes a
+        timestep, so a training step's timesteps are a pure function of its per-slot draws (train/draws.py).
+
+        Uniform: t = floor(u * T). Stratified: slot g belongs to cluster g mod k (so every k consecutive slots of
+        the global batch hold one sample of each cluster, whatever the world size) and t = start_j +
+        floor(u * n_j), uniform inside the cluster (exact for any n_j <= T in float64).
+        """
+        cluster_of, starts, sizes = self._tables_on(u.device)
+        if not self.stratified:
+            t = torch.minimum(
+                (u * self.num_timesteps).long(), torch.tensor(self.num_timesteps - 1, device=u.device)
+            )
+            return t, cluster_of[t]
+        cluster_idx = slots.to(u.device) % self.num_clusters
+        size = sizes[cluster_idx]
+        t = starts[cluster_idx] + torch.minimum((u * size).long(), size - 1)
+        return t, cluster_idx

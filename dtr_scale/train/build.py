@@ -135,9 +135,11 @@ def build_timestep_sampler(cfg: RunConfig, clusters: list[tuple[int, int]] | Non
     return sampler
 
 
-def build_stream(cfg: RunConfig, manifest, rank: int, world: int, device: torch.device):
-    """This rank's LatentStream of micro-batches (data.*; epoch mode takes full micro-batches only, the same
-    number on every rank)."""
+def build_stream(
+    cfg: RunConfig, manifest, rank: int, world: int, device: torch.device, accumulation: int = 1
+):
+    """This rank's LatentStream of micro-batches (data.*; the global order of data.canonical_streams; epoch mode
+    takes whole optimizer steps of full micro-batches only, the same number on every rank)."""
     from dtr_scale.data.stream import LatentStream
 
     d = cfg.data
@@ -156,4 +158,6 @@ def build_stream(cfg: RunConfig, manifest, rank: int, world: int, device: torch.
         on_error=d.on_error,
         pin_memory=device.type == "cuda",
         with_repa=cfg.repa.encoder is not None and "repa" in manifest.extra,  # precomputed REPA features
+        canonical_streams=d.canonical_streams,
+        accumulation=accumulation,
     )

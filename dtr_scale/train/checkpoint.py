@@ -147,18 +147,21 @@ class BalancerState:
 
 
 class RNGState:
-    """Python, numpy and torch's global RNG states and the step's private `generator` (runtime.rng_state)."""
-
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator
+    """Python, numpy and torch's global RNG states (runtime.rng_state). No training draw uses them (the
+    per-sample draws are keyed by seed, step and slot: train/draws.py); they are kept so that anything else
+    random (a user's hook, a library) continues as it would have."""
 
     def state_dict(self) -> dict[str, Any]:
         """The RNG states (runtime.rng_state)."""
-        return rng_state(self.generator)
+        return rng_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore them (runtime.load_rng_state)."""
-        load_rng_state(state, self.generator)
+        load_rng_state(state)
+
+    def reshard_states(self, states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+        """At another world size: rank r continues old rank r mod old_world's generators."""
+        return states[rank % len(states)]
 
 
 class Checkpointer:
@@ -178,8 +181,10 @@ class Checkpointer:
         keep_every: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        layout: dict[str, int] | None = None,
     ):
         self.dir = Path(run_dir) / CHECKPOINTS_DIR
+        self.layout = layout or {}  # zero_stage, canonical_streams: what a resharding resume reads back
         self.engine = engine
         self.global_objects, self.rank_objects = global_objects or {}, rank_objects or {}
         self.keep_last, self.keep_every = keep_last, keep_every
@@ -220,7 +225,8 @@ class Checkpointer:
         )
         if self.rank == 0:
             write_state_file(
-                global_state_path(self.dir / tag), {"world_size": self.world_size, **global_state}
+                global_state_path(self.dir / tag),
+                {"world_size": self.world_size, "layout": self.layout, **global_state},
             )
         for path in files_written_by_rank(self.dir / tag, self.rank):
             fsync_path(path)  # DeepSpeed does not fsync its files
@@ -254,43 +260,83 @@ class Checkpointer:
             if s not in keep:
                 shutil.rmtree(self.dir / tag_for_step(s), ignore_errors=True)
 
-    def load(self, tag: str) -> None:
-        """Restore DeepSpeed's state and every registered object's from checkpoint `tag` (collective)."""
+    def load(self, tag: str, reshard: bool = False) -> None:
+        """Restore DeepSpeed's state and every registered object's from checkpoint `tag` (collective).
+
+        reshard: the checkpoint was written at another world size or ZeRO stage (train/reshard.py decided and
+        built the engine with `checkpoint.load_universal`): the model and optimizer come from DeepSpeed's
+        universal checkpoint of the tag (converted on rank 0 first), and each rank object's state from
+        `obj.reshard_states([its state on every old rank], rank)`.
+        """
         tag_dir = self.dir / tag
         if not tag_dir.is_dir():
             raise FileNotFoundError(f"checkpoint {tag_dir} does not exist")
         global_state = read_state_file(global_state_path(tag_dir))
         saved_world = int(global_state["world_size"])
-        if saved_world != self.world_size:
+        if saved_world != self.world_size and not reshard:
             raise CheckpointError(
-                f"checkpoint {tag_dir} was written by {saved_world} ranks, this run has {self.world_size}. "
-                "Exact resume (EMA shards, data-stream positions, per-rank RNG) needs the same world size: "
-                f"relaunch with {saved_world} processes, or start a new run from `dtr-scale convert` weights."
+                f"checkpoint {tag_dir} was written by {saved_world} ranks, this run has {self.world_size}"
             )
         run = self.global_objects.get("run")
         if isinstance(run, RunRecord) and "run" in global_state:
             run.check_resumable(global_state["run"], tag)
-        check_deepspeed_files_safe(tag_dir, self.rank)
+        load_dir, ds_tag = str(self.dir), tag
+        if reshard:
+            from dtr_scale.train.reshard import UNIVERSAL_DIR, universal_checkpoint
+
+            check_deepspeed_files_safe(tag_dir)  # the conversion reads every rank's files
+            if self.rank == 0:
+                universal_checkpoint(tag_dir)
+            barrier()
+            load_dir, ds_tag = str(tag_dir), UNIVERSAL_DIR
+        else:
+            check_deepspeed_files_safe(tag_dir, self.rank)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         load_path, _ = self.engine.load_checkpoint(
-            str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            load_dir, tag=ds_tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
+        if reshard:
+            restore_group_settings(self.engine, groups)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        rank_state = read_state_file(rank_state_path(tag_dir, self.rank))
-        for objects, state, path in (
-            (self.global_objects, global_state, global_state_path(tag_dir)),
-            (self.rank_objects, rank_state, rank_state_path(tag_dir, self.rank)),
-        ):
-            missing = sorted(set(objects) - set(state))
-            if missing:
-                raise CheckpointError(
-                    f"{path} has no state for {missing}: written by another dtr-scale version?"
-                )
-            for name, obj in objects.items():
-                try:
-                    obj.load_state_dict(state[name])
-                except CheckpointError as err:
-                    raise CheckpointError(f"checkpoint {tag}: {err}") from None
+        ranks = range(saved_world) if reshard else [self.rank]
+        rank_states = [read_state_file(rank_state_path(tag_dir, r)) for r in ranks]
+        self._restore(tag, self.global_objects, [global_state], global_state_path(tag_dir), False)
+        self._restore(tag, self.rank_objects, rank_states, rank_state_path(tag_dir, ranks[0]), reshard)
+
+    def _restore(
+        self, tag: str, objects: dict[str, Stateful], states: list[dict], path: Path, reshard: bool
+    ) -> None:
+        """Push each object its state: states[0][name], or (reshard) its reshard of every old rank's."""
+        missing = sorted(set(objects) - set(states[0]))
+        if missing:
+            raise CheckpointError(f"{path} has no state for {missing}: written by another dtr-scale version?")
+        for name, obj in objects.items():
+            try:
+                if not reshard:
+                    obj.load_state_dict(states[0][name])
+                else:
+                    obj.load_state_dict(obj.reshard_states([st[name] for st in states], self.rank))
+            except CheckpointError as err:
+                raise CheckpointError(f"checkpoint {tag}: {err}") from None
+
+
+def restore_group_settings(engine, groups: list[dict[str, Any]]) -> None:
+    """Repair two effects of DeepSpeed 0.19.8's ZeRO-3 universal load on a torch optimizer with several param
+    groups (the model's and UW's s): every group gets the first group's settings, and the groups' Adam states
+    share one `step` tensor, which each group's update then increments (measured: UW's s trained its first
+    resumed step at the model's LR, and later ones with the bias correction of twice the steps). Puts back
+    each group's settings as built (betas, eps, weight decay, initial_lr) with the LR of the restored schedule,
+    and gives every state its own step."""
+    lrs = engine.lr_scheduler.get_last_lr() if engine.lr_scheduler is not None else None
+    for i, (group, settings) in enumerate(zip(engine.optimizer.param_groups, groups, strict=True)):
+        group.update({k: v for k, v in settings.items() if k != "lr"})
+        if lrs is not None:
+            group["lr"] = lrs[i]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def files_written_by_rank(tag_dir: Path, rank: int) -> list[Path]:

@@ -166,6 +166,25 @@ class ShardedEMA:
         self.shard.copy_(state["shard"].to(self.shard.device))
         self.num_updates = int(state["num_updates"])
 
+    def reshard_states(self, states: list[dict], rank: int | None = None) -> dict:
+        """This rank's state from every old rank's (another world size or ZeRO stage): the full fp32 EMA
+        tensors are put together from the old segments (checkpoint_format.assemble_ema_shards) and this rank
+        takes its own segments of them. Holds one full fp32 copy of the model while it runs (resume only)."""
+        from dtr_scale.checkpoint_format import assemble_ema_shards
+
+        shapes = {
+            n: tuple(p.ds_shape) if _is_zero3_param(p) else tuple(p.shape) for n, p in self._params.items()
+        }
+        full = assemble_ema_shards(states, shapes)
+        pieces = [full[name].reshape(-1)[start : start + length] for name, start, length in self.segments]
+        shard = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float32)
+        return {
+            "shard": shard,
+            "segments": [list(s) for s in self.segments],
+            "num_updates": int(states[0]["num_updates"]),
+            "decay": states[0]["decay"],
+        }
+
     @torch.no_grad()
     def gather(self, dst: int | None = 0) -> dict[str, torch.Tensor] | None:
         """Full fp32 EMA tensors (collective); returned on `dst` (all ranks when dst is None).

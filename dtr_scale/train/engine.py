@@ -6,15 +6,17 @@ train/cli.py. Ranks are always the GLOBAL rank / world size of torch.distributed
 `run_dir` resumes from `checkpoints/latest` (or the tag it is given), after its config is checked against the
 checkpoint's (train/resume.py: what may change on resume is applied, the rest refused; docs/resume.md).
 
-Each optimizer step (train/step.py): the step's timesteps drawn up front, then per micro-batch
-(x, y) from the stream, noise from the seeded generator, per-sample diffusion loss -> ANT cluster losses ->
-balancer -> engine.backward / engine.step; then the fp32 EMA update, logging every train.log_every and
-checkpoints every train.checkpoint_every (train/cadence.py, which also handles steps skipped for non-finite
-losses).
+Each optimizer step (train/step.py): the step's timesteps, noise and label drops drawn up front per slot of
+the global batch (train/draws.py), then per micro-batch (x, y) from the stream, per-sample diffusion loss ->
+ANT cluster losses -> balancer -> engine.backward / engine.step; then the fp32 EMA update, logging every
+train.log_every and checkpoints every train.checkpoint_every (train/cadence.py, which also handles steps skipped
+for non-finite losses). A checkpoint written at another world size or ZeRO stage is resharded on resume
+(train/reshard.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +54,9 @@ class Trainer:
             raise ConfigError(
                 "data.shards: set it to a manifest.json (e.g. from `dtr-scale prepare-builtin`)"
             )
-        self._setup_runtime(cfg, user_ds_config)
+        self._setup_runtime(cfg, user_ds_config, resume_tag)
         # A resumed run's config is checked against the checkpoint's before anything is built or written.
-        tag = resume_tag or read_latest(self.run_dir / CHECKPOINTS_DIR)
+        tag = self.saved.tag_dir.name if self.saved is not None else None
         changes = check_config(self.cfg, self.run_dir, tag, self.manifest) if tag is not None else None
         self._build_modules()
         self._build_engine()
@@ -64,17 +66,31 @@ class Trainer:
         if self.rank == 0:  # only now: a checkpoint that does not load leaves config.yaml as it was
             keep_config(self.run_dir, self.cfg, changes)
 
-    def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None) -> None:
-        """Process group, device, the run plan for this world size (train/plan.py: layout, precision, DeepSpeed
-        JSON, diffusion, clusters, timestep sampler) and the data manifest."""
+    def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None, resume_tag: str | None) -> None:
+        """Process group, device, the checkpoint to resume (and whether it must be resharded: train/reshard.py),
+        the run plan for this world size (train/plan.py: layout, precision, DeepSpeed JSON, diffusion, clusters,
+        timestep sampler) and the data manifest."""
         from deepspeed.accelerator import get_accelerator
 
         from dtr_scale.data.shards import load_manifest
+        from dtr_scale.train.reshard import check_reshard, saved_layout
 
         info = init_distributed()
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        checkpoints = Path(cfg.run_dir) / CHECKPOINTS_DIR
+        tag = resume_tag or read_latest(checkpoints)
+        self.saved = saved_layout(checkpoints / tag) if tag is not None else None
+        if self.saved is not None and cfg.data.canonical_streams is None and self.saved.elastic:
+            # the sample order is the run's: a resumed run keeps its checkpoint's canonical streams
+            data = dataclasses.replace(cfg.data, canonical_streams=self.saved.canonical_streams)
+            cfg = dataclasses.replace(cfg, data=data)
         bf16 = bool(get_accelerator().is_bf16_supported())
         plan = plan_run(cfg, self.world, self.device.type, bf16, user_ds_config)
+        hint = f"CONFIG run_dir={cfg.run_dir}"
+        stage = plan.cfg.deepspeed.zero_stage
+        self.reshard = self.saved is not None and check_reshard(self.saved, self.world, stage, hint)
+        if self.reshard:  # DeepSpeed reads the tag's universal checkpoint (Checkpointer.load converts it)
+            plan.ds_config["checkpoint"] = {**plan.ds_config.get("checkpoint", {}), "load_universal": True}
         # The micro-batch for this world size (train.micro_batch_size may be unset): one config, 1..N GPUs.
         self.cfg, self.precision, self.accumulation = plan.cfg, plan.precision, plan.accumulation
         self.ds_config, self.diffusion, self.clusters = plan.ds_config, plan.diffusion, plan.clusters
@@ -111,14 +127,11 @@ class Trainer:
         )  # fmt: skip
 
     def _build_engine(self) -> None:
-        """Per-rank seeds (seed * world + rank), the step's generator, and the DeepSpeed engine."""
+        """Per-rank seeds of the global generators (seed * world + rank) and the DeepSpeed engine."""
         import deepspeed
 
         cfg = self.cfg
         seed_everything(cfg.train.seed * self.world + self.rank)
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            cfg.train.seed * self.world + self.rank
-        )
         optimizer, scheduler = build_optimizer(
             cfg, self.module.model, self.module.balancer, self.device, self.module.repa_projector
         )
@@ -140,7 +153,7 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.train
         self.ema = ShardedEMA(self.engine.module.model, t.ema_decay, t.ema_warmup, self.rank, self.world)
-        self.stream = build_stream(cfg, self.manifest, self.rank, self.world, self.device)
+        self.stream = build_stream(cfg, self.manifest, self.rank, self.world, self.device, self.accumulation)
         self.cluster_buffer = ClusterLossBuffer(self.k, num_timesteps=cfg.diffusion.diffusion_steps)
         self.log_sums = LogSums(self.device, cfg.repa.coeff if cfg.repa.encoder is not None else None)
         self.plan = StepPlan(
@@ -150,6 +163,10 @@ class Trainer:
             num_clusters=self.k,
             device=self.device,
             drop_grads_on_nonfinite=cfg.deepspeed.zero_stage == 0 and self.precision == "fp32",
+            rank=self.rank,
+            seed=t.seed,
+            latent_shape=tuple(self.manifest.latent_shape),
+            label_dropout=cfg.model.class_dropout_prob,
         )
         self.progress = TrainProgress()
         self.nonfinite_in_row = 0
@@ -162,13 +179,14 @@ class Trainer:
         rank_objects = {
             "ema": self.ema,
             "stream": self.stream,
-            "rng": RNGState(self.generator),
+            "rng": RNGState(),
             "cluster_buffer": self.cluster_buffer,
             "log_sums": self.log_sums,
         }
         self.checkpointer = Checkpointer(
             self.run_dir, self.engine, global_objects, rank_objects, keep_last=t.keep_last,
             keep_every=t.keep_every, rank=self.rank, world_size=self.world,
+            layout={"zero_stage": cfg.deepspeed.zero_stage, "canonical_streams": cfg.data.canonical_streams},
         )  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------------
@@ -190,10 +208,15 @@ class Trainer:
         return tag
 
     def _resume(self, tag: str, changes: ResumeChanges) -> None:
-        """Load checkpoint `tag`, then apply this launch's LR schedule (a changed train.lr reaches the optimizer
-        and the scheduler: train/resume.py) and state each changed key in one line."""
+        """Load checkpoint `tag` (resharded when it was written at another world size or ZeRO stage), then apply
+        this launch's LR schedule (a changed train.lr reaches the optimizer and the scheduler: train/resume.py)
+        and state each changed key in one line."""
+        if self.reshard and self.rank == 0:
+            from dtr_scale.train.reshard import reshard_line
+
+            print(reshard_line(self.saved, self.world, self.cfg.deepspeed.zero_stage), flush=True)
         base_lrs = list(self.scheduler.base_lrs)  # what this launch's config asks for, before the load
-        self.checkpointer.load(tag)
+        self.checkpointer.load(tag, reshard=self.reshard)
         reset_lr_schedule(self.scheduler, base_lrs)
         if self.rank == 0:
             print(f"resumed from {self.checkpointer.dir / tag} at step {self.step}", flush=True)
@@ -209,12 +232,12 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------------
 
-    def _gram_update(self, x, t, y, noise, cluster_idx) -> None:
+    def _gram_update(self, x, t, y, noise, cluster_idx, drop) -> None:
         """NashMTL / PCGrad: the balancer's update from the exact Gram (step.cluster_gram), and its
         gradient cosines as a TensorBoard image."""
         from dtr_scale.train.monitor import cosine_image
 
-        gram = cluster_gram(self.engine.module, x, t, y, noise, cluster_idx, self.k)
+        gram = cluster_gram(self.engine.module, x, t, y, noise, cluster_idx, self.k, drop)
         self.engine.module.balancer.update_from_gram(gram)
         if self.rank == 0 and getattr(self, "monitor", None) is not None:
             self.monitor.image("balancer/gradient_cosines", self.step + 1, cosine_image(gram))
@@ -230,7 +253,7 @@ class Trainer:
                 self.engine,
                 batches,
                 self.timestep_sampler,
-                self.generator,
+                self.step,
                 self.plan,
                 self.cluster_buffer,
                 self.log_sums,

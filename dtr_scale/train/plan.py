@@ -5,12 +5,14 @@ cannot split) and plans the same layout."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dtr_scale.config import (
+    ConfigError,
     RunConfig,
     deepspeed_config,
     gradient_accumulation,
@@ -18,7 +20,9 @@ from dtr_scale.config import (
     resolve_batch_layout,
     resolve_precision,
 )
+from dtr_scale.data.stream import StreamLayoutError, check_canonical_streams
 from dtr_scale.train.build import build_diffusion, build_timestep_sampler, resolve_clusters
+from dtr_scale.train.reshard import auto_canonical_streams
 
 
 @dataclass
@@ -48,6 +52,13 @@ def plan_run(
     clusters = resolve_clusters(cfg, np.asarray(diffusion.alphas_cumprod, dtype=np.float64))
     stratified = resolve_sampling(cfg.mtl.sampling, clusters, cfg.diffusion.diffusion_steps)
     cfg = resolve_batch_layout(cfg, world_size, stratify_over=len(clusters) if stratified else 1)
+    if cfg.data.canonical_streams is None:  # a new run: the order's streams fit this world size
+        data = dataclasses.replace(cfg.data, canonical_streams=auto_canonical_streams(world_size))
+        cfg = dataclasses.replace(cfg, data=data)
+    try:  # the family of world sizes that share one sample order
+        check_canonical_streams(cfg.data.canonical_streams, world_size)
+    except StreamLayoutError as err:
+        raise ConfigError(str(err)) from None
     precision = resolve_precision(cfg, device_type, bf16_supported)
     ds_config = deepspeed_config(cfg, world_size, precision, device_type)
     ds_file = user_ds_config or cfg.deepspeed.config_file

@@ -62,6 +62,8 @@ def check_config(cfg: RunConfig, run_dir: Path, tag: str, manifest) -> ResumeCha
     refused, applied, restore = [], [], []
     for key, old, new in changes:
         change = f"{_show(old)} -> {_show(new)}"
+        if key == "data.canonical_streams" and old is None:
+            continue  # a checkpoint from before elastic runs: its stream restarts (train/reshard.py warns)
         if key == "data.shards" and run.get("data") is not None and same_data:
             applied.append(f"data.shards: {change} (the same shards: names, sizes and sha256)")
         elif key == "data.shards" and old == new:

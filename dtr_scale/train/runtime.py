@@ -65,8 +65,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Python, numpy and torch (and CUDA) global RNG states and `generator`'s, as checkpointable nested state."""
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch (and CUDA) global RNG states, as checkpointable nested state."""
     np_state = np.random.get_state()
     state = {
         "python": list(random.getstate()),
@@ -77,15 +77,14 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
             "cached_gaussian": float(np_state[4]),
         },
         "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def load_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    """Restore `rng_state`."""
+def load_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state` (a checkpoint's step "generator", from before per-sample draws, is not used)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
@@ -93,7 +92,6 @@ def load_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 

@@ -1,7 +1,9 @@
 """One optimizer step: what DeepSpeed wraps (`TrainModule`) and the step over its micro-batches (`train_step`).
 
-Per step: the step's timesteps are drawn up front (ANT's buffered cluster losses need the global per-cluster
-counts N_k before the first forward: one small all-reduce), then for each of `accumulation` micro-batches
+Per step: the step's per-sample draws (timestep, label dropout, noise: train/draws.py, keyed by seed, step and
+slot in the global batch, so the step computes the same at every world size) are made up front (ANT's
+buffered cluster losses need the global per-cluster counts N_k before the first forward: one small
+all-reduce), then for each of `accumulation` micro-batches
 forward -> `engine.backward` -> `engine.step` (DeepSpeed applies the optimizer at the last one). No host
 sync per micro-batch: the losses to log and a non-finite flag are summed on the device, and the flag is
 read once per step (one all-reduce and one `.item()`). Source: the training loop of facebookresearch/DiT
@@ -20,6 +22,7 @@ from torch import nn
 from dtr_scale.errors import NonFiniteLossError
 from dtr_scale.mtl.cluster_losses import ClusterLossBuffer, step_cluster_means
 from dtr_scale.mtl.sampling import TimestepSampler
+from dtr_scale.train.draws import draw_slots, micro_batch_slots
 
 
 class TrainModule(nn.Module):
@@ -58,17 +61,19 @@ class TrainModule(nn.Module):
             self._hidden.append(out)
 
     def forward(
-        self, x, t, y, noise, cluster_idx, step_counts, repa_features=None
+        self, x, t, y, noise, cluster_idx, step_counts, repa_features=None, drop=None
     ) -> dict[str, torch.Tensor]:
         """x, noise: (B, C, H, W) latents and their noise; t, y, cluster_idx: (B,) long; step_counts: (k,)
         float, the step's global per-cluster sample counts; repa_features: (B, M, D) encoder patch tokens of the
-        clean images, or None (no alignment this step). Returns {"loss": the balanced scalar to back-propagate
+        clean images, or None (no alignment this step); drop: (B,) long, 1 = train this sample on the null
+        label (None: the model's own label dropout). Returns {"loss": the balanced scalar to back-propagate
         (+ repa_coeff x the REPA loss, added once, not per cluster), "per_sample": (B,) detached diffusion
         losses, "mse": (B,) detached eps-MSE, "repa": detached REPA loss (0 without)}."""
         self._hidden.clear()
         self._capture = repa_features is not None
         try:
-            terms = self.diffusion.training_losses(self.model_fn, x, t, model_kwargs={"y": y}, noise=noise)
+            kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
+            terms = self.diffusion.training_losses(self.model_fn, x, t, model_kwargs=kwargs, noise=noise)
         finally:
             self._capture = False
         per_sample = terms["loss"]
@@ -100,9 +105,10 @@ class TrainModule(nn.Module):
 
 @dataclass
 class StepPlan:
-    """The fixed shape of every step: micro-batch size, accumulation, world, clusters, and how a step with
-    a non-finite loss is dropped (`drop_grads_on_nonfinite`: ZeRO-0 fp32, where DeepSpeed's optimizer is a
-    plain torch one that does not skip non-finite gradients by itself)."""
+    """The fixed shape of every step: micro-batch size, accumulation, world, this rank, clusters, how a step
+    with a non-finite loss is dropped (`drop_grads_on_nonfinite`: ZeRO-0 fp32, where DeepSpeed's optimizer is
+    a plain torch one that does not skip non-finite gradients by itself), and what the per-sample draws need:
+    the seed, the latent shape (C, H, W) and the label dropout probability."""
 
     micro_batch_size: int
     accumulation: int
@@ -110,6 +116,10 @@ class StepPlan:
     num_clusters: int
     device: torch.device
     drop_grads_on_nonfinite: bool
+    rank: int = 0
+    seed: int = 0
+    latent_shape: tuple[int, ...] = ()
+    label_dropout: float = 0.0
 
 
 class LogSums:
@@ -164,20 +174,31 @@ class LogSums:
         """The unread sums (CPU)."""
         return {"values": self.values.cpu().clone()}
 
+    def reshard_states(self, states: list[dict], rank: int) -> dict:
+        """At another world size: rank 0 keeps old rank 0's sums (what it logs), the others start at zero."""
+        return states[0] if rank == 0 else {"values": torch.zeros_like(states[0]["values"])}
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore them on this device (a checkpoint from before REPA holds the first three sums)."""
         values = state["values"].to(self.values.device, torch.float64)
         self.values = torch.cat([values, self.values.new_zeros(5 - len(values))]).clone()
 
 
-def draw_step_timesteps(
-    sampler: TimestepSampler, plan: StepPlan, generator: torch.Generator
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-    """The step's (t, cluster_idx) per micro-batch, and the global per-cluster counts N_k (k,) float32
-    (all-reduced over ranks: a collective, no host sync)."""
-    drawn = [sampler.sample(plan.micro_batch_size, generator, plan.device) for _ in range(plan.accumulation)]
+def draw_step(sampler: TimestepSampler, plan: StepPlan, step: int) -> tuple[list[tuple], torch.Tensor]:
+    """Optimizer step `step`'s (t, cluster_idx, noise, drop) per micro-batch of this rank, on the device
+    (train/draws.py), and the global per-cluster counts N_k (k,) float32 (all-reduced over ranks: a collective,
+    no host sync)."""
+    drawn = []
+    for micro in range(plan.accumulation):
+        slots = micro_batch_slots(plan.rank, plan.world, micro, plan.micro_batch_size)
+        draws = draw_slots(plan.seed, step, slots, plan.latent_shape, plan.label_dropout)
+        t, cluster_idx = sampler.from_uniform(draws.u, torch.tensor(slots))
+        # A copy from pinned memory does not wait for the device's queue (one from pageable memory would).
+        pin = plan.device.type == "cuda"
+        values = (t, cluster_idx, draws.noise, draws.drop)
+        drawn.append(tuple((v.pin_memory() if pin else v).to(plan.device, non_blocking=True) for v in values))
     step_counts = torch.zeros(plan.num_clusters, dtype=torch.float32, device=plan.device)
-    for _, cluster_idx in drawn:
+    for _, cluster_idx, _, _ in drawn:
         step_counts.index_add_(0, cluster_idx, torch.ones_like(cluster_idx, dtype=step_counts.dtype))
     if plan.world > 1:
         dist.all_reduce(step_counts)
@@ -196,34 +217,33 @@ def train_step(
     engine,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     sampler: TimestepSampler,
-    generator: torch.Generator,
+    step: int,
     plan: StepPlan,
     cluster_buffer: ClusterLossBuffer,
     log_sums: LogSums,
     gram_update: Callable[..., None] | None = None,
     repa_features: Callable[..., torch.Tensor] | None = None,
 ) -> bool:
-    """One optimizer step over `plan.accumulation` micro-batches; returns whether it was applied.
+    """Optimizer step `step` (0-based) over `plan.accumulation` micro-batches; returns whether it was applied.
 
     A non-finite loss in any micro-batch on any rank drops the whole step (returns False): DeepSpeed's
     ZeRO-1/2/3 and bf16 optimizers skip a step whose gradient norm is not finite and clear the gradients;
     at ZeRO-0 fp32 the gradients are set to None first, which torch's AdamW skips. `gram_update(x, t, y,
-    noise, cluster_idx)`, given, runs on the first micro-batch (NashMTL / PCGrad balancer updates);
+    noise, cluster_idx, drop)`, given, runs on the first micro-batch (NashMTL / PCGrad balancer updates);
     `repa_features(x, *stored)`, given, makes each micro-batch's REPA targets (the step aligns).
     Raises NonFiniteLossError if DeepSpeed applied a step whose loss was not finite.
     """
-    drawn, step_counts = draw_step_timesteps(sampler, plan, generator)
+    drawn, step_counts = draw_step(sampler, plan, step)
     nonfinite = torch.zeros((), device=plan.device)
     bad = False
-    for micro, (t, cluster_idx) in enumerate(drawn):
+    for micro, (t, cluster_idx, noise, drop) in enumerate(drawn):
         x, y, *stored = next(batches)  # + the REPA features, when the shards hold them
         x = x.to(plan.device, non_blocking=True)
         y = y.to(plan.device, non_blocking=True)
-        noise = torch.randn(x.shape, generator=generator, device=plan.device)
         if gram_update is not None and micro == 0:
-            gram_update(x, t, y, noise, cluster_idx)
+            gram_update(x, t, y, noise, cluster_idx, drop)
         features = repa_features(x, *stored) if repa_features is not None else None
-        out = engine(x, t, y, noise, cluster_idx, step_counts, features)
+        out = engine(x, t, y, noise, cluster_idx, step_counts, features, drop)
         loss = out["loss"]
         finite = torch.isfinite(loss.detach())
         nonfinite += (~finite).float()
@@ -252,6 +272,7 @@ def cluster_gram(
     noise: torch.Tensor,
     cluster_idx: torch.Tensor,
     k: int,
+    drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """NashMTL / PCGrad: the exact (k, k) float64 Gram of the global per-cluster gradients on a micro-batch.
 
@@ -268,8 +289,9 @@ def cluster_gram(
         sel = cluster_idx == i
         if not bool(sel.any()):  # no sample of cluster i here: a zero gradient (its weight is kept)
             return sum(p.sum() for p in params) * 0.0
+        kwargs = {"y": y[sel]} if drop is None else {"y": y[sel], "force_drop_ids": drop[sel]}
         terms = module.diffusion.training_losses(
-            module.model_fn, x[sel], t[sel], model_kwargs={"y": y[sel]}, noise=noise[sel]
+            module.model_fn, x[sel], t[sel], model_kwargs=kwargs, noise=noise[sel]
         )
         return terms["loss"].mean()
 

@@ -5,6 +5,8 @@
 - launch/slurm.sbatch: `sbatch --nodes 2` on slurmctld + two slurmd, then `scontrol requeue` mid-run.
 Each ends with weights bitwise equal to a single-node world-2 run of the same config and seed (the
 expectation), and a killed or requeued run resumes from checkpoints/latest to those same weights.
+- launch/slurm.sbatch again, `sbatch --nodes 2` requeued onto one node: it reshards to world 1 and ends within
+1e-5 relative of a straight world-1 run.
 """
 
 from __future__ import annotations
@@ -239,3 +241,58 @@ def test_slurm_two_node_job_requeued_mid_run_resumes_to_the_same_weights(
     assert done.returncode == 0, done.stdout[-3000:]
     a, b = final_weights(run_dir, "step00000030"), final_weights(straight, "step00000030")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_slurm_two_node_job_requeued_onto_one_node_reshards_and_finishes(cluster, builtin_data, tmp_path):
+    """`sbatch --nodes 2`, requeued mid-run and brought back on one node: the unchanged batch script starts
+    world 1, which reshards the world-2 checkpoint and finishes within 1e-5 relative of a straight world-1 run.
+
+    Slurm 22.05 does not shrink a requeued job by itself (a `--nodes 1-2` job gets one node from the start,
+    and one that also asks for 2 tasks waits for both nodes after a requeue), so the shrink is the
+    administrator's: `scontrol requeuehold`, then `update NumNodes=1 NumTasks=1`, then `release`
+    (docs/multi-node.md). The job's second attempt still has the first's SLURM_NTASKS=2 in its environment.
+    """
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    steps = [
+        *train_overrides(run_dir, builtin_data["train"]),
+        "train.max_steps=20",
+        "train.checkpoint_every=2",
+    ]
+    env = cluster.env({**RANK_ENV, "PYTHONPATH": HOOK_PATH, "NPROC_PER_NODE": "1"})
+    submit = subprocess.run(["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1",
+                             f"--output={log}", "launch/slurm.sbatch", CONFIG, *steps],
+                            cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+    def scontrol(*args: str) -> None:
+        done = subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"scontrol {' '.join(args)}: {done.stderr}"
+
+    wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file() or job_state(cluster, job).get("JobState")
+             in ended, 300, "the job's first checkpoint", interval=1)  # fmt: skip
+    text = log.read_text() if log.is_file() else "(no job log)"
+    assert "attempt 1: 2 nodes x 1" in text and job_state(cluster, job)["JobState"] == "RUNNING", text[-3000:]
+    scontrol("requeuehold", job)
+    wait_for(lambda: job_state(cluster, job).get("JobState") == "PENDING", 60, f"job {job} held", interval=1)
+    # StartTime=now: a requeued job is otherwise not eligible for another 2 minutes.
+    scontrol("update", f"JobId={job}", "NumNodes=1", "NumTasks=1", "StartTime=now")
+    scontrol("release", job)
+    wait_for(lambda: job_state(cluster, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 400,
+             f"job {job} to finish on one node", interval=1)  # fmt: skip
+    state, text = job_state(cluster, job), log.read_text()
+    assert state["JobState"] == "COMPLETED" and state["NodeList"] == "dtr-node-a", text[-4000:]
+    assert state["Restarts"] == "1" and "attempt 2: 1 nodes x 1" in text, text[-4000:]
+    assert re.search(r"resharding step ([2-9]|1[0-8]) from world 2 to world 1\n", text), text[-4000:]
+    assert sorted(checksums(text.split("attempt 2:")[1])) == [0]  # one rank after the requeue, not two
+    straight = tmp_path / "straight"  # the same 20 steps at world 1, uninterrupted
+    done = run(["bash", "launch/torchrun.sh", "1", CONFIG, *[s.replace(str(run_dir), str(straight)) for s in steps]],
+               {**launcher_env(), **RANK_ENV, "PYTHONPATH": HOOK_PATH})  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    wa, wb = final_weights(straight, "step00000020"), final_weights(run_dir, "step00000020")
+    assert wa.keys() == wb.keys()
+    a, b = (torch.cat([w[k].detach().double().flatten() for k in sorted(wa)]) for w in (wa, wb))
+    relative = float((a - b).norm() / a.norm())
+    print(f"requeued 2 -> 1 node vs straight world 1: relative weight difference {relative:.3g}")
+    assert relative < 1e-5  # the same steps, up to the order of float reductions

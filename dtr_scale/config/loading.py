@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from dtr_scale.config.objective import resolve_objective_defaults
 from dtr_scale.config.schema import ConfigError, RunConfig
 from dtr_scale.config.validation import validate
 
@@ -133,7 +134,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         validate(cfg)
     except ConfigError as err:
         raise ConfigError(f"{_blame(err, overrides, source)}: {err}") from None
-    return cfg
+    return resolve_objective_defaults(cfg)
 
 
 def _blame(err: ConfigError, overrides: list[str], source: str) -> str:
@@ -153,4 +154,4 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     key."""
     cfg = _build(RunConfig, data, "")
     validate(cfg)
-    return cfg
+    return resolve_objective_defaults(cfg)

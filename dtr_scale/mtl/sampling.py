@@ -41,10 +41,14 @@ def equal_sizes(clusters: list[Interval]) -> bool:
     return max(sizes) - min(sizes) <= 1
 
 
-def resolve_sampling(mode: str, clusters: list[Interval] | None, num_timesteps: int) -> bool:
-    """`mtl.sampling` -> stratify or not. auto: stratify only equal-size clusters (ANT's official code only
-    stratifies its uniform intervals); otherwise t ~ U{0..T-1} and each cluster takes the samples that fall
-    in it. stratified with unequal clusters is allowed, with one warning that states the marginal of t."""
+def resolve_sampling(
+    mode: str, clusters: list[Interval] | None, num_timesteps: int, uniform_density: bool = True
+) -> bool:
+    """`mtl.sampling` -> stratify or not. auto: stratify only equal-size clusters under a uniform density of t
+    (ANT's official code only stratifies its uniform intervals; there stratifying keeps t's density);
+    otherwise t is drawn from its density (DDPM: U{0..T-1}; flow: flow.time_sampling) and each cluster takes
+    the samples that fall in it. stratified with unequal clusters is allowed, with one warning that states the
+    marginal of t (with a non-uniform density of flow times, stratifying always changes the marginal)."""
     import warnings
 
     if mode not in SAMPLING_CHOICES:
@@ -52,7 +56,7 @@ def resolve_sampling(mode: str, clusters: list[Interval] | None, num_timesteps: 
     if clusters is None or len(clusters) < 2 or mode == "uniform":
         return False
     if mode == "auto":
-        return equal_sizes(clusters)
+        return uniform_density and equal_sizes(clusters)
     if not equal_sizes(clusters):
         k = len(clusters)
         shares = ", ".join(
@@ -135,3 +139,64 @@ class TimestepSampler:
         offset = torch.minimum((u * sizes).long(), sizes - 1)
         t = starts[cluster_idx] + offset
         return t.to(device), cluster_idx.to(device)
+
+
+class FlowTimeSampler:
+    """Draws (t, cluster_idx) for a flow-matching micro-batch: t float32 (B,) in [0, 1].
+
+    Clusters are inclusive intervals of the T equal bins of t (bin i = [i/T, (i+1)/T); diffusion/flow.py).
+    Not stratified: t from the training density (`flow.time_sampling`: uniform or logit-normal), cluster_idx
+    the cluster its bin lies in. Stratified: batch_size / k samples per cluster (the j-th contiguous block),
+    t from the density restricted to the cluster's interval (inverse CDF), which with uniform density and
+    equal clusters keeps t uniform, as TimestepSampler does for DDPM.
+    """
+
+    def __init__(
+        self,
+        num_bins: int,
+        clusters: list[Interval] | None = None,
+        stratified: bool = False,
+        time_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+    ) -> None:
+        import numpy as np
+
+        from dtr_scale.diffusion.flow import time_cdf
+
+        self.num_timesteps = int(num_bins)
+        self.stratified = bool(stratified and clusters)
+        self.clusters = validate_intervals(
+            clusters or [(0, num_bins - 1)], num_bins, source="FlowTimeSampler clusters"
+        )
+        self.num_clusters = len(self.clusters)
+        self.density = (time_sampling, float(logit_mean), float(logit_std))
+        edges = np.array([[left, right + 1] for left, right in self.clusters], dtype=np.float64) / num_bins
+        self._cdf = torch.from_numpy(time_cdf(edges, *self.density))  # (k, 2): CDF at each cluster's ends
+        right_bins = torch.tensor([right for _, right in self.clusters], dtype=torch.long)
+        self._right_bins = right_bins
+
+    check_batch_size = TimestepSampler.check_batch_size
+
+    def sample(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t float32, cluster_idx long), both (batch_size,) on ``device``; drawn in float64 on the
+        generator's device (CPU without one), so a seeded CPU generator gives the same times on any device."""
+        from dtr_scale.diffusion.flow import time_quantile
+
+        self.check_batch_size(batch_size)
+        draw_device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
+        cdf = self._cdf.to(draw_device)
+        if self.stratified:
+            per_cluster = batch_size // self.num_clusters
+            cluster_idx = torch.arange(self.num_clusters, device=draw_device).repeat_interleave(per_cluster)
+            low, high = cdf[cluster_idx, 0], cdf[cluster_idx, 1]
+            t = time_quantile(low + u * (high - low), *self.density)
+        else:
+            t = time_quantile(u, *self.density)
+            bins = (t * self.num_timesteps).floor().long().clamp_(0, self.num_timesteps - 1)
+            cluster_idx = torch.searchsorted(self._right_bins.to(draw_device), bins)
+        t = t.clamp(0.0, 1.0)
+        return t.float().to(device), cluster_idx.to(device)

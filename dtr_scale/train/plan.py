@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from dtr_scale.config import (
     RunConfig,
     deepspeed_config,
@@ -18,7 +16,7 @@ from dtr_scale.config import (
     resolve_batch_layout,
     resolve_precision,
 )
-from dtr_scale.train.build import build_diffusion, build_timestep_sampler, resolve_clusters
+from dtr_scale.train.build import build_diffusion, build_timestep_sampler, diffusion_snr, resolve_clusters
 
 
 @dataclass
@@ -45,8 +43,9 @@ def plan_run(
     from dtr_scale.mtl.sampling import resolve_sampling
 
     diffusion = build_diffusion(cfg)
-    clusters = resolve_clusters(cfg, np.asarray(diffusion.alphas_cumprod, dtype=np.float64))
-    stratified = resolve_sampling(cfg.mtl.sampling, clusters, cfg.diffusion.diffusion_steps)
+    clusters = resolve_clusters(cfg, diffusion_snr(diffusion))
+    uniform_t = cfg.diffusion.objective == "ddpm" or cfg.flow.time_sampling == "uniform"
+    stratified = resolve_sampling(cfg.mtl.sampling, clusters, cfg.diffusion.diffusion_steps, uniform_t)
     cfg = resolve_batch_layout(cfg, world_size, stratify_over=len(clusters) if stratified else 1)
     precision = resolve_precision(cfg, device_type, bf16_supported)
     ds_config = deepspeed_config(cfg, world_size, precision, device_type)

@@ -14,6 +14,11 @@ config, data, seed list and step budget; only the variant's keys differ:
     repa          routing off, mtl.method=none, REPA with --repa-encoder       (Yu et al. 2025; opt in)
     dtr+uw+repa   routing on,  mtl.method=uw,   REPA with --repa-encoder       (all three; opt in)
 
+`--objectives ddpm flow` trains every variant with each training objective (`diffusion.objective`; flow matching
+runs are named `flow-VARIANT`, sampled with `--flow-sampler`, Heun by default, at `--sample-steps`; Min-SNR / P2 are
+DDPM weightings and are refused with flow). The table then also gives, per variant, the first scored step whose
+seed-mean class accuracy reaches 25 / 50 / 75 / 90%.
+
 The REPA variants need `--repa-encoder DIR` (a local transformers vision encoder, e.g. DINOv2 saved with
 save_pretrained; nothing is downloaded) and align after `--repa-depth` blocks (default: a third of the depth).
 
@@ -145,8 +150,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repa-encoder", default=None, help="local transformers encoder for the REPA variants")
     p.add_argument("--repa-depth", type=int, default=None, help="REPA block (default: a third of the depth)")
+    p.add_argument(
+        "--objectives", nargs="+", default=["ddpm"], choices=["ddpm", "flow"],
+        help="training objectives (diffusion.objective); flow runs are named flow-VARIANT",
+    )  # fmt: skip
+    p.add_argument(
+        "--flow-sampler", default="heun", choices=["euler", "heun", "sde"], help="flow runs' sampler"
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
     args = p.parse_args(argv)
+    ddpm_only = sorted(v for v in args.variants if "snr" in v)
+    if "flow" in args.objectives and ddpm_only:
+        p.error(f"variants {ddpm_only} weight DDPM timesteps (diffusion.loss_weighting); drop them with flow")
     if REPA_VARIANTS & set(args.variants) and args.repa_encoder is None:
         p.error(f"variants {sorted(REPA_VARIANTS & set(args.variants))} need --repa-encoder DIR")
     if args.evals < 1 or args.steps % args.evals:
@@ -175,11 +190,23 @@ def cfg_suffix(scale: float) -> str:
     return f"_cfg{scale:g}"
 
 
-def run_name(variant: str, width: int, seed: int) -> str:
-    return f"{variant}_w{width}_s{seed}"
+def label(variant: str, objective: str) -> str:
+    """The record's variant name: the variant for ddpm (as before objectives existed), flow-VARIANT for flow."""
+    return variant if objective == "ddpm" else f"{objective}-{variant}"
 
 
-def train_command(args: argparse.Namespace, manifest: Path, variant: str, width: int, seed: int) -> list[str]:
+def base_variant(name: str) -> str:
+    """The variant of a record's name (flow-dtr -> dtr)."""
+    return name.split("-", 1)[1] if name.startswith("flow-") else name
+
+
+def run_name(variant: str, width: int, seed: int, objective: str = "ddpm") -> str:
+    return f"{label(variant, objective)}_w{width}_s{seed}"
+
+
+def train_command(
+    args: argparse.Namespace, manifest: Path, variant: str, width: int, seed: int, objective: str = "ddpm"
+) -> list[str]:
     """The CLI call of one run (argument list: no shell string is ever built from the arguments)."""
     interval = args.steps // args.evals
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
@@ -190,7 +217,7 @@ def train_command(args: argparse.Namespace, manifest: Path, variant: str, width:
         "train",
         "--config",
         str(args.config),
-        f"run_dir={Path(args.out) / 'runs' / run_name(variant, width, seed)}",
+        f"run_dir={Path(args.out) / 'runs' / run_name(variant, width, seed, objective)}",
         f"data.shards={manifest}",
         f"model.hidden_size={width}",
         f"model.num_heads={max(1, width // HEAD_DIM)}",
@@ -201,6 +228,7 @@ def train_command(args: argparse.Namespace, manifest: Path, variant: str, width:
         "monitor.sample_every=0",
         "eval.every=0",
         *VARIANTS[variant],
+        *(["diffusion.objective=flow", f"flow.sampler={args.flow_sampler}"] if objective == "flow" else []),
         *(repa_overrides(args) if variant in REPA_VARIANTS else []),
         *args.overrides,
     ]
@@ -243,6 +271,7 @@ class Scorer:
 
         a = self.args
         model_dir = convert_checkpoint(run_dir, run_dir / "eval" / f"model-{tag}", tag=tag)
+        flow = json.loads((model_dir / "config.json").read_text())["diffusion"].get("objective") == "flow"
         classes = [i % num_classes for i in range(a.samples)]  # an even spread over the classes
         record: dict = {}
         # The first scale's keys are plain (kid, class_accuracy); each extra scale's carry its suffix.
@@ -255,7 +284,7 @@ class Scorer:
                 num_samples=a.samples,
                 batch_size=a.samples,
                 steps=a.sample_steps,
-                sampler="ddim",
+                sampler=getattr(a, "flow_sampler", "heun") if flow else "ddim",
                 cfg_scale=cfg_scale,
                 classes=classes,
                 seed=0,
@@ -292,8 +321,17 @@ def train_seconds_at(metrics_path: Path) -> dict[int, float]:
     return out
 
 
-def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: Scorer, num_classes: int):
-    name = run_name(variant, width, seed)
+def run_one(
+    args,
+    manifest: Path,
+    variant: str,
+    width: int,
+    seed: int,
+    scorer: Scorer,
+    num_classes: int,
+    objective="ddpm",
+):
+    name = run_name(variant, width, seed, objective)
     run_dir = Path(args.out) / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run from an interrupted benchmark: start it over
@@ -305,7 +343,10 @@ def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: S
     stopped = False
     with open(run_dir.parent / f"{name}.log", "w") as log:
         proc = subprocess.Popen(
-            train_command(args, manifest, variant, width, seed), stdout=log, stderr=subprocess.STDOUT, env=env
+            train_command(args, manifest, variant, width, seed, objective),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         try:
             returncode = proc.wait(timeout=args.train_seconds)
@@ -334,7 +375,8 @@ def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: S
         step = k * interval
         if stopped and f"step{step:08d}" not in reached:
             continue
-        record = {"variant": variant, "width": width, "seed": seed, "step": step}
+        record = {"variant": label(variant, objective), "width": width, "seed": seed, "step": step}
+        record["objective"] = objective
         if stopped:
             record["stopped_at_budget"] = True
         record.update(scorer.score(run_dir, f"step{step:08d}", num_classes))
@@ -419,6 +461,7 @@ def write_table(records: list[dict], out: Path, header: str) -> str:
                     f"| {variant} | " + " | ".join(cells) + f" | {reach if reach else 'not reached'} |"
                 )
             lines.append("")
+    lines += crossing_table(records)
     seconds = {}
     for r in records:
         if r["step"] == max(x["step"] for x in records) and r.get("train_seconds"):
@@ -441,9 +484,34 @@ def write_table(records: list[dict], out: Path, header: str) -> str:
     return text
 
 
+CROSSINGS = (0.25, 0.5, 0.75, 0.9)
+
+
+def crossing_table(records: list[dict]) -> list[str]:
+    """Per class-accuracy metric and width: the first scored step whose seed mean reaches 25/50/75/90%."""
+    lines = []
+    for metric in (m for m in metric_keys(records) if m.startswith("class_accuracy")):
+        summary = summarise(records, metric)
+        for width in sorted({w for _, w in summary}):
+            lines += [
+                f"**{metric}**, width {width}: first scored step whose seed mean reaches each level",
+                "",
+                "| variant | " + " | ".join(f"{100 * c:.0f}%" for c in CROSSINGS) + " |",
+                "|---" * (len(CROSSINGS) + 1) + "|",
+            ]
+            for (variant, w), curve in sorted(summary.items(), key=lambda kv: DEFAULT_ORDER(kv[0][0])):
+                if w == width:
+                    cells = [steps_to_reach(curve, c, False) or "-" for c in CROSSINGS]
+                    lines.append(f"| {variant} | " + " | ".join(str(c) for c in cells) + " |")
+            lines.append("")
+    return lines
+
+
 def DEFAULT_ORDER(variant: str) -> int:  # noqa: N802 - a sort key table
     order = list(VARIANTS)
-    return order.index(variant) if variant in order else len(order)
+    base = base_variant(variant)
+    rank = order.index(base) if base in order else len(order)
+    return rank + (len(order) + 1) * variant.startswith("flow-")
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -470,11 +538,13 @@ def plot(records: list[dict], path: Path) -> None:
                 lo = [curve[s][1] for s in steps]
                 hi = [curve[s][2] for s in steps]
                 n = max(curve[s][3] for s in steps)
-                style = "--" if variant.startswith("dtr") else "-"
+                base = base_variant(variant)
+                style = "--" if base.startswith("dtr") else "-"
+                marker = "s" if variant.startswith("flow-") else "o"
                 ax.plot(
-                    steps, mean, style, marker="o", ms=3, color=colors[variant], label=f"{variant} (n={n})"
+                    steps, mean, style, marker=marker, ms=3, color=colors[base], label=f"{variant} (n={n})"
                 )
-                ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.15)
+                ax.fill_between(steps, lo, hi, color=colors[base], alpha=0.15)
             ax.set_title(f"width {width}: {metric.replace('_', ' ')}")
             ax.set_xlabel("optimizer steps")
             kid = metric.startswith("kid")
@@ -565,7 +635,12 @@ def main(argv: list[str] | None = None) -> int:
 
     done = {(r["variant"], r["width"], r["seed"]) for r in records}
     todo = [
-        (v, w, s) for w in args.widths for s in args.seeds for v in args.variants if (v, w, s) not in done
+        (v, w, s, o)
+        for w in args.widths
+        for s in args.seeds
+        for o in args.objectives
+        for v in args.variants
+        if (label(v, o), w, s) not in done
     ]
     print(f"{len(todo)} runs to train ({len(done)} done already), {args.jobs} at a time", flush=True)
     started = time.time()
@@ -584,24 +659,33 @@ def main(argv: list[str] | None = None) -> int:
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
             pool.submit(
-                run_one, args, manifest, v, w, s, Scorer(args, scorer.reference_features, judge), num_classes
-            ): (v, w, s)
-            for v, w, s in todo
+                run_one,
+                args,
+                manifest,
+                v,
+                w,
+                s,
+                Scorer(args, scorer.reference_features, judge),
+                num_classes,
+                o,
+            ): (v, w, s, o)
+            for v, w, s, o in todo
         }
         for future in concurrent.futures.as_completed(futures):
-            v, w, s = futures[future]
+            v, w, s, o = futures[future]
             new = future.result()
             records.extend(new)
             save()
             if not new:  # --train-seconds stopped it before its first planned checkpoint
                 print(
-                    f"[{time.time() - started:6.0f} s] {run_name(v, w, s)}: no checkpoint reached", flush=True
+                    f"[{time.time() - started:6.0f} s] {run_name(v, w, s, o)}: no checkpoint reached",
+                    flush=True,
                 )
                 continue
             last = new[-1]
             acc = f", class accuracy {100 * last['class_accuracy']:.1f}%" if "class_accuracy" in last else ""
             print(
-                f"[{time.time() - started:6.0f} s] {run_name(v, w, s)}: KID {last['kid']:.4f}{acc} at step "
+                f"[{time.time() - started:6.0f} s] {run_name(v, w, s, o)}: KID {last['kid']:.4f}{acc} at step "
                 f"{last['step']}",
                 flush=True,
             )

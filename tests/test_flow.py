@@ -209,3 +209,20 @@ def test_sample_i_is_the_same_drawn_alone_or_in_a_batch(sampler) -> None:
     torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="does not sample a flow model"):
         sampling_parts(model, section, "ddim", 4, 2.0, torch.device("cpu"))
+
+
+def test_sit_xl2_config_is_repas_recipe_with_dtr_and_ant_uw() -> None:
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sit-xl2-dtr-ant-repa.yaml")
+    assert (cfg.diffusion.objective, cfg.flow.time_sampling, cfg.model.learn_sigma) == (
+        "flow",
+        "uniform",
+        False,
+    )
+    assert (cfg.train.lr, cfg.train.global_batch_size, cfg.train.weight_decay, cfg.train.grad_clip) == (
+        1e-4, 256, 0.0, 1.0)  # fmt: skip
+    assert (cfg.repa.depth, cfg.repa.coeff, cfg.repa.projector_dim) == (8, 0.5, 2048)
+    assert "dinov2-vitb" in cfg.repa.encoder and cfg.model.name == "DiT-XL/2"
+    assert (cfg.flow.sampler, cfg.flow.guidance_high) == ("sde", 0.7)  # REPA's FID 1.42 sampling
+    assert (cfg.mtl.method, cfg.mtl.num_clusters, cfg.routing.alpha, cfg.routing.beta) == ("uw", 8, 4.0, 0.8)

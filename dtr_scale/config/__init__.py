@@ -7,6 +7,7 @@ types and impossible combinations are errors that name the key, raised before an
   schema.py          the dataclasses (one per YAML section), `ConfigError`, `dump_yaml`
   loading.py         YAML + overrides -> a validated `RunConfig` (`load_config`, `config_from_dict`)
   validation.py      checks that need no world size, data or device (`validate`, `stratifies`)
+  objective.py       what applies to diffusion.objective ddpm / flow (checks, learn_sigma's default)
   deepspeed_json.py  batch layout, precision and the DeepSpeed JSON for a world size and device
 """
 

@@ -226,3 +226,29 @@ def test_sit_xl2_config_is_repas_recipe_with_dtr_and_ant_uw() -> None:
     assert "dinov2-vitb" in cfg.repa.encoder and cfg.model.name == "DiT-XL/2"
     assert (cfg.flow.sampler, cfg.flow.guidance_high) == ("sde", 0.7)  # REPA's FID 1.42 sampling
     assert (cfg.mtl.method, cfg.mtl.num_clusters, cfg.routing.alpha, cfg.routing.beta) == ("uw", 8, 4.0, 0.8)
+
+
+def test_task_affinity_over_flow_time_bins_is_a_cosine_matrix() -> None:
+    from dtr_scale.mtl.affinity import compute_affinity
+
+    torch.manual_seed(0)
+    model = DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=16, depth=1, num_heads=2, num_classes=3,
+                learn_sigma=False)  # fmt: skip
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    seen = []
+    flow = FlowMatching(100)
+
+    def model_fn(x, time, y):
+        seen.append(time / 99)
+        return model(x, time, y)
+
+    batches = [(torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 0]))]
+    affinity = compute_affinity(model_fn, flow, batches, group_size=25, params=list(model.parameters()))
+    assert (
+        affinity.shape == (4, 4) and np.allclose(np.diag(affinity), 1.0) and np.allclose(affinity, affinity.T)
+    )
+    # group g's times lie in its bins [25 g / 100, 25 (g + 1) / 100)
+    for g, times in enumerate(seen):
+        assert times.dtype == torch.float32
+        assert (times >= 0.25 * g - 1e-6).all() and (times < 0.25 * (g + 1) + 1e-6).all()

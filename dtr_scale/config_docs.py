@@ -185,6 +185,7 @@ PUBLIC_KEYS = (
     "train.seed", "train.precision", "deepspeed.zero_stage", "routing.enabled", "routing.alpha", "routing.beta",
     "mtl.method", "mtl.num_clusters", "mtl.objective", "mtl.sampling", "diffusion.loss_weighting",
     "data.shards", "data.hflip", "train.lr_schedule", "repa.encoder", "repa.depth", "repa.coeff",
+    "diffusion.objective", "flow.time_sampling",
 )  # fmt: skip
 
 

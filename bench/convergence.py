@@ -264,6 +264,9 @@ class Scorer:
         return extract_features(images, self._extractor, device=self.device)["2048"]
 
     def score(self, run_dir: Path, tag: str, num_classes: int) -> dict:
+        from dtr_scale.compat import ensure_torchvision_importable
+
+        ensure_torchvision_importable()  # torch-fidelity imports torchvision (cached reference features: first here)
         from torch_fidelity.metric_kid import kid_features_to_metric
 
         from dtr_scale.sample.convert import convert_checkpoint

@@ -52,7 +52,7 @@ cannot be had (e.g. MFU on a CPU, which has no bf16 peak in the table). Keys (SC
     loss_first, loss_last, img_per_s (figure), seconds}}, resume {zero1|zero2|zero3: {ok, killed (bool),
     resumed_from_step, bitwise, max_abs_diff (figure), losses_equal}, noise_floor_max_abs_diff (figure),
     criterion, deterministic_algorithms}, convert {zero1|zero2|zero3: {ok, seconds}}, sample {ok, images,
-    image_shape, dtype, seconds}},
+    image_shape, dtype, seconds}, flow {ok, steps, loss_first, loss_last, sample_images}},
   gpu_bench {ok, model, precision, zero_stage, micro_batch, flops {forward_gflops_2mac, forward_gflops_dit_paper,
     backward, peak_tflops}, settings [{compile, routing, status, img_per_s, mfu_2mac, mfu_dit_paper,
     peak_memory, step_time}], syncs {accumulation_1|accumulation_4: {dtr_scale_calls_per_step,
@@ -118,6 +118,8 @@ SCHEMA = [
     "cuda_smoke.convert.*.ok", "cuda_smoke.convert.*.seconds",
     "cuda_smoke.sample.ok", "cuda_smoke.sample.images", "cuda_smoke.sample.image_shape", "cuda_smoke.sample.dtype",
     "cuda_smoke.sample.seconds",
+    "cuda_smoke.flow.ok", "cuda_smoke.flow.steps", "cuda_smoke.flow.loss_first", "cuda_smoke.flow.loss_last",
+    "cuda_smoke.flow.sample_images",
     "gpu_bench.ok", "gpu_bench.model", "gpu_bench.precision", "gpu_bench.zero_stage", "gpu_bench.micro_batch",
     "gpu_bench.flops.forward_gflops_2mac", "gpu_bench.flops.forward_gflops_dit_paper", "gpu_bench.flops.backward",
     "gpu_bench.flops.peak_tflops",
@@ -406,6 +408,7 @@ def step_cuda_smoke(work: Path, out: Path, smoke: bool) -> dict:
     for zero in ZERO_STAGES:
         jobs.add(f"straight-zero{zero}", train(runs / f"straight-zero{zero}", zero), rank_env(device))
     jobs.add("repeat-zero2", train(runs / "repeat-zero2", 2), rank_env(device))
+    jobs.add("flow-zero2", [*train(runs / "flow-zero2", 2), "diffusion.objective=flow"], rank_env(device))
     jobs.add("pytest", pytest_cmd, rank_env(device))
     results = jobs.run()
     state["jobs"] = {k: {"rc": v["rc"], "seconds": v["seconds"]} for k, v in results.items()}
@@ -507,12 +510,16 @@ def step_cuda_smoke(work: Path, out: Path, smoke: bool) -> dict:
             save_grid(images, out / "samples.png")
     sample["seconds"] = round(time.time() - started, 1)
     state["sample"] = sample
+    state["flow"] = flow_smoke(
+        runs / "flow-zero2", models / "flow-zero2", work, device, results, stop_at, smoke
+    )
     state["ok"] = bool(
         state["pytest"]["ok"]
         and all(t["ok"] for t in state["train"].values())
         and all(state["resume"][f"zero{z}"]["ok"] for z in ZERO_STAGES)
         and all(c["ok"] for c in state["convert"].values())
         and sample["ok"]
+        and state["flow"]["ok"]
     )
     write_json(state_path, state)
     for name, result in results.items():  # every sub-log's end into this step's log
@@ -520,6 +527,42 @@ def step_cuda_smoke(work: Path, out: Path, smoke: bool) -> dict:
             print(f"\n----- {name}: rc {result['rc']}, {result['seconds']} s\n{tail(result['log'], 1500)}")
     print(json.dumps({k: state[k] for k in ("pytest", "train", "resume", "sample")}, indent=1, default=str))
     return state
+
+
+def flow_smoke(
+    run_dir: Path, model_dir: Path, work: Path, device: str, results: dict, stop_at: float, smoke: bool
+) -> dict:
+    """The flow-matching run (diffusion.objective=flow, ZeRO-2 bf16, 20 steps): trained, converted, and 4
+    images drawn through `dtr-scale sample --sampler heun`."""
+    import numpy as np
+
+    from dtr_scale.sample.convert import convert_checkpoint
+
+    metrics = metrics_of(run_dir)
+    record = {
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "loss_first": metrics[0].get("loss/mean") if metrics else None,
+        "loss_last": metrics[-1].get("loss/mean") if metrics else None,
+        "sample_images": 0,
+    }
+    trained = results.get("flow-zero2", {}).get("rc") == 0 and record["steps"] == 20
+    if trained:
+        try:
+            convert_checkpoint(run_dir, model_dir, tag="step00000020")
+            out = work / "flow_samples"
+            command = [sys.executable, "-m", "dtr_scale", "sample", "--model", str(model_dir), "--out", str(out),
+                       "--num-samples", "4", "--batch-size", "4", "--steps", "3" if smoke else "25", "--sampler",
+                       "heun", "--cfg-scale", "3", "--classes", "0,1,2,3"]  # fmt: skip
+            env = {k: v for k, v in rank_env(device).items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+            timeout = max(5.0, stop_at - time.time() - 3)
+            subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+            if (out / "samples.npz").is_file():
+                record["sample_images"] = int(len(np.load(out / "samples.npz")["arr_0"]))
+        except Exception as err:  # noqa: BLE001 - reported, not raised: the other checks still count
+            record["error"] = repr(err)[:500]
+    finite = record["loss_last"] is not None and bool(np.isfinite(record["loss_last"]))
+    record["ok"] = bool(trained and finite and record["sample_images"] == 4)
+    return record
 
 
 def save_grid(images, path: Path, scale: int = 4) -> None:

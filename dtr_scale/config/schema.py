@@ -171,7 +171,7 @@ class MonitorConfig:
     progress: bool = True
     sample_every: int = 10_000  # 0 = never
     sample_classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
-    sample_steps: int = 50  # DDIM steps for the in-loop grid
+    sample_steps: int = 50  # DDIM (flow: flow.sampler) steps for the in-loop grid
     sample_cfg_scale: float = 4.0
     peak_tflops: float | None = None  # per device; None = looked up from the device name
 
@@ -182,7 +182,7 @@ class EvalConfig:
 
     every: int = 0  # 0 = off
     num_samples: int = 50
-    steps: int = 25  # DDIM steps
+    steps: int = 25  # DDIM (flow: flow.sampler) steps
     cfg_scale: float = 1.0
     reference: str | None = None  # image folder / npz / ADM stats; None = the manifest's held-out split
     reference_size: int = 0  # use the first N reference images (0 = all)

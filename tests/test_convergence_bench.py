@@ -69,3 +69,20 @@ def test_repa_variants_train_with_a_local_encoder_and_need_one(tmp_path):
     refused = subprocess.run([sys.executable, str(REPO / "bench/convergence.py"), "--out", str(tmp_path / "x"),
                               "--variants", "repa", *TOY], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert refused.returncode == 2 and "need --repa-encoder DIR" in refused.stderr
+
+
+@pytest.mark.minutes  # two toy runs plus scoring (~1 min): `make test-slow`
+def test_objectives_are_a_dimension_and_flow_runs_sample_with_a_flow_sampler(tmp_path):
+    out = tmp_path / "bench"
+    run("--out", str(out), "--variants", "dtr", "--objectives", "ddpm", "flow", *TOY)
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert sorted((r["variant"], r["objective"], r["step"]) for r in records) == [
+        ("dtr", "ddpm", 2), ("dtr", "ddpm", 4), ("flow-dtr", "flow", 2), ("flow-dtr", "flow", 4)]  # fmt: skip
+    config = (out / "runs" / "flow-dtr_w32_s0" / "config.yaml").read_text()
+    assert "objective: flow" in config and "sampler: heun" in config
+    table = (out / "table.md").read_text()
+    assert "| flow-dtr |" in table and "| variant | 25% | 50% | 75% | 90% |" in table
+    refused = subprocess.run([sys.executable, str(REPO / "bench/convergence.py"), "--out", str(tmp_path / "x"),
+                              "--variants", "min-snr", "--objectives", "flow", *TOY], cwd=REPO, capture_output=True,
+                             text=True)  # fmt: skip
+    assert refused.returncode == 2 and "drop them with flow" in refused.stderr

@@ -27,16 +27,18 @@ def test_digit_classifier_reads_real_heldout_digits_and_not_noise(tmp_path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.minutes  # the whole demo: ~7 min on 2 cores
-def test_make_demo_draws_digits_a_classifier_reads_as_their_class(tmp_path) -> None:
-    # The whole chain as `make demo` runs it (prepare 16x16 digits, DeepSpeed training with DTR + ANT-UW,
-    # convert, sample 500 class-conditional digits, classify, KID/FID): ~7 minutes on 2 CPU cores.
+@pytest.mark.minutes  # the whole demo: ~7 min on 2 cores (DDPM), ~3-4 min (flow)
+@pytest.mark.parametrize("config", ["demo-cpu.yaml", "demo-cpu-flow.yaml"], ids=["ddpm", "flow"])
+def test_make_demo_draws_digits_a_classifier_reads_as_their_class(tmp_path, config) -> None:
+    # The whole chain as `make demo` (and `make demo OBJECTIVE=flow`) runs it (prepare 16x16 digits, DeepSpeed
+    # training with DTR + ANT-UW, convert, sample 500 class-conditional digits, classify, KID/FID).
     env = rank_env(0, 1, 0)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key)
     env["OMP_NUM_THREADS"] = "2"
     result = subprocess.run(
-        [sys.executable, "-m", "dtr_scale", "demo", "--out", str(tmp_path / "demo")],
+        [sys.executable, "-m", "dtr_scale", "demo", "--out", str(tmp_path / "demo"), "--config",
+         str(REPO / "configs" / config)],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

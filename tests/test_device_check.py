@@ -90,6 +90,10 @@ def test_cpu_smoke_values_are_sane(smoke):
         assert cs["convert"][zero]["ok"]
     assert cs["resume"]["noise_floor_max_abs_diff"]["value"] == 0.0
     assert cs["sample"]["ok"] and cs["sample"]["images"] == 16 and cs["sample"]["dtype"] == "uint8"
+    flow = cs["flow"]  # the flow-matching run: trained 20 steps, converted, 4 images through --sampler heun
+    assert (
+        flow["ok"] and flow["steps"] == 20 and flow["sample_images"] == 4 and np.isfinite(flow["loss_last"])
+    )
 
     bench = doc["gpu_bench"]
     assert bench["ok"] and len(bench["settings"]) == 4

@@ -8,6 +8,7 @@ types and impossible combinations are errors that name the key, raised before an
   loading.py         YAML (1.2 numbers: 1e-4) + overrides -> a validated `RunConfig` (`load_config`,
                      `config_from_dict`)
   validation.py      checks that need no world size, data or device (`validate`, `stratifies`)
+  objective.py       what applies to diffusion.objective ddpm / flow (checks, learn_sigma's default)
   deepspeed_json.py  batch layout, precision and the DeepSpeed JSON for a world size and device
   changes.py         which keys may change when a run resumes (the rest is refused), and config diffs
 """

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from dtr_scale.config.objective import resolve_objective_defaults
 from dtr_scale.config.schema import ConfigError, RunConfig
 from dtr_scale.config.validation import validate
 
@@ -160,7 +161,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if len(err.keys) > 1:  # a rule between keys: say where each one's value came from
             raise ConfigError(f"{err} ({_provenance(_unvalidated(data), err.keys, sources)})") from None
         raise ConfigError(f"{_blame(err, overrides, source)}: {err}") from None
-    return cfg
+    return resolve_objective_defaults(cfg)
 
 
 def config_sources(
@@ -235,4 +236,4 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     key."""
     cfg = _build(RunConfig, data, "")
     validate(cfg)
-    return cfg
+    return resolve_objective_defaults(cfg)

@@ -40,7 +40,7 @@ class ModelConfig:
     in_channels: int | None = None
     num_classes: int | None = None  # None = number of labels in the manifest
     class_dropout_prob: float = 0.1
-    learn_sigma: bool = True
+    learn_sigma: bool | None = None  # None = the objective's: true for ddpm (DiT), false for flow
     mlp_ratio: float = 4.0
     grad_checkpointing: bool = False
     compile: bool = False
@@ -57,8 +57,9 @@ class RoutingConfig:
 
 @dataclass
 class DiffusionConfig:
-    """diffusion.*: noise schedule, T and the per-timestep loss weighting. Keys: docs/config.md."""
+    """diffusion.*: the objective, noise schedule, T and the per-timestep loss weighting. Keys: docs/config.md."""
 
+    objective: str = "ddpm"  # ddpm (DiT: epsilon) | flow (SiT / REPA: linear path, velocity)
     noise_schedule: str = "linear"
     diffusion_steps: int = 1000
     # Per-timestep weight on the MSE term (diffusion/loss_weighting.py): none | min_snr | p2
@@ -66,6 +67,19 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0  # Min-SNR-gamma (Hang et al. 2023): w_t = min(SNR, gamma) / SNR
     p2_k: float = 1.0  # P2 (Choi et al. 2022): w_t = 1 / (k + SNR)^gamma
     p2_gamma: float = 1.0
+
+
+@dataclass
+class FlowConfig:
+    """flow.*: flow matching (diffusion.objective=flow; SiT, Ma et al. 2024; REPA): time density and the
+    sampler defaults. Keys: docs/config.md; conventions: docs/flow.md."""
+
+    time_sampling: str = "uniform"  # uniform | logit_normal (SD3, Esser et al. 2024, Eq. 19)
+    logit_mean: float = 0.0  # m of logit_normal: t = sigmoid(m + s * n), n ~ N(0, 1)
+    logit_std: float = 1.0  # s of logit_normal
+    sampler: str = "heun"  # euler | heun | sde: in-loop grids / KID and the model dir's default
+    guidance_low: float = 0.0  # classifier-free guidance only for guidance_low <= t <= guidance_high
+    guidance_high: float = 1.0
 
 
 @dataclass
@@ -167,7 +181,7 @@ class MonitorConfig:
     progress: bool = True
     sample_every: int = 10_000  # 0 = never
     sample_classes: list[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
-    sample_steps: int = 50  # DDIM steps for the in-loop grid
+    sample_steps: int = 50  # DDIM (flow: flow.sampler) steps for the in-loop grid
     sample_cfg_scale: float = 4.0
     peak_tflops: float | None = None  # per device; None = looked up from the device name
 
@@ -178,7 +192,7 @@ class EvalConfig:
 
     every: int = 0  # 0 = off
     num_samples: int = 50
-    steps: int = 25  # DDIM steps
+    steps: int = 25  # DDIM (flow: flow.sampler) steps
     cfg_scale: float = 1.0
     reference: str | None = None  # image folder / npz / ADM stats; None = the manifest's held-out split
     reference_size: int = 0  # use the first N reference images (0 = all)
@@ -205,6 +219,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     mtl: MTLConfig = field(default_factory=MTLConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

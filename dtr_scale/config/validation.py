@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from dtr_scale.config.objective import check_objective
 from dtr_scale.config.schema import ConfigError, RunConfig
 
 
@@ -12,6 +13,7 @@ def validate(cfg: RunConfig) -> None:
     `resolve_batch_layout`). ConfigError names the first offending key, the allowed values and the value."""
     _check_model(cfg)
     _check_diffusion(cfg)
+    check_objective(cfg)
     _check_mtl(cfg)
     _check_data(cfg)
     _check_train(cfg)
@@ -228,9 +230,11 @@ def _check_ranges(cfg: RunConfig) -> None:
 
 def stratifies(cfg: RunConfig) -> bool:
     """Whether the run splits every micro-batch evenly over its k > 1 clusters (mtl.sampling=stratified, or
-    auto with objective=timestep's equal intervals); the trainer re-checks once the clusters are known."""
+    auto with objective=timestep's equal intervals under a uniform density of t); the trainer re-checks once
+    the clusters are known."""
     m = cfg.mtl
+    uniform_t = cfg.diffusion.objective == "ddpm" or cfg.flow.time_sampling == "uniform"
     return m.num_clusters > 1 and (
         m.sampling == "stratified"
-        or (m.sampling == "auto" and m.objective == "timestep" and not m.clusters_file)
+        or (m.sampling == "auto" and m.objective == "timestep" and not m.clusters_file and uniform_t)
     )

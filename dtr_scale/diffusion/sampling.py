@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dtr_scale.diffusion.flow_sampling import FLOW_SAMPLERS, FlowSolver, flow_sample, flow_velocity_fn
+
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
     """The CPU generator that owns sample `index`: seeded from SeedSequence([seed, index]), so distinct
@@ -79,14 +81,23 @@ def denoise(
     latent_shape: tuple[int, ...],
     device: torch.device,
 ) -> torch.Tensor:
-    """Latents (B, *latent_shape) from noise by the respaced `diffusion`'s reverse process: "ddim" (eta 0,
-    Song et al. 2021 Eq. 12) or "ddpm" (ancestral). Sample b's starting noise, and its ancestral noise,
-    come from `generators[b]`, so a sample is the same whatever batch or rank draws it. labels: (B,) long."""
+    """Latents (B, *latent_shape) float32 from noise by the respaced `diffusion`'s reverse process: "ddim"
+    (eta 0, Song et al. 2021 Eq. 12) or "ddpm" (ancestral); or, for a flow model, by the ODE/SDE `sampler`
+    euler | heun | sde (diffusion/flow_sampling.py; `diffusion` a FlowSolver, `model_fn` its velocity). Sample
+    b's starting noise, and its ancestral / SDE noise, come from `generators[b]`, so a sample is the same
+    whatever batch or rank draws it. labels: (B,) long. Build the pair with `sampling_parts`."""
 
     def per_sample_noise() -> torch.Tensor:
         return torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
 
     x = per_sample_noise()
+    if sampler in FLOW_SAMPLERS:  # `diffusion` is a FlowSolver and `model_fn` a flow velocity
+        solver = diffusion
+        z = flow_sample(
+            model_fn, sampler, x, labels, solver.steps, per_sample_noise, solver.guidance_low,
+            solver.guidance_high,
+        )  # fmt: skip
+        return z.float()
     kwargs = {"y": labels}
     for i in range(diffusion.num_timesteps - 1, -1, -1):
         t = torch.full((len(x),), i, device=device, dtype=torch.long)
@@ -98,3 +109,37 @@ def denoise(
             step = diffusion.p_sample(model_fn, x, t, model_kwargs=kwargs, noise=per_sample_noise())
         x = step["sample"]
     return x
+
+
+def sampling_parts(
+    model: nn.Module,
+    diffusion_config: dict[str, Any],
+    sampler: str,
+    steps: int,
+    cfg_scale: float,
+    device: torch.device,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+) -> tuple[Any, Callable[..., torch.Tensor]]:
+    """(diffusion, model_fn) for `denoise`. diffusion_config: a model dir's "diffusion" section
+    (`objective` ddpm when absent, `noise_schedule`, `diffusion_steps`, `learn_sigma`). DDPM: the diffusion
+    respaced to `steps` (DDIM's respacing for ddim) and the guided eps model; flow: a FlowSolver and the
+    guided velocity. ValueError when the sampler does not belong to the objective."""
+    from dtr_scale.diffusion import create_diffusion
+
+    objective = diffusion_config.get("objective", "ddpm")
+    allowed = FLOW_SAMPLERS if objective == "flow" else ("ddpm", "ddim")
+    if sampler not in allowed:
+        raise ValueError(
+            f"sampler {sampler!r} does not sample a {objective} model; use one of {', '.join(allowed)}"
+        )
+    if objective == "flow":
+        velocity = flow_velocity_fn(model, cfg_scale, int(diffusion_config["diffusion_steps"]), device)
+        return FlowSolver(steps, guidance_low, guidance_high), velocity
+    diffusion = create_diffusion(
+        timestep_respacing=f"ddim{steps}" if sampler == "ddim" else str(steps),
+        noise_schedule=diffusion_config["noise_schedule"],
+        learn_sigma=diffusion_config["learn_sigma"],
+        diffusion_steps=diffusion_config["diffusion_steps"],
+    )
+    return diffusion, guided_model_fn(model, cfg_scale, device)

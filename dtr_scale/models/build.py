@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from dtr_scale.config import ConfigError, RunConfig
+from dtr_scale.config.objective import learns_sigma
 
 
 def model_kwargs(cfg: RunConfig, latent_shape: tuple[int, int, int], num_labels: int) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def model_kwargs(cfg: RunConfig, latent_shape: tuple[int, int, int], num_labels:
         in_channels=channels,
         num_classes=num_classes,
         class_dropout_prob=m.class_dropout_prob,
-        learn_sigma=m.learn_sigma,
+        learn_sigma=learns_sigma(cfg),
         mlp_ratio=m.mlp_ratio,
         grad_checkpointing=m.grad_checkpointing,
     )

@@ -163,6 +163,27 @@ def validate_config(config: dict[str, Any], where: str = "model config") -> None
         )
     if config["model"]["learn_sigma"] != config["diffusion"]["learn_sigma"]:
         raise ValueError(f"{where}: 'model.learn_sigma' and 'diffusion.learn_sigma' disagree")
+    _validate_objective(config["diffusion"], where)
+
+
+def _validate_objective(section: dict[str, Any], where: str) -> None:
+    """The optional flow keys of the "diffusion" section (absent: a ddpm model, as every dir before them)."""
+    objective = section.get("objective", "ddpm")
+    if objective not in ("ddpm", "flow"):
+        raise ValueError(f"{where}: 'diffusion.objective' must be ddpm or flow, got {objective!r}")
+    if objective == "ddpm":
+        return
+    if section["learn_sigma"]:
+        raise ValueError(f"{where}: a flow model has no learned variance ('diffusion.learn_sigma' is true)")
+    if section.get("sampler", "heun") not in ("euler", "heun", "sde"):
+        raise ValueError(
+            f"{where}: 'diffusion.sampler' must be euler, heun or sde, got {section['sampler']!r}"
+        )
+    low, high = section.get("guidance_low", 0.0), section.get("guidance_high", 1.0)
+    if not (isinstance(low, int | float) and isinstance(high, int | float) and 0 <= low <= high <= 1):
+        raise ValueError(
+            f"{where}: 'diffusion.guidance_low/high' must satisfy 0 <= low <= high <= 1, got {low}, {high}"
+        )
 
 
 def build_model_from_config(config: dict[str, Any]) -> DiT:

@@ -38,7 +38,8 @@ def compute_affinity(
 
     ``model(x, t, y)``: the denoiser (its train/eval mode is left as the caller set it; DiT's train
     mode applies label dropout, as training does). ``diffusion``: has ``num_timesteps`` and
-    ``training_losses(model, x_start, t, model_kwargs, noise)``. ``batches``: (latents, labels) pairs
+    ``training_losses(model, x_start, t, model_kwargs, noise)``; a flow objective (``objective == "flow"``)
+    gets times drawn uniformly inside each group's bins of t. ``batches``: (latents, labels) pairs
     on the model's device, reused for every group. ``params``: the parameters whose gradient is
     compared (default: all of ``model.parameters()`` that require grad).
     """
@@ -70,6 +71,8 @@ def compute_affinity(
         flat.zero_()
         for (x, y), noise in zip(batches, noises):
             t = group * group_size + torch.randint(0, group_size, (x.shape[0],), generator=t_gen)
+            if getattr(diffusion, "objective", "ddpm") == "flow":  # bin i of flow time: [i / T, (i + 1) / T)
+                t = ((t + torch.rand(t.shape, generator=t_gen, dtype=torch.float64)) / T).float()
             loss = diffusion.training_losses(model, x, t.to(x.device), {"y": y}, noise)["loss"].mean()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             offset = 0

@@ -93,7 +93,8 @@ class ClusterLossBuffer:
     def add(
         self, per_sample_loss: torch.Tensor, cluster_idx: torch.Tensor, t: torch.Tensor | None = None
     ) -> None:
-        """Accumulate one micro-batch: losses (B,), cluster indices (B,) long, timesteps (B,) long or None."""
+        """Accumulate one micro-batch: losses (B,), cluster indices (B,) long, timesteps (B,) or None: long
+        indices 0..T-1 (DDPM) or float flow times in [0, 1], binned on the same profile grid."""
         loss = per_sample_loss.detach().to(torch.float64)
         if self.sums.device != loss.device:
             # live on the loss's device so that NCCL can all-reduce without a host copy
@@ -105,7 +106,10 @@ class ClusterLossBuffer:
         self.sums.index_add_(0, cluster_idx, loss)
         self.counts.index_add_(0, cluster_idx, ones)
         if t is not None:
-            bins = torch.div(t * self.profile_bins, self.num_timesteps, rounding_mode="floor")
+            if t.is_floating_point():
+                bins = (t.double() * self.profile_bins).floor().long().clamp_(0, self.profile_bins - 1)
+            else:
+                bins = torch.div(t * self.profile_bins, self.num_timesteps, rounding_mode="floor")
             self.bin_sums.index_add_(0, bins, loss)
             self.bin_counts.index_add_(0, bins, ones)
 

@@ -46,6 +46,7 @@ from dtr_scale.checkpoint_format import (
     read_latest,
     read_state_file,
 )
+from dtr_scale.config.objective import flow_section, learns_sigma
 from dtr_scale.fileio import atomic_path
 
 if TYPE_CHECKING:
@@ -233,7 +234,8 @@ def _model_config(
         diffusion={
             "noise_schedule": cfg.diffusion.noise_schedule,
             "diffusion_steps": cfg.diffusion.diffusion_steps,
-            "learn_sigma": cfg.model.learn_sigma,
+            "learn_sigma": learns_sigma(cfg),
+            **flow_section(cfg),
         },
         train={
             "step": int(global_state["progress"]["step"]),
@@ -274,6 +276,11 @@ def convert_checkpoint(
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     run_dir = Path(run_dir)
     tag, tag_dir, global_state, cfg, data = _read_checkpoint(run_dir, tag, manifest)
+    if cfg.diffusion.objective == "flow" and fmt != "dtr":
+        raise ValueError(
+            f"--format {fmt}: {run_dir} trains diffusion.objective=flow; the {fmt} format holds DDPM models "
+            "(DiT's epsilon/variance outputs and a DDPM scheduler). Use --format dtr and `dtr-scale sample`"
+        )
     model, model_state, ema_state = _trained_states(cfg, data, tag_dir, global_state, fmt)
     config = _model_config(model, cfg, data, global_state, run_dir, tag)
     if fmt == "diffusers":

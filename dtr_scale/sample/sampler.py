@@ -3,6 +3,8 @@
     dtr-scale sample --model MODEL_DIR --out DIR [--num-samples N] [--steps 250] [--sampler ddpm|ddim]
                      [--cfg-scale 1.5] [--guidance-channels all|3] [--weights ema|model] [--seed 0]
                      [--vae DIR] [--classes 0,1,2 | uniform]
+    flow models (diffusion.objective=flow): [--sampler euler|heun|sde] [--steps 50]
+                     [--guidance-low 0.0] [--guidance-high 1.0]
     torchrun --nproc_per_node 8 -m dtr_scale sample ...       (or the deepspeed launcher, or Slurm + torchrun)
 
 Output: DIR/%06d.png for every sample index, then DIR/samples.npz (`arr_0` uint8 NHWC with 3 channels,
@@ -20,7 +22,8 @@ multi-node runs): rank 0 waits for every rank and then assembles samples.npz fro
 
 Guidance: eps = eps_uncond + s * (eps_cond - eps_uncond) (Ho & Salimans 2022) with the null label
 `num_classes`, on all latent channels (DTR's choice) or the first 3 (the reference DiT's sample.py).
-cfg_scale 1.0 runs the conditional model alone (no doubled batch).
+cfg_scale 1.0 runs the conditional model alone (no doubled batch). Flow models guide the velocity, only for
+guidance_low <= t <= guidance_high (REPA's guidance interval; diffusion/flow_sampling.py).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ import torch
 import dtr_scale
 from dtr_scale.data.images import to_uint8_nhwc
 from dtr_scale.data.vae import build_decoder
-from dtr_scale.diffusion.sampling import denoise, guided_model_fn, sample_generators
+from dtr_scale.diffusion.flow_sampling import FLOW_SAMPLERS
+from dtr_scale.diffusion.sampling import denoise, sample_generators, sampling_parts
 from dtr_scale.distributed import barrier, launcher_ranks
 from dtr_scale.models.dit import DiT
 from dtr_scale.models.model_dir import load_model_dir, validate_config
@@ -55,7 +59,8 @@ from dtr_scale.sample.outputs import (
 from dtr_scale.sample.processes import default_device, process_group, rank_indices
 from dtr_scale.sample.seeds import parse_classes
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", *FLOW_SAMPLERS)
+DEFAULT_STEPS = {"ddpm": 250, "flow": 50}  # DiT sample.py; REPA generate.py
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -101,7 +106,7 @@ def _draw(model: DiT, job: dict[str, Any], todo: list[int], log: Callable[[str],
     was_training, previous_channels = model.training, model.guidance_channels
     model.eval()
     model.guidance_channels = None if job["guidance_channels"] == "all" else job["guidance_channels"]
-    model_fn = guided_model_fn(model, job["cfg_scale"], job["device"])
+    model_fn = job["model_fn"]
     batch_size, class_list = job["batch_size"], job["class_list"]
     try:
         for start in range(0, len(todo), batch_size):
@@ -121,6 +126,24 @@ def _draw(model: DiT, job: dict[str, Any], todo: list[int], log: Callable[[str],
         model.guidance_channels = previous_channels
 
 
+def _resolve_sampler(
+    config: dict[str, Any], sampler: str | None, steps: int | None, low: float | None, high: float | None
+) -> tuple[str, int, dict[str, Any]]:
+    """(sampler, steps, the flow-only samples.json entries) for the model dir's objective and defaults."""
+    section = config["diffusion"]
+    objective = section.get("objective", "ddpm")
+    steps = DEFAULT_STEPS[objective] if steps is None else steps
+    if objective != "flow":
+        if low is not None or high is not None:
+            raise ValueError("--guidance-low/--guidance-high apply to flow models; this model is ddpm")
+        return sampler or "ddpm", steps, {}
+    low = float(section.get("guidance_low", 0.0) if low is None else low)
+    high = float(section.get("guidance_high", 1.0) if high is None else high)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"guidance interval must satisfy 0 <= low <= high <= 1, got [{low}, {high}]")
+    return sampler or section.get("sampler", "heun"), steps, {"guidance_interval": [low, high]}
+
+
 def _check_arguments(sampler: str, num_samples: int, batch_size: int, steps: int) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -128,19 +151,6 @@ def _check_arguments(sampler: str, num_samples: int, batch_size: int, steps: int
         raise ValueError(
             f"num_samples, batch_size and steps must be >= 1, got {num_samples}, {batch_size}, {steps}"
         )
-
-
-def _make_diffusion(config: dict[str, Any], sampler: str, steps: int):
-    """The model dir's diffusion, respaced to `steps` (DDIM's respacing for the ddim sampler)."""
-    from dtr_scale.diffusion import create_diffusion
-
-    schedule = config["diffusion"]
-    return create_diffusion(
-        timestep_respacing=f"ddim{steps}" if sampler == "ddim" else str(steps),
-        noise_schedule=schedule["noise_schedule"],
-        learn_sigma=schedule["learn_sigma"],
-        diffusion_steps=schedule["diffusion_steps"],
-    )
 
 
 def _settings(
@@ -167,6 +177,7 @@ def _settings(
         "sampler": job["sampler"],
         "steps": int(steps),
         "cfg_scale": job["cfg_scale"],
+        **job["flow_settings"],
         "guidance_channels": job["guidance_channels"],
         "vae": {"identity": config["data"]["vae"], "dir": str(vae_dir) if vae_dir is not None else None},
         "seed": int(job["seed"]),
@@ -212,8 +223,8 @@ def sample_to_dir(
     config: dict[str, Any] | None = None,
     num_samples: int = 50_000,
     batch_size: int = 32,
-    steps: int = 250,
-    sampler: str = "ddpm",
+    steps: int | None = None,
+    sampler: str | None = None,
     cfg_scale: float = 1.5,
     guidance_channels: str | int = "all",
     weights: str = "ema",
@@ -222,6 +233,8 @@ def sample_to_dir(
     classes: str | list[int] | None = None,
     device: str | torch.device | None = None,
     log: Callable[[str], None] | None = None,
+    guidance_low: float | None = None,
+    guidance_high: float | None = None,
 ) -> dict[str, Any]:
     """Sample `num_samples` images into `out_dir` (PNGs + samples.npz + samples.json); returns the
     samples.json document. Every rank of an initialised torch.distributed group (or of a RANK/WORLD_SIZE
@@ -229,20 +242,29 @@ def sample_to_dir(
     label come from its own generator (seed, i), so the result does not depend on the number of ranks.
 
     `model` is a model directory (its `weights` are loaded), or a live DiT together with its model-dir
-    `config` (`weights` is then only recorded). ValueError for bad arguments; resuming into a directory of
+    `config` (`weights` is then only recorded). sampler / steps None: the objective's defaults (DDPM: ddpm,
+    250 steps; flow: the sampler the model dir records, 50 steps); guidance_low / guidance_high (flow models
+    only) None: the recorded guidance interval. ValueError for bad arguments; resuming into a directory of
     other settings is refused by name.
     """
-    _check_arguments(sampler, num_samples, batch_size, steps)
     model, config, model_dir, device = _resolve_model(model, config, weights, device)
+    sampler, steps, flow_settings = _resolve_sampler(config, sampler, steps, guidance_low, guidance_high)
+    _check_arguments(sampler, num_samples, batch_size, steps)
+    if flow_settings and guidance_channels not in ("all", None):
+        raise ValueError("guidance_channels applies to DDPM models; a flow model guides all channels")
     num_classes = int(config["model"]["num_classes"])
     class_list = parse_classes(classes, num_classes)
     guided = _check_guidance(model, cfg_scale, guidance_channels, num_classes)
-    diffusion = _make_diffusion(config, sampler, steps)
+    interval = flow_settings.get("guidance_interval", [0.0, 1.0])
+    diffusion, model_fn = sampling_parts(
+        model, config["diffusion"], sampler, steps, cfg_scale, device, interval[0], interval[1]
+    )
     job = dict(
         guidance_channels=guided, cfg_scale=float(cfg_scale), device=device, batch_size=batch_size,
         class_list=class_list, seed=seed, num_classes=num_classes, diffusion=diffusion, sampler=sampler,
-        latent_shape=tuple(config["data"]["latent_shape"]), out_dir=Path(out_dir),
+        latent_shape=tuple(config["data"]["latent_shape"]), out_dir=Path(out_dir), model_fn=model_fn,
         decode=build_decoder(config["data"], vae_dir=vae_dir, device=device),  # data/vae.py's codec
+        flow_settings=flow_settings,
     )  # fmt: skip
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     with process_group(device) as (rank, world):
@@ -271,9 +293,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (re-running resumes)")
     parser.add_argument("--num-samples", type=int, default=50_000, help="total images over all ranks")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass on one rank")
-    parser.add_argument("--steps", type=int, default=250, help="sampling steps (respacing of the 1000)")
     parser.add_argument(
-        "--sampler", choices=SAMPLERS, default="ddpm", help="ddpm (ancestral, the DiT paper) or ddim (eta 0)"
+        "--steps", type=int, default=None,
+        help="sampling steps (DDPM: respacing of the 1000, default 250; flow: default 50)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sampler", choices=SAMPLERS, default=None,
+        help="DDPM models: ddpm (ancestral, the DiT paper; default) or ddim (eta 0); flow models: euler, heun "
+        "(ODE) or sde (Euler-Maruyama, REPA's default); default: the one the model dir records",
+    )  # fmt: skip
+    parser.add_argument(
+        "--guidance-low", type=float, default=None, help="flow models: CFG only for t >= this (default 0)"
+    )
+    parser.add_argument(
+        "--guidance-high", type=float, default=None, help="flow models: CFG only for t <= this (default 1)"
     )
     parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance; 1.0 = none")
     parser.add_argument(
@@ -306,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
         vae_dir=args.vae,
         classes=args.classes,
         device=args.device,
+        guidance_low=args.guidance_low,
+        guidance_high=args.guidance_high,
     )
     if launcher_ranks()[0] == 0:
         print(json.dumps({"npz": str(Path(args.out) / NPZ_NAME), "count": result["count"]}))

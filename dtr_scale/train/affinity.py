@@ -44,18 +44,22 @@ def run(args: argparse.Namespace) -> int:
     """`dtr-scale affinity`: measure and save the affinity matrix (.npy); returns 0."""
     from dtr_scale.data.stream import LatentStream
     from dtr_scale.diffusion import create_diffusion
+    from dtr_scale.diffusion.flow import FlowMatching
     from dtr_scale.models.model_dir import load_model_dir
 
     torch.manual_seed(args.seed)  # label dropout in train mode draws from the global generator
     model, config = load_model_dir(args.model, weights=args.weights, device=args.device)
     model.train()  # the training objective, label dropout included, as ANT's task_affinity_score does
     diffusion_cfg = config["diffusion"]
-    diffusion = create_diffusion(
-        "",
-        noise_schedule=diffusion_cfg["noise_schedule"],
-        learn_sigma=diffusion_cfg["learn_sigma"],
-        diffusion_steps=diffusion_cfg["diffusion_steps"],
-    )
+    if diffusion_cfg.get("objective", "ddpm") == "flow":  # groups of the T equal bins of flow time t
+        diffusion = FlowMatching(diffusion_cfg["diffusion_steps"])
+    else:
+        diffusion = create_diffusion(
+            "",
+            noise_schedule=diffusion_cfg["noise_schedule"],
+            learn_sigma=diffusion_cfg["learn_sigma"],
+            diffusion_steps=diffusion_cfg["diffusion_steps"],
+        )
     stream = LatentStream(
         args.data,
         args.batch_size,

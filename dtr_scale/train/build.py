@@ -14,16 +14,17 @@ import torch
 from torch import nn
 
 from dtr_scale.config import ConfigError, RunConfig
+from dtr_scale.config.objective import learns_sigma
 
 
-def resolve_clusters(cfg: RunConfig, alphas_cumprod: np.ndarray) -> list[tuple[int, int]] | None:
+def resolve_clusters(cfg: RunConfig, snr_values: np.ndarray) -> list[tuple[int, int]] | None:
     """ANT's timestep clusters as inclusive intervals [(left, right), ...] covering 0..T-1, or None for one.
 
     From `mtl.clusters_file` when given, else interval clustering (ANT, Go et al. 2023, Sec. 4.1: dynamic
-    programming over contiguous intervals) of the per-timestep SNR abar_t / (1 - abar_t) (alphas_cumprod:
-    float64 (T,)) or of the task-affinity matrix in `mtl.affinity_file` (mtl.objective=affinity).
+    programming over contiguous intervals) of the per-task SNR (snr_values: float64 (T,); DDPM: abar_t /
+    (1 - abar_t) per timestep, flow: ((1 - t) / t)^2 per bin of t, `diffusion_snr`) or of the task-affinity
+    matrix in `mtl.affinity_file` (mtl.objective=affinity).
     """
-    from dtr_scale.diffusion.schedules import snr
     from dtr_scale.mtl.clustering import interval_clustering, load_clusters
 
     m, steps = cfg.mtl, cfg.diffusion.diffusion_steps
@@ -49,25 +50,39 @@ def resolve_clusters(cfg: RunConfig, alphas_cumprod: np.ndarray) -> list[tuple[i
                 f"mtl.affinity_file {path}: expected a {steps}x{steps} matrix, got {values.shape}"
             )
     else:
-        values = snr(alphas_cumprod)  # per-timestep SNR abar / (1 - abar) (ANT)
+        values = snr_values
     return interval_clustering(values, m.num_clusters, m.objective)
 
 
 def build_diffusion(cfg: RunConfig):
-    """The training GaussianDiffusion of `cfg.diffusion` (all T steps; ADM's create_diffusion)."""
+    """The training objective of `cfg.diffusion`: GaussianDiffusion (ddpm; all T steps, ADM's
+    create_diffusion) or FlowMatching (flow; diffusion/flow.py)."""
     from dtr_scale.diffusion import create_diffusion
+    from dtr_scale.diffusion.flow import FlowMatching
 
     d = cfg.diffusion
+    if d.objective == "flow":
+        return FlowMatching(d.diffusion_steps)
     return create_diffusion(
         "",
         noise_schedule=d.noise_schedule,
-        learn_sigma=cfg.model.learn_sigma,
+        learn_sigma=learns_sigma(cfg),
         diffusion_steps=d.diffusion_steps,
         loss_weighting=d.loss_weighting,
         min_snr_gamma=d.min_snr_gamma,
         p2_k=d.p2_k,
         p2_gamma=d.p2_gamma,
     )
+
+
+def diffusion_snr(diffusion) -> np.ndarray:
+    """The SNR of each of the objective's T tasks, float64 (T,): DDPM's abar / (1 - abar) per timestep, or
+    the flow path's ((1 - t) / t)^2 at the centre of each bin of t."""
+    from dtr_scale.diffusion.schedules import snr
+
+    if getattr(diffusion, "objective", "ddpm") == "flow":
+        return diffusion.snr_grid()
+    return snr(np.asarray(diffusion.alphas_cumprod, dtype=np.float64))
 
 
 def build_balancer(cfg: RunConfig, num_clusters: int) -> nn.Module:
@@ -125,9 +140,15 @@ def lr_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.opti
 def build_timestep_sampler(cfg: RunConfig, clusters: list[tuple[int, int]] | None, stratified: bool):
     """ANT's timestep sampler over `clusters`, stratified or not (`mtl.sampling.resolve_sampling`, decided in
     train/plan.py); ConfigError when a stratified micro-batch cannot be split evenly over the clusters."""
-    from dtr_scale.mtl.sampling import TimestepSampler
+    from dtr_scale.mtl.sampling import FlowTimeSampler, TimestepSampler
 
-    sampler = TimestepSampler(cfg.diffusion.diffusion_steps, clusters, stratified=stratified)
+    if cfg.diffusion.objective == "flow":
+        f = cfg.flow
+        sampler = FlowTimeSampler(
+            cfg.diffusion.diffusion_steps, clusters, stratified, f.time_sampling, f.logit_mean, f.logit_std
+        )
+    else:
+        sampler = TimestepSampler(cfg.diffusion.diffusion_steps, clusters, stratified=stratified)
     try:
         sampler.check_batch_size(cfg.train.micro_batch_size)
     except ValueError as err:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dtr_scale.config import ConfigError
+from dtr_scale.config.objective import learns_sigma
 
 
 def ema_model(trainer) -> nn.Module:
@@ -35,23 +36,33 @@ def sharded_images(
 ) -> torch.Tensor | None:
     """Decoded EMA samples (N, C, H, W) float in [-1, 1] for `labels` (N,), drawn by all ranks (rank r
     takes samples r, r + world, ...), returned in order on rank 0 (None elsewhere). Collective."""
+    from dtr_scale.config.objective import flow_section
     from dtr_scale.data.vae import build_decoder
-    from dtr_scale.diffusion import create_diffusion
-    from dtr_scale.diffusion.sampling import denoise, guided_model_fn, sample_generators
+    from dtr_scale.diffusion.sampling import denoise, sample_generators, sampling_parts
 
     model = ema_model(trainer)
     decoder = build_decoder(trainer.manifest, trainer.cfg.data.vae, device=trainer.device)
-    # DDIM (eta 0) through the one sampling path (diffusion/sampling.py, as `dtr-scale sample`); sample i draws
-    # from its own generator, as `dtr-scale sample --seed seed --classes labels` does (label draw first, then
-    # the noise), so it does not depend on which rank draws it.
-    d = trainer.cfg.diffusion
-    diffusion = create_diffusion(
-        f"ddim{steps}",
-        noise_schedule=d.noise_schedule,
-        learn_sigma=trainer.cfg.model.learn_sigma,
-        diffusion_steps=d.diffusion_steps,
+    # DDIM (eta 0), or flow.sampler for a flow model, through the one sampling path (diffusion/sampling.py, as
+    # `dtr-scale sample`); sample i draws from its own generator, as `dtr-scale sample --seed seed --classes
+    # labels` does (label draw first, then the noise), so it does not depend on which rank draws it.
+    cfg = trainer.cfg
+    section = {
+        "noise_schedule": cfg.diffusion.noise_schedule,
+        "diffusion_steps": cfg.diffusion.diffusion_steps,
+        "learn_sigma": learns_sigma(cfg),
+        **flow_section(cfg),
+    }
+    sampler = cfg.flow.sampler if cfg.diffusion.objective == "flow" else "ddim"
+    diffusion, model_fn = sampling_parts(
+        model,
+        section,
+        sampler,
+        steps,
+        cfg_scale,
+        trainer.device,
+        cfg.flow.guidance_low,
+        cfg.flow.guidance_high,
     )
-    model_fn = guided_model_fn(model, cfg_scale, trainer.device)
     shape = tuple(trainer.manifest.latent_shape)
     mine = list(range(trainer.rank, len(labels), trainer.world))
     pieces = []
@@ -60,7 +71,7 @@ def sharded_images(
         generators, chunk_labels = sample_generators(seed, chunk, model.num_classes, labels)
         y = torch.tensor(chunk_labels, device=trainer.device)
         with torch.no_grad():
-            z = denoise(diffusion, model_fn, "ddim", generators, y, shape, trainer.device)
+            z = denoise(diffusion, model_fn, sampler, generators, y, shape, trainer.device)
             pieces.append(decoder(z).float().cpu())
     ours = (mine, torch.cat(pieces) if pieces else None)
     if trainer.world == 1:

@@ -9,8 +9,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from dtr_scale.config import (
     ConfigError,
     RunConfig,
@@ -21,7 +19,7 @@ from dtr_scale.config import (
     resolve_precision,
 )
 from dtr_scale.data.stream import StreamLayoutError, check_canonical_streams
-from dtr_scale.train.build import build_diffusion, build_timestep_sampler, resolve_clusters
+from dtr_scale.train.build import build_diffusion, build_timestep_sampler, diffusion_snr, resolve_clusters
 from dtr_scale.train.reshard import auto_canonical_streams
 
 
@@ -49,8 +47,9 @@ def plan_run(
     from dtr_scale.mtl.sampling import resolve_sampling
 
     diffusion = build_diffusion(cfg)
-    clusters = resolve_clusters(cfg, np.asarray(diffusion.alphas_cumprod, dtype=np.float64))
-    stratified = resolve_sampling(cfg.mtl.sampling, clusters, cfg.diffusion.diffusion_steps)
+    clusters = resolve_clusters(cfg, diffusion_snr(diffusion))
+    uniform_t = cfg.diffusion.objective == "ddpm" or cfg.flow.time_sampling == "uniform"
+    stratified = resolve_sampling(cfg.mtl.sampling, clusters, cfg.diffusion.diffusion_steps, uniform_t)
     cfg = resolve_batch_layout(cfg, world_size, stratify_over=len(clusters) if stratified else 1)
     if cfg.data.canonical_streams is None:  # a new run: the order's streams fit this world size
         data = dataclasses.replace(cfg.data, canonical_streams=auto_canonical_streams(world_size))

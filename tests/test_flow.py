@@ -14,8 +14,9 @@ from dtr_scale.diffusion.flow import FlowMatching, time_cdf
 from dtr_scale.models.dit import DiT
 from dtr_scale.models.routing import DTRConfig, dtr_mask_table
 from dtr_scale.mtl.cluster_losses import ClusterLossBuffer
-from dtr_scale.mtl.sampling import FlowTimeSampler, resolve_sampling
+from dtr_scale.mtl.sampling import resolve_sampling
 from dtr_scale.train.build import diffusion_snr, resolve_clusters
+from dtr_scale.train.flow_times import FlowTimeSampler
 
 FLOW = ["diffusion.objective=flow"]
 

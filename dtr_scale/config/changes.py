@@ -47,6 +47,9 @@ CHANGEABLE: dict[str, str] = {
     "deepspeed.stage3_prefetch_bucket_size": "ZeRO-3 prefetching (the same maths)",
     "repa.coeff": "the REPA loss weight from the next step",
     "repa.stop_step": "the step REPA stops at",
+    "flow.sampler": "the in-loop sampler and the default a converted model records (nothing trained depends on it)",
+    "flow.guidance_low": "the in-loop guidance interval and the default a converted model records",
+    "flow.guidance_high": "the in-loop guidance interval and the default a converted model records",
     "monitor.*": "logging, progress, in-loop sample grids",
     "eval.*": "in-loop evaluation",
 }
@@ -56,6 +59,7 @@ REFUSED_SECTIONS: dict[str, str] = {
     "model": "the network's shape and its parameters (depth, width, heads, patch, classes, label dropout)",
     "routing": "DTR's channel windows, part of every block's computation",
     "diffusion": "the objective, noise schedule and loss weighting: what the network learns to predict",
+    "flow": "flow matching's training-time density (flow.time_sampling, logit_mean, logit_std)",
     "mtl": "ANT's clusters, timestep sampling and balancer (its state is in the checkpoint)",
     "data": "which data is trained on and how it is streamed (the stream position is in the checkpoint)",
     "train": "the seed, precision and optimizer settings whose state is in the checkpoint",

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from dtr_scale.data.shards import Manifest, load_manifest
-from dtr_scale.data.skipped import SkipLedger, merge_ledger_states
+from dtr_scale.data.skipped import SkipLedger
 from dtr_scale.data.stream_assembly import SampleAssembler
 from dtr_scale.data.stream_checks import (
     StreamLayoutError,
@@ -62,6 +62,7 @@ from dtr_scale.data.stream_checks import (
     check_manifest,
 )
 from dtr_scale.data.stream_order import epoch_shard_list, rank_streams, stream_of, stream_slots
+from dtr_scale.data.stream_state import check_saved_state, reshard_stream_states
 from dtr_scale.data.stream_worker import ShardError, WorkerStream
 
 STATE_FORMAT = "dtr-scale-stream/2"
@@ -309,28 +310,12 @@ class LatentStream:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`: this rank's `state_dict()`, or `reshard_states` of every saved rank's (at
-        another world size). The global order's settings (self.cfg) must be the same."""
-        if state.get("format") == LEGACY_FORMAT:
-            warnings.warn(
-                f"data stream state: saved by a dtr-scale from before canonical streams ({LEGACY_FORMAT}), whose "
-                "sample order this one cannot continue: the data stream starts over from its first epoch "
-                f"({self.manifest.path})",
-                ShardWarning,
-                stacklevel=2,
-            )
-            return
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(
-                f"data stream state: format {state.get('format')!r}, expected {STATE_FORMAT!r} (a checkpoint "
-                "from before canonical streams: its sample order cannot be continued)"
-            )
+        another world size). The global order's settings (self.cfg) must be the same (data/stream_state.py)."""
         expected = {**self.cfg, "num_shards": len(self.manifest.shards)}
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise ValueError(
-                    f"data stream state: {key} was {state.get(key)!r} when saved but is {value!r} now "
-                    f"({self.manifest.path}); the exact position can only be restored with the same setting"
-                )
+        if not check_saved_state(
+            state, expected, self.manifest.path, STATE_FORMAT, LEGACY_FORMAT, ShardWarning
+        ):
+            return  # a legacy state: the stream starts over (warned)
         positions = {int(c): [int(e), int(p)] for c, e, p in state["positions"]}
         if sorted(positions) != self.streams:
             raise ValueError(
@@ -346,34 +331,5 @@ class LatentStream:
 
     def reshard_states(self, states: list[dict[str, Any]], rank: int | None = None) -> dict[str, Any]:
         """This rank's state from every rank's saved state at another world size (a resharding resume; `rank`
-        is this stream's own, accepted for the checkpointer's common call).
-
-        The positions of all canonical streams are collected and this rank takes its own; its turns are the
-        global samples taken (each old rank's turns x its world size, equal at a step boundary) over the new
-        world size; the skip counts of all old ranks go to rank 0 (they are summed over ranks when logged);
-        batch counters are converted through the samples taken."""
-        old_world = int(states[0]["world_size"])
-        positions = {int(c): [int(e), int(p)] for st in states for c, e, p in st["positions"]}
-        global_turns = int(states[0]["turns"]) * old_world
-        samples = sum(int(st["samples"]) for st in states)
-        merged = (
-            merge_ledger_states([st["skipped"] for st in states])
-            if self.rank == 0
-            else SkipLedger().state_dict()
-        )
-        per_batch = self.micro_batch_size * self.world_size
-        return {
-            **states[0],
-            "world_size": self.world_size,
-            "rank": self.rank,
-            "micro_batch_size": self.micro_batch_size,
-            "positions": [[c, *positions[c]] for c in self.streams],
-            "turns": global_turns // self.world_size,
-            "batches": samples // per_batch,
-            "epoch_batches": int(states[0]["epoch_batches"])
-            * int(states[0]["micro_batch_size"])
-            * old_world
-            // per_batch,
-            "samples": samples // self.world_size,
-            "skipped": merged,
-        }
+        is this stream's own, accepted for the checkpointer's common call): data/stream_state.py."""
+        return reshard_stream_states(states, self.rank, self.world_size, self.micro_batch_size, self.streams)

@@ -82,11 +82,16 @@ def compute_affinity(
                 offset += p.numel()
         flat /= len(batches)
 
-    gram = torch.zeros(num_groups, num_groups, dtype=torch.float64)
-    for lo in range(0, total, _CHUNK):
+    return cosine_from_gram(gram_in_chunks(gradients)).numpy()
+
+
+def gram_in_chunks(gradients: torch.Tensor) -> torch.Tensor:
+    """G = gradients @ gradients.T in float64 (num_groups x num_groups, on the CPU), _CHUNK columns at a time."""
+    gram = torch.zeros(gradients.shape[0], gradients.shape[0], dtype=torch.float64)
+    for lo in range(0, gradients.shape[1], _CHUNK):
         chunk = gradients[:, lo : lo + _CHUNK].to(torch.float64)
         gram += (chunk @ chunk.T).cpu()
-    return cosine_from_gram(gram).numpy()
+    return gram
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -3,12 +3,10 @@
     dtr-scale convert RUN_DIR [--tag TAG] --out MODEL_DIR [--dtype fp32|bf16] [--format dtr|dit|diffusers]
 
 What goes in (written by `dtr_scale.train.checkpoint`):
-
     RUN_DIR/checkpoints/latest                    the newest complete tag (default for --tag)
     RUN_DIR/checkpoints/TAG/*.pt                  DeepSpeed's model / optimizer files (any ZeRO stage)
     RUN_DIR/checkpoints/TAG/dtr_scale/global.safetensors   step, samples seen, balancer, clusters, config
     RUN_DIR/checkpoints/TAG/dtr_scale/rankNNNNN.safetensors  each rank's EMA shard (+ RNG, stream)
-
 What comes out (`dtr_scale.models.model_dir`): model.safetensors (the fp32 master weights),
 ema.safetensors (the EMA reassembled from every rank's shard) and config.json, all with the reference
 DiT key names; with `--format dit` also `dit.pt` = {"model", "ema"} for the reference DiT code. With
@@ -276,11 +274,9 @@ def convert_checkpoint(
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     run_dir = Path(run_dir)
     tag, tag_dir, global_state, cfg, data = _read_checkpoint(run_dir, tag, manifest)
-    if cfg.diffusion.objective == "flow" and fmt != "dtr":
-        raise ValueError(
-            f"--format {fmt}: {run_dir} trains diffusion.objective=flow; the {fmt} format holds DDPM models "
-            "(DiT's epsilon/variance outputs and a DDPM scheduler). Use --format dtr and `dtr-scale sample`"
-        )
+    if cfg.diffusion.objective == "flow" and fmt != "dtr":  # DiT's eps/variance outputs, a DDPM scheduler
+        raise ValueError(f"--format {fmt}: {run_dir} trains diffusion.objective=flow; the {fmt} format holds DDPM "
+                         "models (DiT's epsilon/variance outputs and a DDPM scheduler). Use --format dtr and `dtr-scale sample`")  # fmt: skip
     model, model_state, ema_state = _trained_states(cfg, data, tag_dir, global_state, fmt)
     config = _model_config(model, cfg, data, global_state, run_dir, tag)
     if fmt == "diffusers":

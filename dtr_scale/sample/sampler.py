@@ -257,7 +257,7 @@ def sample_to_dir(
     guided = _check_guidance(model, cfg_scale, guidance_channels, num_classes)
     interval = flow_settings.get("guidance_interval", [0.0, 1.0])
     diffusion, model_fn = sampling_parts(
-        model, config["diffusion"], sampler, steps, cfg_scale, device, interval[0], interval[1]
+        model, config["diffusion"], sampler, steps, cfg_scale, device, *interval
     )
     job = dict(
         guidance_channels=guided, cfg_scale=float(cfg_scale), device=device, batch_size=batch_size,
@@ -270,16 +270,8 @@ def sample_to_dir(
     with process_group(device) as (rank, world):
         # The image shape is part of a run's identity; one decode of zeros finds it for any codec.
         image_shape = _image_shape(job)
-        settings = _settings(
-            config,
-            model_dir,
-            job,
-            image_shape,
-            weights=weights,
-            steps=steps,
-            vae_dir=vae_dir,
-            count=num_samples,
-        )
+        settings = _settings(config, model_dir, job, image_shape, weights=weights, steps=steps, vae_dir=vae_dir,
+                             count=num_samples)  # fmt: skip
         _sample_on_rank(model, job, settings, rank, world, log)
     return {**settings, "complete": True, "npz": NPZ_NAME}
 

@@ -140,7 +140,8 @@ def lr_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.opti
 def build_timestep_sampler(cfg: RunConfig, clusters: list[tuple[int, int]] | None, stratified: bool):
     """ANT's timestep sampler over `clusters`, stratified or not (`mtl.sampling.resolve_sampling`, decided in
     train/plan.py); ConfigError when a stratified micro-batch cannot be split evenly over the clusters."""
-    from dtr_scale.mtl.sampling import FlowTimeSampler, TimestepSampler
+    from dtr_scale.mtl.sampling import TimestepSampler
+    from dtr_scale.train.flow_times import FlowTimeSampler
 
     if cfg.diffusion.objective == "flow":
         f = cfg.flow

@@ -1,17 +1,12 @@
 """The Trainer: the loop that ties build (train/build.py), step (train/step.py), checkpoint, EMA and monitor.
 
-Works as a plain single process, under `torchrun`, under the `deepspeed` launcher (hostfile,
-`--module dtr_scale`), and under SLURM (`srun`: SLURM_* variables are mapped to the torch ones); the CLI is
-train/cli.py. Ranks are always the GLOBAL rank / world size of torch.distributed. A Trainer on an existing
-`run_dir` resumes from `checkpoints/latest` (or the tag it is given), after its config is checked against the
-checkpoint's (train/resume.py: what may change on resume is applied, the rest refused; docs/resume.md).
-
-Each optimizer step (train/step.py): the step's timesteps, noise and label drops drawn up front per slot of
-the global batch (train/draws.py), then per micro-batch (x, y) from the stream, per-sample diffusion loss ->
-ANT cluster losses -> balancer -> engine.backward / engine.step; then the fp32 EMA update, logging every
-train.log_every and checkpoints every train.checkpoint_every (train/cadence.py, which also handles steps skipped
-for non-finite losses). A checkpoint written at another world size or ZeRO stage is resharded on resume
-(train/reshard.py).
+Works as a single process, under `torchrun`, the `deepspeed` launcher (`--module dtr_scale`) and SLURM (`srun`:
+SLURM_* mapped to the torch variables); the CLI is train/cli.py. Ranks are the GLOBAL rank / world size. A Trainer
+on an existing `run_dir` resumes from `checkpoints/latest` (or the tag given) after checking its config against
+the checkpoint's (train/resume.py, docs/resume.md), resharding a checkpoint of another world size or ZeRO stage
+(train/reshard.py). Each step (train/step.py): timesteps, noise and label drops drawn per slot of the global
+batch (train/draws.py), per micro-batch (x, y) from the stream, per-sample loss -> ANT cluster losses ->
+balancer -> backward / step; then the fp32 EMA, logs and checkpoints (train/cadence.py, also skipped steps).
 """
 
 from __future__ import annotations
@@ -249,17 +244,9 @@ class Trainer:
         gram = self._gram_update if balancer.should_update(self.step) else None
         marks = self.log_sums.mark(), self.cluster_buffer.mark()
         try:
-            applied = train_step(
-                self.engine,
-                batches,
-                self.timestep_sampler,
-                self.step,
-                self.plan,
-                self.cluster_buffer,
-                self.log_sums,
-                gram,
-                self.repa_features if repa_active(self.cfg, self.step) else None,
-            )
+            features = self.repa_features if repa_active(self.cfg, self.step) else None
+            applied = train_step(self.engine, batches, self.timestep_sampler, self.step, self.plan,
+                                 self.cluster_buffer, self.log_sums, gram, features)  # fmt: skip
         except NonFiniteLossError as err:
             raise NonFiniteLossError(
                 f"step {self.step + 1}: {err}; last complete checkpoint: {latest_text(self.checkpointer)}"

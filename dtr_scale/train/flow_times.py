@@ -46,17 +46,9 @@ class FlowTimeSampler:
 
     check_batch_size = TimestepSampler.check_batch_size
 
-    def sample(
-        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t float32, cluster_idx long), both (batch_size,) on ``device``: `from_uniform` of u ~ U[0, 1)
-        float64 drawn on the generator's device (CPU without one), for slots 0..batch_size-1, so a seeded CPU
-        generator gives the same times on any device."""
-        self.check_batch_size(batch_size)
-        draw_device = generator.device if generator is not None else torch.device("cpu")
-        u = torch.rand(batch_size, generator=generator, device=draw_device, dtype=torch.float64)
-        t, cluster_idx = self.from_uniform(u, torch.arange(batch_size, device=draw_device))
-        return t.to(device), cluster_idx.to(device)
+    # (t float32, cluster_idx long), both (batch_size,): `from_uniform` of u ~ U[0, 1) drawn in float64 on the
+    # generator's device for slots 0..batch_size-1, exactly as TimestepSampler.sample does it
+    sample = TimestepSampler.sample
 
     def from_uniform(self, u: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The times of samples whose uniform draws are u (float64 in [0, 1)) in global-batch slots `slots`:

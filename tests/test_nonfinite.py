@@ -42,6 +42,12 @@ def test_two_process_diverging_run_counts_skipped_steps_and_stops_in_one_line(tm
 
     records = read_metrics(run_dir)
     assert [m["step"] for m in records] == [1, 2, 3, 4]
+
+    def refuse(name):  # strict JSON (jq, other languages' parsers): no NaN / Infinity constants
+        raise AssertionError(f"metrics.jsonl holds the non-JSON constant {name}")
+
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
     assert [m["skipped_steps"] for m in records] == [0, 1, 2, 3]
     assert all(math.isfinite(records[0][k]) and records[0][k] > 0 for k in LOSS_KEYS)
     for m in records[1:]:  # the skipped steps: no loss at all, and no cluster loss

@@ -205,7 +205,9 @@ class Monitor:
         the throughput figures of `step` (a skipped optimizer step between two logged ones)."""
         if not self.active:
             return
-        line = json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n"
+        # strict JSON: a non-finite value (a skipped step's grad_norm) is written as null, never as Infinity
+        record = {k: float(v) if math.isfinite(float(v)) else None for k, v in values.items()}
+        line = json.dumps({"step": step, **record}) + "\n"
         try:
             with open(self.metrics_path, "a") as fh:
                 fh.write(line)

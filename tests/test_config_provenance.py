@@ -113,3 +113,15 @@ def test_a_section_override_is_the_source_of_the_keys_under_it(tmp_path):
 def test_a_single_key_error_still_blames_its_override(tmp_path):
     message = _error(tmp_path, "train:\n  lr: 0.001\n", ["train.lr=-1", "train.seed=3"])
     assert message == "override train.lr=-1: train.lr must be > 0, got -1.0"
+
+
+def test_a_value_that_is_wrong_by_itself_is_named_before_a_rule_between_keys(tmp_path):
+    # From a fresh user's run: min_snr on the flow config was first answered with its conflict with
+    # mtl.method=uw ("set one of them to none"), and an invalid mtl.method with a conflict it cannot have.
+    flow = _error(
+        tmp_path, "diffusion:\n  objective: flow\nmtl:\n  method: uw\n", ["diffusion.loss_weighting=min_snr"]
+    )
+    assert "is a DDPM setting; diffusion.objective=flow does not use it" in flow and "mtl.method" not in flow
+    method = _error(tmp_path, "diffusion:\n  loss_weighting: min_snr\n", ["mtl.method=uniform"])
+    assert "mtl.method must be one of none, uw, nash, pcgrad; got 'uniform'" in method
+    assert "re-weight" not in method

@@ -12,8 +12,8 @@ def validate(cfg: RunConfig) -> None:
     """Checks that need no world size, data or device (those come at run time, in train/build.py and
     `resolve_batch_layout`). ConfigError names the first offending key, the allowed values and the value."""
     _check_model(cfg)
+    check_objective(cfg)  # before the cross-key rules: a DDPM-only key under flow is named as such first
     _check_diffusion(cfg)
-    check_objective(cfg)
     _check_mtl(cfg)
     _check_data(cfg)
     _check_train(cfg)
@@ -190,7 +190,11 @@ def _check_loss_weighting(cfg: RunConfig) -> None:
     d = cfg.diffusion
     if d.loss_weighting not in ("none", "min_snr", "p2"):
         raise ConfigError(f"diffusion.loss_weighting must be none, min_snr or p2, got {d.loss_weighting!r}")
-    if d.loss_weighting != "none" and cfg.mtl.method != "none":
+    if d.loss_weighting != "none" and cfg.mtl.method in (
+        "uw",
+        "nash",
+        "pcgrad",
+    ):  # an invalid method: _check_mtl
         # The official DTR code offers constant, min_snr, p2 and uw as alternatives (one loss_weight_type);
         # a balancer re-weights the clusters' losses and would largely undo a per-timestep weighting.
         raise ConfigError(

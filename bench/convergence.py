@@ -14,6 +14,11 @@ config, data, seed list and step budget; only the variant's keys differ:
     repa          routing off, mtl.method=none, REPA with --repa-encoder       (Yu et al. 2025; opt in)
     dtr+uw+repa   routing on,  mtl.method=uw,   REPA with --repa-encoder       (all three; opt in)
 
+`--objectives ddpm flow` trains every variant with each training objective (`diffusion.objective`; flow matching
+runs are named `flow-VARIANT`, sampled with `--flow-sampler`, Heun by default, at `--sample-steps`; Min-SNR / P2 are
+DDPM weightings and are refused with flow). The table then also gives, per variant, the first scored step whose
+seed-mean class accuracy reaches 25 / 50 / 75 / 90%.
+
 The REPA variants need `--repa-encoder DIR` (a local transformers vision encoder, e.g. DINOv2 saved with
 save_pretrained; nothing is downloaded) and align after `--repa-depth` blocks (default: a third of the depth).
 
@@ -58,8 +63,8 @@ from pathlib import Path
 
 import numpy as np
 from common import REPO as ROOT
-from common import read_metrics, stop, write_json
-from convergence_scores import Scorer, describe, report
+from common import stop, write_json
+from convergence_scores import Scorer, describe, label, report, train_seconds_at
 
 ROUTED = ["routing.enabled=true"]
 PLAIN = ["routing.enabled=false"]
@@ -86,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_data_arguments(p)
     add_run_arguments(p)
     args = p.parse_args(argv)
+    ddpm_only = sorted(v for v in args.variants if "snr" in v)
+    if "flow" in args.objectives and ddpm_only:
+        p.error(f"variants {ddpm_only} weight DDPM timesteps (diffusion.loss_weighting); drop them with flow")
     if REPA_VARIANTS & set(args.variants) and args.repa_encoder is None:
         p.error(f"variants {sorted(REPA_VARIANTS & set(args.variants))} need --repa-encoder DIR")
     if args.evals < 1 or args.steps % args.evals:
@@ -165,14 +173,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--repa-encoder", default=None, help="local transformers encoder for the REPA variants")
     p.add_argument("--repa-depth", type=int, default=None, help="REPA block (default: a third of the depth)")
+    p.add_argument("--objectives", nargs="+", default=["ddpm"], choices=["ddpm", "flow"],
+                   help="training objectives (diffusion.objective); flow runs are named flow-VARIANT")  # fmt: skip
+    p.add_argument(
+        "--flow-sampler", default="heun", choices=["euler", "heun", "sde"], help="flow runs' sampler"
+    )
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
 
 
-def run_name(variant: str, width: int, seed: int) -> str:
-    return f"{variant}_w{width}_s{seed}"
+def run_name(variant: str, width: int, seed: int, objective: str = "ddpm") -> str:
+    return f"{label(variant, objective)}_w{width}_s{seed}"
 
 
-def train_command(args: argparse.Namespace, manifest: Path, variant: str, width: int, seed: int) -> list[str]:
+def train_command(
+    args: argparse.Namespace, manifest: Path, variant: str, width: int, seed: int, objective: str = "ddpm"
+) -> list[str]:
     """The CLI call of one run (argument list: no shell string is ever built from the arguments)."""
     interval = args.steps // args.evals
     prefix = shlex.split(args.launcher) if args.launcher else [sys.executable]
@@ -183,7 +198,7 @@ def train_command(args: argparse.Namespace, manifest: Path, variant: str, width:
         "train",
         "--config",
         str(args.config),
-        f"run_dir={Path(args.out) / 'runs' / run_name(variant, width, seed)}",
+        f"run_dir={Path(args.out) / 'runs' / run_name(variant, width, seed, objective)}",
         f"data.shards={manifest}",
         f"model.hidden_size={width}",
         f"model.num_heads={max(1, width // HEAD_DIM)}",
@@ -194,6 +209,7 @@ def train_command(args: argparse.Namespace, manifest: Path, variant: str, width:
         "monitor.sample_every=0",
         "eval.every=0",
         *VARIANTS[variant],
+        *(["diffusion.objective=flow", f"flow.sampler={args.flow_sampler}"] if objective == "flow" else []),
         *(repa_overrides(args) if variant in REPA_VARIANTS else []),
         *args.overrides,
     ]
@@ -210,21 +226,9 @@ def repa_overrides(args: argparse.Namespace) -> list[str]:
     return [f"repa.encoder={Path(args.repa_encoder).resolve()}", f"repa.depth={depth}"]
 
 
-def train_seconds_at(metrics_path: Path) -> dict[int, float]:
-    """step -> cumulative seconds of optimizer steps (perf/step_time_s x log interval), from metrics.jsonl."""
-    seconds, last_step, out = 0.0, 0, {}
-    for row in read_metrics(metrics_path):
-        if "perf/step_time_s" not in row:  # a skipped step's own record: its time is in the next full one
-            continue
-        step = int(row["step"])
-        seconds += float(row["perf/step_time_s"]) * (step - last_step)
-        last_step = step
-        out[step] = seconds
-    return out
-
-
-def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: Scorer, num_classes: int):
-    name = run_name(variant, width, seed)
+def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: Scorer, num_classes: int,
+            objective: str = "ddpm"):  # fmt: skip
+    name = run_name(variant, width, seed, objective)
     run_dir = Path(args.out) / "runs" / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an unfinished run from an interrupted benchmark: start it over
@@ -236,8 +240,9 @@ def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: S
     stopped = False
     with open(run_dir.parent / f"{name}.log", "w") as log:
         proc = subprocess.Popen(
-            train_command(args, manifest, variant, width, seed), stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+            train_command(args, manifest, variant, width, seed, objective),
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
         try:
             returncode = proc.wait(timeout=args.train_seconds)
         except subprocess.TimeoutExpired:  # --train-seconds: stop it; its finished checkpoints are scored
@@ -261,7 +266,8 @@ def run_one(args, manifest: Path, variant: str, width: int, seed: int, scorer: S
         step = k * interval
         if stopped and f"step{step:08d}" not in reached:
             continue
-        record = {"variant": variant, "width": width, "seed": seed, "step": step}
+        record = {"variant": label(variant, objective), "objective": objective, "width": width, "seed": seed,
+                  "step": step}  # fmt: skip
         if stopped:
             record["stopped_at_budget"] = True
         record.update(scorer.score(run_dir, f"step{step:08d}", num_classes))
@@ -327,9 +333,8 @@ def train_all(
 
     records: list[dict] = document["records"]
     done = {(r["variant"], r["width"], r["seed"]) for r in records}
-    todo = [
-        (v, w, s) for w in args.widths for s in args.seeds for v in args.variants if (v, w, s) not in done
-    ]
+    todo = [(v, w, s, o) for w in args.widths for s in args.seeds for o in args.objectives for v in args.variants
+            if (label(v, o), w, s) not in done]  # fmt: skip
     print(f"{len(todo)} runs to train ({len(done)} done already), {args.jobs} at a time", flush=True)
     started = time.time()
 
@@ -345,8 +350,8 @@ def train_all(
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
             pool.submit(run_one, args, manifest, v, w, s, Scorer(args, scorer.reference_features, scorer.judge),
-                        num_classes): (v, w, s)
-            for v, w, s in todo
+                        num_classes, o): (v, w, s, o)
+            for v, w, s, o in todo
         }  # fmt: skip
         for future in concurrent.futures.as_completed(futures):
             new = future.result()

@@ -9,11 +9,13 @@ writes OUT/table.md and OUT/convergence.png (metric vs steps, seed mean and min-
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+from common import read_metrics
 
 
 def resolve_device(choice: str) -> str:
@@ -52,6 +54,9 @@ class Scorer:
         return extract_features(images, self._extractor, device=self.device)["2048"]
 
     def score(self, run_dir: Path, tag: str, num_classes: int) -> dict:
+        from dtr_scale.compat import ensure_torchvision_importable
+
+        ensure_torchvision_importable()  # torch-fidelity imports torchvision (cached reference features: first here)
         from torch_fidelity.metric_kid import kid_features_to_metric
 
         from dtr_scale.sample.convert import convert_checkpoint
@@ -59,6 +64,7 @@ class Scorer:
 
         a = self.args
         model_dir = convert_checkpoint(run_dir, run_dir / "eval" / f"model-{tag}", tag=tag)
+        flow = json.loads((model_dir / "config.json").read_text())["diffusion"].get("objective") == "flow"
         classes = [i % num_classes for i in range(a.samples)]  # an even spread over the classes
         record: dict = {}
         # The first scale's keys are plain (kid, class_accuracy); each extra scale's carry its suffix.
@@ -71,7 +77,7 @@ class Scorer:
                 num_samples=a.samples,
                 batch_size=a.samples,
                 steps=a.sample_steps,
-                sampler="ddim",
+                sampler=getattr(a, "flow_sampler", "heun") if flow else "ddim",
                 cfg_scale=cfg_scale,
                 classes=classes,
                 seed=0,
@@ -96,7 +102,50 @@ class Scorer:
         return record
 
 
+def train_seconds_at(metrics_path: Path) -> dict[int, float]:
+    """step -> cumulative seconds of optimizer steps (perf/step_time_s x log interval), from metrics.jsonl."""
+    seconds, last_step, out = 0.0, 0, {}
+    for row in read_metrics(metrics_path):
+        if "perf/step_time_s" not in row:  # a skipped step's own record: its time is in the next full one
+            continue
+        step = int(row["step"])
+        seconds += float(row["perf/step_time_s"]) * (step - last_step)
+        last_step = step
+        out[step] = seconds
+    return out
+
+
 # ------------------------------------------------------------------------------------------- summary
+
+
+def label(variant: str, objective: str) -> str:
+    """The record's variant name: the variant for ddpm (as before objectives existed), flow-VARIANT for flow."""
+    return variant if objective == "ddpm" else f"{objective}-{variant}"
+
+
+def base_variant(name: str) -> str:
+    """The variant of a record's name (flow-dtr -> dtr)."""
+    return name.split("-", 1)[1] if name.startswith("flow-") else name
+
+
+CROSSINGS = (0.25, 0.5, 0.75, 0.9)
+
+
+def crossing_table(records: list[dict], rank) -> list[str]:
+    """Per class-accuracy metric and width: the first scored step whose seed mean reaches 25/50/75/90%."""
+    lines = []
+    for metric in (m for m in metric_keys(records) if m.startswith("class_accuracy")):
+        summary = summarise(records, metric)
+        for width in sorted({w for _, w in summary}):
+            lines += [f"**{metric}**, width {width}: first scored step whose seed mean reaches each level", "",
+                      "| variant | " + " | ".join(f"{100 * c:.0f}%" for c in CROSSINGS) + " |",
+                      "|---" * (len(CROSSINGS) + 1) + "|"]  # fmt: skip
+            for (variant, w), curve in sorted(summary.items(), key=lambda kv: rank(kv[0][0])):
+                if w == width:
+                    cells = [steps_to_reach(curve, c, False) or "-" for c in CROSSINGS]
+                    lines.append(f"| {variant} | " + " | ".join(str(c) for c in cells) + " |")
+            lines.append("")
+    return lines
 
 
 def summarise(records: list[dict], metric: str) -> dict:
@@ -170,6 +219,7 @@ def write_table(records: list[dict], out: Path, header: str, order: list[str]) -
                     f"| {variant} | " + " | ".join(cells) + f" | {reach if reach else 'not reached'} |"
                 )
             lines.append("")
+    lines += crossing_table(records, rank)
     seconds = {}
     for r in records:
         if r["step"] == max(x["step"] for x in records) and r.get("train_seconds"):
@@ -191,8 +241,15 @@ def write_table(records: list[dict], out: Path, header: str, order: list[str]) -
 
 
 def ranker(order: list[str]):
-    """Sort key of a variant: its place in `order` (others last)."""
-    return lambda variant: order.index(variant) if variant in order else len(order)
+    """Sort key of a variant: its place in `order` (others last), flow-VARIANT after every ddpm variant."""
+
+    def rank(variant: str) -> int:
+        base = base_variant(variant)
+        return (order.index(base) if base in order else len(order)) + (len(order) + 1) * variant.startswith(
+            "flow-"
+        )
+
+    return rank
 
 
 def plot(records: list[dict], path: Path, order: list[str]) -> None:
@@ -221,11 +278,12 @@ def plot(records: list[dict], path: Path, order: list[str]) -> None:
                 lo = [curve[s][1] for s in steps]
                 hi = [curve[s][2] for s in steps]
                 n = max(curve[s][3] for s in steps)
-                style = "--" if variant.startswith("dtr") else "-"
-                ax.plot(
-                    steps, mean, style, marker="o", ms=3, color=colors[variant], label=f"{variant} (n={n})"
-                )
-                ax.fill_between(steps, lo, hi, color=colors[variant], alpha=0.15)
+                base = base_variant(variant)
+                style = "--" if base.startswith("dtr") else "-"
+                marker = "s" if variant.startswith("flow-") else "o"
+                color = colors.get(base)
+                ax.plot(steps, mean, style, marker=marker, ms=3, color=color, label=f"{variant} (n={n})")
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
             ax.set_title(f"width {width}: {metric.replace('_', ' ')}")
             ax.set_xlabel("optimizer steps")
             kid = metric.startswith("kid")

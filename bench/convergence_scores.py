@@ -178,7 +178,15 @@ def metric_keys(records: list[dict]) -> list[str]:
 
 
 def write_table(records: list[dict], out: Path, header: str, order: list[str]) -> str:
-    """OUT/table.md: per metric and width, each variant's seed mean [min, max] per step (rows in `order`)."""
+    """OUT/table.md: `table_text`, written to `out` and returned."""
+    text = table_text(records, header, order)
+    out.write_text(text)
+    return text
+
+
+def table_text(records: list[dict], header: str, order: list[str]) -> str:
+    """Per metric and width, each variant's seed mean [min, max] per step (rows in `order`), the crossing tables
+    and the training seconds, as markdown."""
     rank = ranker(order)
     metrics = [(m, m.startswith("kid")) for m in metric_keys(records)]
     lines = [header, ""]
@@ -235,9 +243,7 @@ def write_table(records: list[dict], out: Path, header: str, order: list[str]) -
             base = seconds.get(("vanilla", width))
             rel = f"{np.mean(values) / np.mean(base):.2f}x" if base else "-"
             lines.append(f"| {variant} | {width} | {np.mean(values):.0f} | {rel} |")
-    text = "\n".join(lines) + "\n"
-    out.write_text(text)
-    return text
+    return "\n".join(lines) + "\n"
 
 
 def ranker(order: list[str]):

@@ -197,8 +197,11 @@ def table_text(records: list[dict], header: str, order: list[str]) -> str:
         widths = sorted({w for _, w in summary})
         steps = sorted({s for curve in summary.values() for s in curve})
         for width in widths:
-            base = summary.get(("vanilla", width))
-            target = base[max(base)][0] if base else None
+            finals = {
+                v: c[max(c)][0]
+                for (v, w), c in summary.items()
+                if w == width and base_variant(v) == "vanilla"
+            }
             lines.append(
                 f"**{metric}** ({'lower' if lower else 'higher'} is better), width {width}: seed mean "
                 f"[min, max]; last column = first step reaching vanilla's final value"
@@ -222,7 +225,10 @@ def table_text(records: list[dict], header: str, order: list[str]) -> str:
                         )
                     else:
                         cells.append("-")
-                reach = steps_to_reach(curve, target, lower) if target is not None else None
+                target = finals.get(label("vanilla", "flow" if variant.startswith("flow-") else "ddpm"))
+                reach = (
+                    steps_to_reach(curve, target, lower) if target is not None else None
+                )  # own objective's
                 lines.append(
                     f"| {variant} | " + " | ".join(cells) + f" | {reach if reach else 'not reached'} |"
                 )

@@ -171,6 +171,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only write the table and plot from OUT/results.json (e.g. of an interrupted benchmark)",
     )
+    p.add_argument("--report", action="store_true",
+                   help="only write docs/convergence.md from every bench/results/convergence-*.json")  # fmt: skip
     p.add_argument("--repa-encoder", default=None, help="local transformers encoder for the REPA variants")
     p.add_argument("--repa-depth", type=int, default=None, help="REPA block (default: a third of the depth)")
     p.add_argument("--objectives", nargs="+", default=["ddpm"], choices=["ddpm", "flow"],
@@ -345,6 +347,10 @@ def train_all(
             "threads_per_run": args.threads,
         }
         document["command"] = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+        now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        document["date"] = (
+            f"{document.get('date', now).split(' to ')[0]} to {now}"  # first start to last save
+        )
         write_json(results_path, document)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -370,6 +376,10 @@ def train_all(
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
+    if args.report:
+        from convergence_report import main as report_main
+
+        return report_main([])
     if args.report_only:
         records = json.loads((out / "results.json").read_text())["records"]
         report(records, out, describe(records), list(VARIANTS))

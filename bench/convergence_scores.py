@@ -178,7 +178,15 @@ def metric_keys(records: list[dict]) -> list[str]:
 
 
 def write_table(records: list[dict], out: Path, header: str, order: list[str]) -> str:
-    """OUT/table.md: per metric and width, each variant's seed mean [min, max] per step (rows in `order`)."""
+    """OUT/table.md: `table_text`, written to `out` and returned."""
+    text = table_text(records, header, order)
+    out.write_text(text)
+    return text
+
+
+def table_text(records: list[dict], header: str, order: list[str]) -> str:
+    """Per metric and width, each variant's seed mean [min, max] per step (rows in `order`), the crossing tables
+    and the training seconds, as markdown."""
     rank = ranker(order)
     metrics = [(m, m.startswith("kid")) for m in metric_keys(records)]
     lines = [header, ""]
@@ -189,8 +197,11 @@ def write_table(records: list[dict], out: Path, header: str, order: list[str]) -
         widths = sorted({w for _, w in summary})
         steps = sorted({s for curve in summary.values() for s in curve})
         for width in widths:
-            base = summary.get(("vanilla", width))
-            target = base[max(base)][0] if base else None
+            finals = {
+                v: c[max(c)][0]
+                for (v, w), c in summary.items()
+                if w == width and base_variant(v) == "vanilla"
+            }
             lines.append(
                 f"**{metric}** ({'lower' if lower else 'higher'} is better), width {width}: seed mean "
                 f"[min, max]; last column = first step reaching vanilla's final value"
@@ -214,7 +225,10 @@ def write_table(records: list[dict], out: Path, header: str, order: list[str]) -
                         )
                     else:
                         cells.append("-")
-                reach = steps_to_reach(curve, target, lower) if target is not None else None
+                target = finals.get(label("vanilla", "flow" if variant.startswith("flow-") else "ddpm"))
+                reach = (
+                    steps_to_reach(curve, target, lower) if target is not None else None
+                )  # own objective's
                 lines.append(
                     f"| {variant} | " + " | ".join(cells) + f" | {reach if reach else 'not reached'} |"
                 )
@@ -235,9 +249,7 @@ def write_table(records: list[dict], out: Path, header: str, order: list[str]) -
             base = seconds.get(("vanilla", width))
             rel = f"{np.mean(values) / np.mean(base):.2f}x" if base else "-"
             lines.append(f"| {variant} | {width} | {np.mean(values):.0f} | {rel} |")
-    text = "\n".join(lines) + "\n"
-    out.write_text(text)
-    return text
+    return "\n".join(lines) + "\n"
 
 
 def ranker(order: list[str]):

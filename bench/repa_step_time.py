@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -58,20 +59,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_encoder(args: argparse.Namespace, device: torch.device):
+def build_encoder(args: argparse.Namespace, device: torch.device, tmp: str):
+    """(RepaEncoder, name): `--encoder-dir` as it is, or a random-weight DINOv2 of the published size saved to
+    `tmp` with save_pretrained. RepaEncoder preprocesses as the trainer does (normalise, bicubic resize, patch
+    tokens without CLS and register tokens)."""
     from dtr_scale.compat import ensure_torchvision_importable
+    from dtr_scale.repa_encoder import RepaEncoder
 
     ensure_torchvision_importable()
-    from transformers import AutoModel, Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model
 
     if args.encoder_dir:
-        return AutoModel.from_pretrained(args.encoder_dir, local_files_only=True).to(
-            device
-        ).eval(), args.encoder_dir
-    hidden, layers, heads, mlp = DINOV2[args.encoder]
-    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                          intermediate_size=mlp, patch_size=14, image_size=518)  # fmt: skip
-    return Dinov2Model(config).to(device).eval(), f"DINOv2-{args.encoder} (random)"
+        directory, name = args.encoder_dir, args.encoder_dir
+    else:
+        hidden, layers, heads, mlp = DINOV2[args.encoder]
+        config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                              intermediate_size=mlp, patch_size=14, image_size=518)  # fmt: skip
+        Dinov2Model(config).save_pretrained(tmp)
+        directory, name = tmp, f"DINOv2-{args.encoder} (random)"
+    return RepaEncoder(directory, resolution=args.resolution, device=device), name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = DiT_models[args.model](input_size=args.input_size).to(device).train()
     depth = args.depth or max(1, len(model.blocks) // 3)
-    encoder, encoder_name = build_encoder(args, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        encoder, encoder_name = build_encoder(args, device, tmp)
     width = model.t_embedder.mlp[2].out_features
-    projector = build_projector(width, args.projector_dim, encoder.config.hidden_size).to(device)
+    projector = build_projector(width, args.projector_dim, encoder.z_dim).to(device)
     hidden: list[torch.Tensor] = []
     model.blocks[depth - 1].register_forward_hook(lambda _m, _i, out: hidden.append(out))
 
@@ -92,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
     y = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
     images = (torch.rand(args.batch, 3, args.image_size, args.image_size, generator=g) * 2 - 1).to(device)
-    with torch.no_grad():
-        stored = encoder(
-            pixel_values=torch.nn.functional.interpolate(images, size=args.resolution)
-        ).last_hidden_state[:, 1:]
+    stored = encoder(images)  # precomputed: the same tokens, computed once
 
     def run(mode: str) -> None:
         model.zero_grad(set_to_none=True)
@@ -104,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = model(x, t, y).square().mean()
         if mode != "off":
             if mode == "on the fly":
-                with torch.no_grad():  # REPA's preprocessing: normalise, bicubic resize, patch tokens
-                    pixels = torch.nn.functional.interpolate(
-                        (images + 1) / 2, size=args.resolution, mode="bicubic"
-                    )
-                    features = encoder(pixel_values=pixels).last_hidden_state[:, 1:]
+                features = encoder(images)  # no grad, eval mode, the trainer's preprocessing
             else:
                 features = stored
             target = match_token_grid(features, hidden[0].shape[1])

@@ -2,6 +2,10 @@
 
 - DTR_TEST_KILL_AFTER_STEP=N: rank 0 SIGKILLs itself once step N is complete (its checkpoint, if any,
   written), as a crashed node would: the kill-and-resume tests.
+- DTR_TEST_HOLD_AFTER_STEP=N with DTR_TEST_HOLD_MARK=path: once step N is complete (its checkpoint, if any,
+  written), rank 0 writes the mark and then waits until it is killed, unless the mark already exists (a
+  requeued attempt runs on). A test that requeues or kills a job mid-run waits for the mark, so the run
+  cannot finish before the test acts, however fast the machine.
 - DTR_TEST_STEP_LOG=1: every rank appends, per optimizer step, the keys of its samples and their timesteps in
   its micro-batch order to run_dir/steps_rank{R}.jsonl (with world size and micro-batch size, so a test can
   put them in global-batch slot order): what the elastic tests compare across world sizes.
@@ -15,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import torch
 
@@ -22,6 +27,8 @@ from dtr_scale import cli
 from dtr_scale.train import engine
 
 KILL_AFTER = int(os.environ.get("DTR_TEST_KILL_AFTER_STEP", "0"))
+HOLD_AFTER = int(os.environ.get("DTR_TEST_HOLD_AFTER_STEP", "0"))
+HOLD_MARK = os.environ.get("DTR_TEST_HOLD_MARK", "")
 _train_step = engine.Trainer.train_step
 _fit = engine.Trainer.fit
 
@@ -29,6 +36,11 @@ _fit = engine.Trainer.fit
 def train_step(self, batches):
     if KILL_AFTER and self.step == KILL_AFTER and self.rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)
+    if HOLD_AFTER and self.step == HOLD_AFTER and self.rank == 0 and not os.path.exists(HOLD_MARK):
+        with open(HOLD_MARK, "w") as fh:
+            fh.write(f"held after step {self.step}\n")
+        while True:  # the other ranks wait in their next collective; the test requeues or kills the job
+            time.sleep(1)
     if not os.environ.get("DTR_TEST_STEP_LOG"):
         return _train_step(self, batches)
     record = {"step": self.step, "world": self.world, "rank": self.rank, "keys": [], "t": []}

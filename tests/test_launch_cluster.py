@@ -190,46 +190,60 @@ def job_state(cluster, job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", out.stdout))
 
 
-def test_slurm_two_node_job_requeued_mid_run_resumes_to_the_same_weights(
-    cluster, reference, builtin_data, tmp_path
-):
-    run_dir = tmp_path / "run"
-    log = tmp_path / "job.out"
-    steps = [
-        *train_overrides(run_dir, builtin_data["train"]),
-        "train.max_steps=30",
-        "train.checkpoint_every=2",
-    ]
-    env = cluster.env({**RANK_ENV, "PYTHONPATH": HOOK_PATH, "NPROC_PER_NODE": "1"})
-    # The script's GPU defaults overridden on the command line, as on any CPU-only partition.
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def run_requeued_job(cluster, tmp_path: Path, steps: list[str], *updates: str) -> tuple[dict[str, str], str]:
+    """`sbatch --nodes 2 launch/slurm.sbatch` on the CPU nodes (the script's GPU defaults overridden on the
+    command line, as on any CPU-only partition); once rank 0 holds after step 4 (its checkpoint written;
+    tests/dtr_scale_testhooks.py), `scontrol requeuehold`, `update` with `updates` (e.g. NumNodes=1), `release`,
+    and wait for the job to end. Returns its final `scontrol show job` fields and its log (both attempts)."""
+    held, log = tmp_path / "held", tmp_path / "job.out"
+    hold = {"DTR_TEST_HOLD_AFTER_STEP": "4", "DTR_TEST_HOLD_MARK": str(held)}
+    env = cluster.env({**RANK_ENV, **hold, "PYTHONPATH": HOOK_PATH, "NPROC_PER_NODE": "1"})
     submit = subprocess.run(["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1",
                              f"--output={log}", "launch/slurm.sbatch", CONFIG, *steps],
                             cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
-    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
-    def first_checkpoint_or_end() -> bool:
-        return (run_dir / "checkpoints" / "latest").is_file() or job_state(cluster, job).get(
-            "JobState"
-        ) in ended
+    def scontrol(*args: str) -> None:
+        done = subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"scontrol {' '.join(args)}: {done.stderr}"
 
-    wait_for(first_checkpoint_or_end, 300, "the job's first checkpoint", interval=1)
-    log_tail = log.read_text()[-4000:] if log.is_file() else "(no job log)"
-    assert (run_dir / "checkpoints" / "latest").is_file(), (
-        f"job {job} ended without a checkpoint:\n{log_tail}"
+    wait_for(lambda: held.is_file() or job_state(cluster, job).get("JobState") in ENDED, 300,
+             "the job to hold after step 4", interval=1)  # fmt: skip
+    text = log.read_text() if log.is_file() else "(no job log)"
+    assert held.is_file() and "attempt 1: 2 nodes x 1" in text, (
+        f"job {job} ended before step 4:\n{text[-3000:]}"
     )
-    requeue = subprocess.run(["scontrol", "requeue", job], env=env, capture_output=True, text=True)
-    assert requeue.returncode == 0, requeue.stderr
-    wait_for(lambda: job_state(cluster, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 400,
-             f"job {job} to finish after its requeue", interval=1)  # fmt: skip
-    state, text = job_state(cluster, job), log.read_text()
+    assert job_state(cluster, job)["JobState"] == "RUNNING", text[-3000:]
+    scontrol("requeuehold", job)
+    wait_for(lambda: job_state(cluster, job).get("JobState") == "PENDING", 60, f"job {job} held", interval=1)
+    # StartTime=now: a requeued job is otherwise not eligible for another 2 minutes.
+    scontrol("update", f"JobId={job}", *updates, "StartTime=now")
+    scontrol("release", job)
+    wait_for(lambda: job_state(cluster, job).get("JobState") in ENDED, 400, f"job {job} to finish after its requeue",
+             interval=1)  # fmt: skip
+    return job_state(cluster, job), log.read_text()
+
+
+def test_slurm_two_node_job_requeued_mid_run_resumes_to_the_same_weights(cluster, builtin_data, tmp_path):
+    """`sbatch --nodes 2`, requeued mid-run: the job runs twice into one log, meets at the first node's NodeAddr
+    both times, resumes from step 4 and ends bitwise equal to an uninterrupted run."""
+    run_dir = tmp_path / "run"
+    steps = [
+        *train_overrides(run_dir, builtin_data["train"]),
+        "train.max_steps=30",
+        "train.checkpoint_every=2",
+    ]
+    state, text = run_requeued_job(cluster, tmp_path, steps)
     assert state["JobState"] == "COMPLETED", text[-4000:]
     assert (
         state["Restarts"] == "1" and "attempt 1:" in text and "attempt 2:" in text
     )  # ran twice, one log ...
     assert text.count(f"rendezvous {MASTER}:") == 2  # at the first node's NodeAddr, both times
-    assert re.search(r"resumed from .* at step [1-9]", text)  # ... and the second attempt resumed
+    assert re.search(r"resumed from .* at step 4\n", text)  # ... and the second attempt resumed
     sums = checksums(text)
     # (c10d rendezvous: the workers' MASTER_ADDR is the elected agent's hostname, not the endpoint; the
     # endpoint is what the log line above checks.)
@@ -252,39 +266,16 @@ def test_slurm_two_node_job_requeued_onto_one_node_reshards_and_finishes(cluster
     administrator's: `scontrol requeuehold`, then `update NumNodes=1 NumTasks=1`, then `release`
     (docs/multi-node.md). The job's second attempt still has the first's SLURM_NTASKS=2 in its environment.
     """
-    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    run_dir = tmp_path / "run"
     steps = [
         *train_overrides(run_dir, builtin_data["train"]),
         "train.max_steps=20",
         "train.checkpoint_every=2",
     ]
-    env = cluster.env({**RANK_ENV, "PYTHONPATH": HOOK_PATH, "NPROC_PER_NODE": "1"})
-    submit = subprocess.run(["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node=0", "--cpus-per-task=1",
-                             f"--output={log}", "launch/slurm.sbatch", CONFIG, *steps],
-                            cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
-    assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.strip().split(";")[0]
-    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-
-    def scontrol(*args: str) -> None:
-        done = subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"scontrol {' '.join(args)}: {done.stderr}"
-
-    wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file() or job_state(cluster, job).get("JobState")
-             in ended, 300, "the job's first checkpoint", interval=1)  # fmt: skip
-    text = log.read_text() if log.is_file() else "(no job log)"
-    assert "attempt 1: 2 nodes x 1" in text and job_state(cluster, job)["JobState"] == "RUNNING", text[-3000:]
-    scontrol("requeuehold", job)
-    wait_for(lambda: job_state(cluster, job).get("JobState") == "PENDING", 60, f"job {job} held", interval=1)
-    # StartTime=now: a requeued job is otherwise not eligible for another 2 minutes.
-    scontrol("update", f"JobId={job}", "NumNodes=1", "NumTasks=1", "StartTime=now")
-    scontrol("release", job)
-    wait_for(lambda: job_state(cluster, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 400,
-             f"job {job} to finish on one node", interval=1)  # fmt: skip
-    state, text = job_state(cluster, job), log.read_text()
+    state, text = run_requeued_job(cluster, tmp_path, steps, "NumNodes=1", "NumTasks=1")
     assert state["JobState"] == "COMPLETED" and state["NodeList"] == "dtr-node-a", text[-4000:]
     assert state["Restarts"] == "1" and "attempt 2: 1 nodes x 1" in text, text[-4000:]
-    assert re.search(r"resharding step ([2-9]|1[0-8]) from world 2 to world 1\n", text), text[-4000:]
+    assert re.search(r"resharding step 4 from world 2 to world 1\n", text), text[-4000:]
     assert sorted(checksums(text.split("attempt 2:")[1])) == [0]  # one rank after the requeue, not two
     straight = tmp_path / "straight"  # the same 20 steps at world 1, uninterrupted
     done = run(["bash", "launch/torchrun.sh", "1", CONFIG, *[s.replace(str(run_dir), str(straight)) for s in steps]],

@@ -139,6 +139,34 @@ def test_cli_writes_a_cluster_file_that_load_clusters_reads(tmp_path, capsys) ->
     assert json.loads(out.read_text())["total_cost"] == pytest.approx(expected_cost, rel=1e-9)
 
 
+def test_cli_clusters_flow_bins_of_t_as_a_brute_force_does(tmp_path, capsys) -> None:
+    out = tmp_path / "flow.json"
+    argv = ["cluster", "--diffusion", "flow", "--objective", "snr", "--k", "3", "--timesteps", "20"]
+    assert cli_main([*argv, "--out", str(out)]) == 0
+    assert "t in [0.000, " in capsys.readouterr().out
+    # Independent: every split of 20 bins into 3 intervals, cost sum_t |v_t - v_c| (as above) on the flow
+    # path's SNR ((1 - t) / t)^2 at the bin centres t = (i + 1/2) / 20, in float64.
+    t = (np.arange(20) + 0.5) / 20
+    v = ((1 - t) / t) ** 2
+
+    def cost(a: int, b: int) -> float:
+        return float(np.abs(v[a : b + 1] - v[min(round((a + b + 1) / 2), b)]).sum())
+
+    splits = itertools.combinations(range(1, 20), 2)
+    best = min(splits, key=lambda s: cost(0, s[0] - 1) + cost(s[0], s[1] - 1) + cost(s[1], 19))
+    expected = [(0, best[0] - 1), (best[0], best[1] - 1), (best[1], 19)]
+    assert load_clusters(out, 20, "flow") == expected
+    record = json.loads(out.read_text())
+    assert record["diffusion_objective"] == "flow" and record["schedule"] is None
+    # A flow file in a DDPM run (or the reverse) is refused by name: the two SNRs differ.
+    with pytest.raises(
+        ValueError, match=r"flow\.json: written for diffusion.objective=flow, but the run trains ddpm"
+    ):
+        load_clusters(out, 20, "ddpm")
+    assert cli_main([*argv, "--schedule", "cosine"]) == 2
+    assert "--schedule cosine is a DDPM beta schedule: flow matching has none" in capsys.readouterr().err
+
+
 def test_cli_clusters_a_group_affinity_matrix_in_timesteps(tmp_path) -> None:
     groups = np.eye(4) + 0.9 * np.kron(np.eye(2), np.ones((2, 2)))  # groups {0,1} and {2,3} agree
     np.save(tmp_path / "aff.npy", groups)

@@ -200,11 +200,15 @@ def validate_intervals(
     return pairs
 
 
-def load_clusters(path: str | Path, num_timesteps: int | None = None) -> list[Interval]:
+def load_clusters(
+    path: str | Path, num_timesteps: int | None = None, diffusion_objective: str | None = None
+) -> list[Interval]:
     """Intervals from a JSON file written by ``dtr-scale cluster`` (key ``"intervals"``), validated.
 
     If ``num_timesteps`` is given the intervals must cover exactly 0..num_timesteps-1; the file's own
-    ``"num_timesteps"`` entry, when present, is checked too.
+    ``"num_timesteps"`` entry, when present, is checked too, and so is its ``"diffusion_objective"`` (ddpm |
+    flow: DDPM timesteps and flow's bins of t have different SNRs) against ``diffusion_objective``.
+    Errors: FileNotFoundError, ValueError naming the file.
     """
     path = Path(path)
     try:
@@ -221,6 +225,12 @@ def load_clusters(path: str | Path, num_timesteps: int | None = None) -> list[In
     if file_timesteps is not None and num_timesteps is not None and int(file_timesteps) != num_timesteps:
         raise ValueError(
             f"cluster file {path}: written for num_timesteps={file_timesteps}, but the diffusion has {num_timesteps}"
+        )
+    written_for = data.get("diffusion_objective")
+    if written_for is not None and diffusion_objective is not None and written_for != diffusion_objective:
+        raise ValueError(
+            f"cluster file {path}: written for diffusion.objective={written_for}, but the run trains "
+            f"{diffusion_objective} (write one with `dtr-scale cluster --diffusion {diffusion_objective}`)"
         )
     expected = num_timesteps if num_timesteps is not None else file_timesteps
     return validate_intervals(

@@ -1,5 +1,6 @@
 """`dtr-scale cluster`: print (and write as JSON for `mtl.clusters_file`) ANT's interval clusters of a named
-schedule's timesteps, or of a task-affinity matrix from `dtr-scale affinity`."""
+DDPM schedule's timesteps, of flow matching's bins of t (`--diffusion flow`), or of a task-affinity matrix
+from `dtr-scale affinity`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dtr_scale.diffusion.flow import FlowMatching
 from dtr_scale.diffusion.schedules import get_named_beta_schedule, snr
 from dtr_scale.errors import UserError
 from dtr_scale.mtl.clustering import OBJECTIVES, expand_group_intervals, interval_clustering, interval_cost
@@ -29,7 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="clustering cost: snr | log_snr | timestep (equal intervals) | affinity",
     )
     parser.add_argument("--k", type=int, required=True, help="number of clusters")
-    parser.add_argument("--schedule", default="linear", help="beta schedule for the SNR (linear|cosine)")
+    parser.add_argument(
+        "--diffusion", choices=("ddpm", "flow"), default="ddpm",
+        help="the run's diffusion.objective: ddpm (timesteps of --schedule) or flow (T bins of t, SNR ((1-t)/t)^2)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--schedule", default=None, help="DDPM beta schedule for the SNR (linear|cosine; default linear)"
+    )
     parser.add_argument("--timesteps", type=int, default=1000, help="diffusion training timesteps T")
     parser.add_argument(
         "--affinity",
@@ -55,15 +63,23 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.affinity}: expected a square matrix whose size divides --timesteps {T}, got shape {values.shape}"
             )
         group_size = T // n
+    elif args.affinity is not None:
+        raise UserError(f"--affinity is only used with --objective affinity, not {args.objective!r}")
+    elif args.diffusion == "flow":
+        if args.schedule is not None:
+            raise UserError(f"--schedule {args.schedule} is a DDPM beta schedule: flow matching has none")
+        values = FlowMatching(T).snr_grid()  # ((1 - t) / t)^2 at the bin centres (i + 1/2) / T
     else:
-        if args.affinity is not None:
-            raise UserError(f"--affinity is only used with --objective affinity, not {args.objective!r}")
+        args.schedule = args.schedule or "linear"
         values = schedule_snr(args.schedule, T)
     intervals = interval_clustering(values, args.k, args.objective)
     costs = [interval_cost(values, left, right, args.objective) for left, right in intervals]
     intervals = expand_group_intervals(intervals, group_size)
 
-    source = f"affinity {args.affinity}" if args.objective == "affinity" else f"{args.schedule} schedule"
+    source = {"affinity": f"affinity {args.affinity}"}.get(
+        args.objective,
+        "flow, bins [i/T, (i+1)/T) of t" if args.diffusion == "flow" else f"{args.schedule} schedule",
+    )
     print(
         f"objective {args.objective}, k={args.k}, T={T} ({source}"
         + (f", groups of {group_size})" if group_size > 1 else ")")
@@ -71,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'cluster':>7}  {'interval':>13}  {'size':>5}  {'share':>7}  {'cost':>12}")
     for j, ((left, right), cost) in enumerate(zip(intervals, costs)):
         size = right - left + 1
-        print(f"{j:>7}  {f'[{left}, {right}]':>13}  {size:>5}  {100 * size / T:>6.2f}%  {cost:>12.6g}")
+        t_range = f"  t in [{left / T:.3f}, {(right + 1) / T:.3f})" if args.diffusion == "flow" else ""
+        print(
+            f"{j:>7}  {f'[{left}, {right}]':>13}  {size:>5}  {100 * size / T:>6.2f}%  {cost:>12.6g}{t_range}"
+        )
     total = float(sum(costs))
     print(f"total cost {total:.6g}")
     if args.out is not None:
@@ -79,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
             "objective": args.objective,
             "k": args.k,
             "num_timesteps": T,
+            # The runs the file fits: `mtl.clusters_file` refuses it under the other diffusion.objective.
+            "diffusion_objective": args.diffusion,
             "schedule": args.schedule if args.objective != "affinity" else None,
             "affinity": str(args.affinity) if args.affinity is not None else None,
             "intervals": [list(pair) for pair in intervals],

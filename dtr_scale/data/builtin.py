@@ -15,6 +15,10 @@ written in a seeded global random order (`shuffle_seed`, recorded in the manifes
 random sample of all ten classes, never a class-sorted run.
 
     dtr-scale prepare-builtin --out DIR [--image-size 16]  ->  DIR/train/manifest.json, DIR/heldout/manifest.json
+
+`--repa-encoder DIR` also stores each training digit's REPA targets (precomputed REPA, as `preprocess
+--repa-encoder` does for a VAE): the encoder's tokens of the image the trainer would decode from the stored
+float16 latents, so they equal REPA on the fly up to their float16 storage.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from dtr_scale.data.shards import (
     write_manifest,
     write_shard,
 )
-from dtr_scale.data.vae import BUILTIN_VAE_NAME, build_decoder, pixel_encode
+from dtr_scale.data.vae import BUILTIN_VAE_NAME, build_decoder, pixel_decode, pixel_encode
 from dtr_scale.fileio import sha256_file
 
 IMAGE_SIZE = 32  # the padded MNIST size; 16 (2x2 average) is the other choice
@@ -119,6 +123,22 @@ def _samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> lis
     ]
 
 
+@torch.no_grad()
+def _add_repa_features(samples: list[LatentSample], encoder: str | os.PathLike, resolution: int) -> None:
+    """Set each sample's `repa` to float16 (2, M, D): the encoder's tokens of its two orientations, decoded
+    from the stored float16 latents exactly as the trainer decodes them for REPA on the fly."""
+    from dtr_scale.repa_encoder import RepaEncoder
+
+    model = RepaEncoder(encoder, resolution)
+    for start in range(0, len(samples), 250):
+        chunk = samples[start : start + 250]
+        latents = torch.from_numpy(np.stack([s.mean for s in chunk])).float()  # (B, 2, C, h, w)
+        tokens = model(pixel_decode(latents.flatten(0, 1), DOWNSCALE)).float()  # (2B, M, D)
+        pairs = tokens.view(len(chunk), 2, *tokens.shape[1:]).numpy().astype(np.float16)
+        for sample, features in zip(chunk, pairs):
+            sample.repa = features
+
+
 def _is_complete(split_dir: Path, expected_samples: int, image_size: int, expected: dict) -> bool:
     """True when split_dir holds a manifest written with these settings whose shards all exist with the
     recorded sha256."""
@@ -165,14 +185,20 @@ def prepare_builtin(
     heldout_per_class: int = 50,
     image_size: int = IMAGE_SIZE,
     shuffle_seed: int = SHUFFLE_SEED,
+    repa_encoder: str | os.PathLike | None = None,
+    repa_resolution: int | None = None,
 ) -> dict[str, Path]:
     """Write the built-in train and held-out splits under `out_dir`; returns {"train", "heldout"} manifest paths.
 
     image_size: 32 (latents 4x16x16) or 16 (latents 4x8x8). Each split's samples are written in the order
     of a permutation seeded by `shuffle_seed` (recorded in the manifest), so every shard mixes all classes.
-    Idempotent: a split whose manifest (same settings) and shards (sha256) are in place is left alone;
-    one written with other settings is rewritten.
+    repa_encoder: a local transformers encoder whose tokens the training split also stores (precomputed
+    REPA), at `repa_resolution` px (default: its patch x image_size / 4, the token grid of a DiT-*/2 on these
+    latents). Idempotent: a split whose manifest (same settings) and shards (sha256) are in place is left
+    alone; one written with other settings is rewritten.
     """
+    from dtr_scale.data.preprocess import repa_settings
+
     out_dir = Path(out_dir)
     if image_size not in IMAGE_SIZES:
         raise ValueError(f"built-in dataset: image_size must be one of {IMAGE_SIZES}, got {image_size}")
@@ -186,11 +212,20 @@ def prepare_builtin(
         "shuffle_seed": shuffle_seed,
         "hflip": False,
     }
+    resolution = repa_resolution
+    if (
+        repa_encoder is not None and resolution is None
+    ):  # a DiT-*/2 on these latents: image_size / 4 tokens a side
+        from dtr_scale.repa_encoder import encoder_config
+
+        resolution = int(encoder_config(repa_encoder)["patch_size"]) * image_size // (2 * DOWNSCALE)
+    repa = {"train": repa_settings(repa_encoder, resolution, image_size, {}), "heldout": None}
+    expected = {split: {**settings, "split": split, "repa": repa[split]} for split in sizes}
     paths = {split: out_dir / split / MANIFEST_NAME for split in sizes}
     todo = [
         split
         for split in sizes
-        if not _is_complete(out_dir / split, sizes[split], image_size, {**settings, "split": split})
+        if not _is_complete(out_dir / split, sizes[split], image_size, expected[split])
     ]
     if not todo:
         return paths
@@ -201,9 +236,11 @@ def prepare_builtin(
         order = np.random.default_rng([shuffle_seed, 0 if split == "train" else 1]).permutation(
             indices[split]
         )
-        _write_split(
-            out_dir / split, _samples(images, labels, order), image_size, {**settings, "split": split}
-        )
+        samples = _samples(images, labels, order)
+        if repa[split] is not None:
+            _add_repa_features(samples, repa_encoder, resolution)
+        extra = {key: value for key, value in expected[split].items() if value is not None}
+        _write_split(out_dir / split, samples, image_size, extra)
     return paths
 
 
@@ -257,6 +294,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shuffle-seed", type=int, default=SHUFFLE_SEED, help="seed of the order samples are written in"
     )
+    parser.add_argument(
+        "--repa-encoder", default=None,
+        help="local transformers encoder (e.g. from bench/train_encoder.py): also store REPA features (precomputed REPA)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--repa-resolution", type=int, default=None,
+        help="encoder input px (default: its patch x image-size / 4, a DiT-*/2's token grid)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -266,6 +311,8 @@ def run(args: argparse.Namespace) -> int:
         heldout_per_class=args.heldout_per_class,
         image_size=args.image_size,
         shuffle_seed=args.shuffle_seed,
+        repa_encoder=args.repa_encoder,
+        repa_resolution=args.repa_resolution,
     )
     for split, path in paths.items():
         manifest = load_manifest(path)

@@ -1,0 +1,77 @@
+"""Precomputed REPA on the built-in digits (`prepare-builtin --repa-encoder`): the stored targets are the
+encoder's tokens of each digit, and training on them equals REPA with the encoder on the fly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from distributed import REPO, launcher_env
+from test_repa import tiny_dinov2
+from test_train_distributed import final_weights
+
+from dtr_scale.data.builtin import mnist_images, prepare_builtin
+from dtr_scale.data.shards import decode_sample, iter_raw_samples, load_manifest
+from dtr_scale.repa_encoder import RepaEncoder
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits-repa")
+    encoder = tiny_dinov2(root / "encoder")  # patch 4, width 32
+    plain = prepare_builtin(root / "plain", image_size=16)
+    stored = prepare_builtin(root / "stored", image_size=16, repa_encoder=encoder)
+    return {"encoder": encoder, "plain": plain, "stored": stored}
+
+
+def test_the_stored_targets_are_the_encoders_tokens_of_each_digit_and_its_flip(digits):
+    manifest = load_manifest(digits["stored"]["train"])
+    repa = manifest.extra["repa"]
+    # A DiT-*/2 on 4x8x8 latents has a 4x4 token grid: 4 patches of 4 px a side = 16 px, 16 tokens of width 32.
+    assert (repa["resolution"], repa["tokens"], repa["dim"]) == (16, 16, 32)
+    assert "repa" not in load_manifest(digits["stored"]["heldout"]).extra  # the held-out split trains nothing
+    images, _ = mnist_images(16)
+    encoder = RepaEncoder(digits["encoder"], resolution=16)
+    checked = 0
+    for raw in iter_raw_samples(manifest.shard_path(0)):
+        sample = decode_sample(raw, tuple(manifest.latent_shape), repa_shape=(16, 32))
+        digit = images[int(sample.key.removeprefix("mnist"))]  # the original uint8 digit, not the latents
+        x = torch.from_numpy(digit.astype(np.float32) / 127.5 - 1)[None, None]
+        with torch.no_grad():
+            expected = torch.cat([encoder(x), encoder(x.flip(-1))]).numpy()
+        np.testing.assert_allclose(sample.repa.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+        checked += 1
+        if checked == 20:
+            break
+    assert checked == 20
+    # The same latents as without features: only the targets were added.
+    plain = load_manifest(digits["plain"]["train"])
+    assert [s["num_samples"] for s in plain.shards] == [s["num_samples"] for s in manifest.shards]
+
+
+def _train(run_dir, manifest, encoder) -> list[dict]:
+    command = [sys.executable, "-m", "dtr_scale", "train", "--config", str(REPO / "configs/demo-cpu.yaml"),
+               f"run_dir={run_dir}", f"data.shards={manifest}", "model.hidden_size=32", "model.depth=2",
+               "model.num_heads=2", "train.global_batch_size=8", "train.max_steps=4", "train.log_every=1",
+               "train.checkpoint_every=4", "monitor.sample_every=0", "eval.every=0", "monitor.progress=false",
+               "monitor.tensorboard=false", "data.num_workers=0", f"repa.encoder={encoder}", "repa.depth=1",
+               "repa.projector_dim=16"]  # fmt: skip
+    done = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_on_stored_targets_equals_the_encoder_on_the_fly(digits, tmp_path):
+    fly = _train(tmp_path / "fly", digits["plain"]["train"], digits["encoder"])
+    stored = _train(tmp_path / "stored", digits["stored"]["train"], digits["encoder"])
+    # The same samples, noise and steps; the targets differ only by their float16 storage.
+    assert [m["loss/repa"] for m in stored] == pytest.approx(
+        [m["loss/repa"] for m in fly], rel=1e-3, abs=1e-4
+    )
+    a, b = final_weights(tmp_path / "fly", "step00000004"), final_weights(tmp_path / "stored", "step00000004")
+    a, b = (torch.cat([w[k].detach().double().flatten() for k in sorted(a)]) for w in (a, b))
+    assert float((a - b).norm() / a.norm()) < 1e-4

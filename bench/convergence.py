@@ -175,6 +175,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="only write docs/convergence.md from every bench/results/convergence-*.json")  # fmt: skip
     p.add_argument("--repa-encoder", default=None, help="local transformers encoder for the REPA variants")
     p.add_argument("--repa-depth", type=int, default=None, help="REPA block (default: a third of the depth)")
+    p.add_argument("--repa-features", choices=["on-the-fly", "precomputed"], default="on-the-fly",
+                   help="precomputed: the built-in digits store the encoder's targets (prepare-builtin --repa-encoder)")  # fmt: skip
     p.add_argument("--objectives", nargs="+", default=["ddpm"], choices=["ddpm", "flow"],
                    help="training objectives (diffusion.objective); flow runs are named flow-VARIANT")  # fmt: skip
     p.add_argument(
@@ -291,16 +293,26 @@ def training_data(args: argparse.Namespace, out: Path) -> tuple[Path, dict | Non
 
     if args.manifest is not None:
         return Path(args.manifest).resolve(), None
-    data = prepare_builtin(out / "data", image_size=16)
+    encoder = args.repa_encoder if args.repa_features == "precomputed" else None
+    data = prepare_builtin(out / "data", image_size=16, repa_encoder=encoder)
     return Path(data["train"]).resolve(), data
 
 
 def load_results(args: argparse.Namespace, results_path: Path) -> dict:
-    """OUT/results.json of an interrupted benchmark with these settings (or a new one); refuses other settings."""
+    """OUT/results.json of an interrupted benchmark with these settings (or a new one); refuses other settings.
+    More seeds or variants continue it (the settings then list every seed and variant run)."""
     document = json.loads(results_path.read_text()) if results_path.is_file() else {"records": []}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "jobs", "keep_runs")}
-    if document.get("settings", settings) != settings:
+    modes = ("out", "jobs", "keep_runs", "report", "report_only")  # how it runs, not what it measures
+    settings = {k: v for k, v in vars(args).items() if k not in modes}
+    saved = {k: v for k, v in document.get("settings", settings).items() if k not in modes}
+    old = {"repa_features": "on-the-fly", **saved}  # from before the option
+    grown = ("seeds", "variants")
+    if {k: v for k, v in old.items() if k not in grown} != {
+        k: v for k, v in settings.items() if k not in grown
+    }:
         raise SystemExit(f"{results_path} holds results of other settings; use another --out")
+    for key in grown:
+        settings[key] = list(dict.fromkeys([*old[key], *settings[key]]))
     document["settings"] = settings
     return document
 

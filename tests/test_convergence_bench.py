@@ -86,3 +86,24 @@ def test_objectives_are_a_dimension_and_flow_runs_sample_with_a_flow_sampler(tmp
                               "--variants", "min-snr", "--objectives", "flow", *TOY], cwd=REPO, capture_output=True,
                              text=True)  # fmt: skip
     assert refused.returncode == 2 and "drop them with flow" in refused.stderr
+
+
+def test_more_seeds_or_variants_continue_a_benchmark_and_other_settings_are_refused(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))  # bench/ scripts import their helpers as top-level modules
+    from convergence import load_results, parse_args
+
+    results = tmp_path / "results.json"
+    first = parse_args(
+        ["--out", str(tmp_path), "--variants", "vanilla", "--seeds", "0", "1", "--steps", "40"]
+    )
+    document = load_results(first, results)
+    document["records"] = [{"variant": "vanilla", "width": 64, "seed": 0, "step": 40}]
+    results.write_text(json.dumps(document))
+    more = parse_args(
+        ["--out", str(tmp_path), "--variants", "dtr", "--seeds", "2", "--steps", "40", "--jobs", "1"]
+    )
+    grown = load_results(more, results)
+    assert grown["settings"]["seeds"] == [0, 1, 2] and grown["settings"]["variants"] == ["vanilla", "dtr"]
+    assert grown["records"] == document["records"]  # nothing run is lost
+    with pytest.raises(SystemExit, match="holds results of other settings"):
+        load_results(parse_args(["--out", str(tmp_path), "--variants", "vanilla", "--steps", "80"]), results)

@@ -125,3 +125,42 @@ def test_a_value_that_is_wrong_by_itself_is_named_before_a_rule_between_keys(tmp
     method = _error(tmp_path, "diffusion:\n  loss_weighting: min_snr\n", ["mtl.method=uniform"])
     assert "mtl.method must be one of none, uw, nash, pcgrad; got 'uniform'" in method
     assert "re-weight" not in method
+
+
+# The batch layout is judged at launch, for the world size started: the same provenance, from `dtr-scale train`.
+def _launch_error(tmp_path, capsys, yaml_text: str, overrides: list[str], world: int) -> str:
+    from dtr_scale.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    assert main(["train", "--config", str(path), "--dry-run", "--world-size", str(world), *overrides]) == 2
+    return capsys.readouterr().err.strip().replace(str(path), "run.yaml")
+
+
+def test_a_global_batch_that_does_not_split_over_the_ranks_says_where_it_was_set(tmp_path, capsys):
+    message = _launch_error(tmp_path, capsys, "train:\n  global_batch_size: 100\n", [], world=3)
+    assert message == (
+        "dtr-scale train: error: train.global_batch_size=100 cannot be split evenly over 3 ranks "
+        "(train.global_batch_size=100 from run.yaml)"
+    )
+
+
+def test_no_micro_batch_that_fits_names_the_batch_the_cap_and_the_clusters(tmp_path, capsys):
+    yaml_text = "train:\n  global_batch_size: 64\nmtl:\n  method: uw\n  num_clusters: 4\n"
+    message = _launch_error(tmp_path, capsys, yaml_text, ["train.max_micro_batch_size=2"], world=2)
+    assert message.endswith(
+        "(train.global_batch_size=64 from run.yaml, train.max_micro_batch_size=2 from override "
+        "train.max_micro_batch_size=2, mtl.num_clusters=4 from run.yaml)"
+    )
+    assert "32 per rank" in message and "k=4 clusters" in message
+
+
+def test_micro_batch_times_accumulation_times_world_names_all_three_keys(tmp_path, capsys):
+    overrides = ["train.micro_batch_size=8", "train.gradient_accumulation_steps=2"]
+    message = _launch_error(tmp_path, capsys, "train:\n  global_batch_size: 128\n", overrides, world=2)
+    assert message == (
+        "dtr-scale train: error: train.micro_batch_size (8) x train.gradient_accumulation_steps (2) x world size "
+        "(2) = 32 != train.global_batch_size (128) (train.micro_batch_size=8 from override "
+        "train.micro_batch_size=8, train.gradient_accumulation_steps=2 from override "
+        "train.gradient_accumulation_steps=2, train.global_batch_size=128 from run.yaml)"
+    )

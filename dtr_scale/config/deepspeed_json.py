@@ -26,7 +26,8 @@ def resolve_batch_layout(cfg: RunConfig, world_size: int, stratify_over: int | N
     if t.micro_batch_size is None:
         if t.global_batch_size % world_size:
             raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} cannot be split evenly over {world_size} ranks"
+                f"train.global_batch_size={t.global_batch_size} cannot be split evenly over {world_size} ranks",
+                keys=("train.global_batch_size",),
             )
         per_rank = t.global_batch_size // world_size
         k = stratify_over or (cfg.mtl.num_clusters if stratifies(cfg) else 1)
@@ -37,7 +38,9 @@ def resolve_batch_layout(cfg: RunConfig, world_size: int, stratify_over: int | N
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} over {world_size} ranks is {per_rank} per rank, "
                 f"with no micro-batch <= train.max_micro_batch_size={t.max_micro_batch_size} that divides it"
-                + (f" and that k={k} clusters divide (stratified sampling)" if k > 1 else "")
+                + (f" and that k={k} clusters divide (stratified sampling)" if k > 1 else ""),
+                keys=("train.global_batch_size", "train.max_micro_batch_size")
+                + (("mtl.num_clusters",) if k > 1 else ()),
             )
         train = dataclasses.replace(t, micro_batch_size=max(fits), gradient_accumulation_steps=None)
         cfg = dataclasses.replace(cfg, train=train)
@@ -56,13 +59,19 @@ def gradient_accumulation(cfg: RunConfig, world_size: int) -> int:
             raise ConfigError(
                 f"train.micro_batch_size ({t.micro_batch_size}) x train.gradient_accumulation_steps "
                 f"({t.gradient_accumulation_steps}) x world size ({world_size}) = "
-                f"{per_step * t.gradient_accumulation_steps} != train.global_batch_size ({t.global_batch_size})"
+                f"{per_step * t.gradient_accumulation_steps} != train.global_batch_size ({t.global_batch_size})",
+                keys=(
+                    "train.micro_batch_size",
+                    "train.gradient_accumulation_steps",
+                    "train.global_batch_size",
+                ),
             )
         return t.gradient_accumulation_steps
     if t.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size "
-            f"({t.micro_batch_size}) x world size ({world_size})"
+            f"({t.micro_batch_size}) x world size ({world_size})",
+            keys=("train.global_batch_size", "train.micro_batch_size"),
         )
     return t.global_batch_size // per_step
 

@@ -164,6 +164,18 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return resolve_objective_defaults(cfg)
 
 
+def explain(
+    err: ConfigError, cfg: RunConfig, path: str | Path | None, overrides: list[str] | tuple[str, ...]
+):
+    """`err`, raised after loading (e.g. the batch layout for the launched world size), with the value and source
+    of each key it names appended, as `load_config` does for a rule between keys; unchanged without keys."""
+    if not err.keys:
+        return err
+    data = (load_yaml(Path(path).read_text()) or {}) if path is not None else {}
+    sources = config_sources(data, str(path) if path is not None else "defaults", overrides)
+    return ConfigError(f"{err} ({_provenance(cfg, err.keys, sources)})")
+
+
 def config_sources(
     file_data: dict[str, Any], source: str, overrides: list[str] | tuple[str, ...]
 ) -> dict[str, str]:

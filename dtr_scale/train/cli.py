@@ -11,7 +11,8 @@ import os
 
 import torch.distributed as dist
 
-from dtr_scale.config import load_config
+from dtr_scale.config import ConfigError, load_config
+from dtr_scale.config.loading import explain
 from dtr_scale.errors import UserError
 
 accepts_overrides = True
@@ -46,6 +47,13 @@ def run(args: argparse.Namespace) -> int:
     """`dtr-scale train`: train (or with --dry-run print the plan); returns 0. Config, data and checkpoint errors
     reach cli.py, which prints them as one line on rank 0 (errors.py)."""
     cfg = load_config(args.config, args.overrides or [])
+    try:
+        return _run(args, cfg)
+    except ConfigError as err:  # a rule met only now (the batch layout for this world size): say where from
+        raise explain(err, cfg, args.config, args.overrides or []) from None
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
     if args.dry_run:
         world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
         if world < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):

@@ -30,12 +30,13 @@ $(TORCH_STAMP): pyproject.toml
 setup: $(TORCH_STAMP)
 
 # `make test`: every test but the few that need minutes (marker `minutes`: the whole demo, a cold
-# torch.compile); `make test-slow` runs those. CI runs both.
+# torch.compile); `make test-slow` runs those, on two pytest-xdist workers (most of them use one core: the two
+# demos then run side by side, one thread each). CI runs both.
 test: setup
 	$(PY) -m pytest -q -m "not minutes and not cluster" --durations=10 tests
 
 test-slow: setup
-	$(PY) -m pytest -q -m minutes --durations=10 tests
+	$(PY) -m pytest -q -m minutes -n 2 --dist loadgroup --durations=15 tests
 
 # `make test-cluster`: every launch script on a real two-node cluster on this machine (loopback 127.0.0.2/3:
 # sshd + pdsh for DeepSpeed's hostfile launch, torchrun, slurmctld + 2 slurmd); installs the Debian packages.

@@ -47,8 +47,10 @@ class Jobs:
                 self._give_up()
             self._start_ready()
             self._collect_finished()
-            if self.todo and not self.running and all(j["after"] not in self.results for j in self.todo):
-                self._give_up()  # waiting for a job that never ran
+            if self.todo and not self.running:  # every running job ended in this poll: start the next ones
+                self._start_ready()
+                if not self.running:
+                    self._give_up()  # what is left waits for a job that never ran
             time.sleep(0.2)
         return self.results
 

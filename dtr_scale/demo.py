@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=MIN_ACCURACY,
         help=f"exit non-zero when the class accuracy is below this (default {MIN_ACCURACY})",
     )
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads of the one process (default: min(4, cores)); 1 when another job shares the cores",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the training config")
 
 
@@ -141,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.config).is_file():
         raise ConfigError(f"demo config {args.config} not found (run from a checkout, or pass --config)")
     out = Path(args.out)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))  # one process: use the cores
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: expected a positive number of CPU threads")
+    torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))  # one process: use the cores
     started = time.time()
     data, cfg, trainer, model_dir = _train(args, out)  # a ConfigError is printed by the CLI (exit 2)
     metrics = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -35,10 +36,12 @@ def test_make_demo_draws_digits_a_classifier_reads_as_their_class(tmp_path, conf
     env = rank_env(0, 1, 0)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key)
-    env["OMP_NUM_THREADS"] = "2"
+    # Under `make test-slow` (pytest-xdist, two workers) the two demos run side by side: one thread each.
+    threads = "1" if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else "2"
+    env["OMP_NUM_THREADS"] = threads
     result = subprocess.run(
         [sys.executable, "-m", "dtr_scale", "demo", "--out", str(tmp_path / "demo"), "--config",
-         str(REPO / "configs" / config)],
+         str(REPO / "configs" / config), "--threads", threads],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -49,6 +49,7 @@ def smoke(tmp_path_factory) -> tuple[dict, Path, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("device-check-smoke")  # one worker runs the smoke once for both tests
 @pytest.mark.minutes  # ~2.5 min on 2 cores: `make test-slow`, which CI runs
 def test_cpu_smoke_writes_every_field_of_the_schema(smoke):
     from device_report import MAX_FILES, SCHEMA, STEPS, missing_keys
@@ -74,6 +75,7 @@ def test_cpu_smoke_writes_every_field_of_the_schema(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("device-check-smoke")  # one worker runs the smoke once for both tests
 @pytest.mark.minutes
 def test_cpu_smoke_values_are_sane(smoke):
     doc = smoke[0]
@@ -135,6 +137,23 @@ def test_missing_keys_reads_wildcards_lists_and_dotted_cfg_keys():
     assert missing_keys(good, schema) == []
     bad = {"a": {}, "b": [{"z": 1}], "c": {"cfg1": {"5": 0}}, "d": {"zero1": {}}}
     assert missing_keys(bad, schema) == schema
+
+
+def test_jobs_run_every_job_when_the_running_ones_end_in_the_same_poll(tmp_path):
+    # Two instant jobs fill both slots and end before the next poll; the third must still run (the scheduler
+    # once read "nothing running" as "the rest waits for a job that never ran" and dropped the rest).
+    from device_smoke import Jobs
+
+    jobs = Jobs(2, time.time() + 60, tmp_path)
+    for name in ("a", "b"):  # started together, they end within one 0.2 s poll
+        jobs.add(name, ["sleep", "0.5"], dict(os.environ))
+    for name in ("c", "d"):
+        jobs.add(name, ["true"], dict(os.environ))
+    jobs.add("e", ["true"], dict(os.environ), after="d")
+    jobs.add("f", ["true"], dict(os.environ), after="never-added")
+    results = jobs.run()
+    assert {name: r["rc"] for name, r in results.items()} == {
+        "a": 0, "b": 0, "c": 0, "d": 0, "e": 0, "f": "not run"}  # fmt: skip
 
 
 def test_the_carried_inception_round_trips_to_a_full_fp32_state_dict(tmp_path):

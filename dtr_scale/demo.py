@@ -16,12 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
+from dtr_scale.errors import finite_float
+
 accepts_overrides = True
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
 IMAGE_SIZE = 16  # 16x16 digits (4x8x8 latents, 16 tokens): what a 2-core CPU trains well in minutes
 CFG_SCALE = 3.0
 MIN_ACCURACY = 0.9
 HELDOUT_ACCURACY = 0.96  # the digit classifier on real held-out digits (sample/digits.py)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of CPU threads, got {text!r}")
+    return int(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--grid-per-class", type=int, default=10, help="class-grid columns (default 10)")
     parser.add_argument(
-        "--cfg-scale", type=float, default=CFG_SCALE, help=f"guidance scale (default {CFG_SCALE})"
+        "--cfg-scale", type=finite_float, default=CFG_SCALE, help=f"guidance scale (default {CFG_SCALE})"
     )
     parser.add_argument(
         "--sample-steps", type=int, default=None, help="sampling steps (default: DDIM 50; flow: 25)"
@@ -55,12 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--min-accuracy",
-        type=float,
+        type=finite_float,
         default=MIN_ACCURACY,
         help=f"exit non-zero when the class accuracy is below this (default {MIN_ACCURACY})",
     )
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads", type=_positive_int, default=None,
         help="CPU threads of the one process (default: min(4, cores)); 1 when another job shares the cores",
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the training config")
@@ -145,8 +153,6 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.config).is_file():
         raise ConfigError(f"demo config {args.config} not found (run from a checkout, or pass --config)")
     out = Path(args.out)
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: expected a positive number of CPU threads")
     torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))  # one process: use the cores
     started = time.time()
     data, cfg, trainer, model_dir = _train(args, out)  # a ConfigError is printed by the CLI (exit 2)

@@ -21,3 +21,18 @@ class CheckpointError(UserError, RuntimeError):
 class NonFiniteLossError(UserError, FloatingPointError):
     """Training stopped on non-finite losses (train.max_nonfinite_steps in a row, or one that DeepSpeed applied);
     the message names the step and the last complete checkpoint to resume from."""
+
+
+def finite_float(text: str) -> float:
+    """argparse `type=` for a float flag: a finite number ("nan" and "inf" parse as floats and would pass every
+    range check, e.g. a NaN guidance scale draws NaN images); argparse prints the error and exits 2."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value

@@ -79,6 +79,24 @@ def test_a_fractional_or_infinite_number_is_refused_where_the_key_is_an_int(text
         load_config(REPO / "configs/demo-cpu.yaml", [f"train.max_steps={text}"])
 
 
+@pytest.mark.parametrize("key", ["train.lr", "routing.beta", "repa.coeff", "train.grad_clip"])
+@pytest.mark.parametrize("text", [".nan", ".NaN", ".inf", "-.inf", "1e400"])
+def test_nan_and_infinity_are_refused_for_every_float_key(tmp_path, key, text):
+    # NaN passes every range check (nan <= 0 is False): train.lr=.nan used to plan a run with a NaN LR.
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=rf"{key}: expected a finite number, got -?(nan|inf)"):
+        load_config(_config_file(tmp_path, f"{section}:\n  {name}: {text}\n"))
+    with pytest.raises(ConfigError, match=rf"override {key}={text}: {key}: expected a finite number"):
+        load_config(REPO / "configs/demo-cpu.yaml", [f"{key}={text}"])
+
+
+def test_nan_written_as_a_word_says_how_yaml_spells_it():
+    with pytest.raises(
+        ConfigError, match=r"train\.lr: expected a number, got 'nan' \(YAML writes them \.nan"
+    ):
+        load_config(REPO / "configs/demo-cpu.yaml", ["train.lr=nan"])
+
+
 @pytest.mark.parametrize("text", ["1e", "e5", "1e-4x", "1.2.3", "1e-4.5"])
 def test_text_that_only_looks_like_a_number_stays_a_string(text):
     with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got '"):
@@ -105,3 +123,22 @@ def test_the_cli_takes_paper_notation_in_the_file_and_on_the_command_line(tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     assert "lr: 0.0001\n" in out.stdout and "max_steps: 300000\n" in out.stdout
     assert "ema_decay: 0.9999\n" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "--model", "m", "--out", "o", "--cfg-scale", "nan"],
+        ["sample", "--model", "m", "--out", "o", "--guidance-high", "inf"],
+        ["demo", "--cfg-scale=-inf"],
+        ["preprocess", "--input", "i", "--vae", "v", "--out", "o", "--max-skipped-fraction", "nan"],
+        ["affinity", "--model", "m", "--max-memory-gb", "inf"],
+    ],
+)
+def test_float_flags_refuse_nan_and_infinity_in_one_line(argv, capsys):
+    from dtr_scale.cli import main
+
+    with pytest.raises(SystemExit) as info:  # argparse's own exit, before any work
+        main(argv)
+    assert info.value.code == 2
+    assert "expected a finite number, got" in capsys.readouterr().err.strip().splitlines()[-1]

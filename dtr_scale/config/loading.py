@@ -4,6 +4,7 @@ errors that name the key and blame the file or the override that caused them."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -86,7 +87,16 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            hint = (
+                " (YAML writes them .nan / .inf, and no key takes one)"
+                if value in ("nan", "inf", "-inf")
+                else ""
+            )
+            raise ConfigError(f"{key}: expected a number, got {value!r}{hint}")
+        if not math.isfinite(
+            value
+        ):  # no key means anything by NaN or infinity; NaN would pass every range check
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):

@@ -123,6 +123,18 @@ def _samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> lis
     ]
 
 
+def _repa_resolution(
+    encoder: str | os.PathLike | None, resolution: int | None, image_size: int
+) -> int | None:
+    """The encoder's input px: as given, else its patch x the token grid of a DiT-*/2 on these latents
+    (image_size / 4 tokens a side); None without an encoder."""
+    if encoder is None or resolution is not None:
+        return resolution
+    from dtr_scale.repa_encoder import encoder_config
+
+    return int(encoder_config(encoder)["patch_size"]) * image_size // (2 * DOWNSCALE)
+
+
 @torch.no_grad()
 def _add_repa_features(samples: list[LatentSample], encoder: str | os.PathLike, resolution: int) -> None:
     """Set each sample's `repa` to float16 (2, M, D): the encoder's tokens of its two orientations, decoded
@@ -212,13 +224,7 @@ def prepare_builtin(
         "shuffle_seed": shuffle_seed,
         "hflip": False,
     }
-    resolution = repa_resolution
-    if (
-        repa_encoder is not None and resolution is None
-    ):  # a DiT-*/2 on these latents: image_size / 4 tokens a side
-        from dtr_scale.repa_encoder import encoder_config
-
-        resolution = int(encoder_config(repa_encoder)["patch_size"]) * image_size // (2 * DOWNSCALE)
+    resolution = _repa_resolution(repa_encoder, repa_resolution, image_size)
     repa = {"train": repa_settings(repa_encoder, resolution, image_size, {}), "heldout": None}
     expected = {split: {**settings, "split": split, "repa": repa[split]} for split in sizes}
     paths = {split: out_dir / split / MANIFEST_NAME for split in sizes}

@@ -53,6 +53,7 @@ from dtr_scale.data.preprocess_state import (
 from dtr_scale.data.shards import shard_name, write_manifest
 from dtr_scale.data.vae import load_vae, vae_identity
 from dtr_scale.distributed import launcher_ranks
+from dtr_scale.errors import finite_float
 
 
 def _vae_config(vae_dir: Path) -> dict | None:
@@ -282,7 +283,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="autocast on GPU"
     )
-    parser.add_argument("--scaling-factor", type=float, default=None, help="override the VAE config's value")
+    parser.add_argument(
+        "--scaling-factor", type=finite_float, default=None, help="override the VAE config's value"
+    )
     parser.add_argument("--vae-name", default=None, help="VAE identity for the manifest (e.g. its hub id)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -295,7 +298,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-skipped-fraction",
-        type=float,
+        type=finite_float,
         default=0.01,
         help="refuse to write the manifest when more than this share of the images cannot be used (default 0.01)",
     )

@@ -44,6 +44,7 @@ from dtr_scale.data.vae import build_decoder
 from dtr_scale.diffusion.flow_sampling import FLOW_SAMPLERS
 from dtr_scale.diffusion.sampling import denoise, sample_generators, sampling_parts
 from dtr_scale.distributed import barrier, launcher_ranks
+from dtr_scale.errors import finite_float
 from dtr_scale.models.dit import DiT
 from dtr_scale.models.model_dir import load_model_dir, validate_config
 from dtr_scale.sample.outputs import (
@@ -294,13 +295,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="DDPM models: ddpm (ancestral, the DiT paper; default) or ddim (eta 0); flow models: euler, heun "
         "(ODE) or sde (Euler-Maruyama, REPA's default); default: the one the model dir records",
     )  # fmt: skip
+    parser.add_argument("--guidance-low", type=finite_float, default=None,
+                        help="flow models: CFG only for t >= this (default 0)")  # fmt: skip
+    parser.add_argument("--guidance-high", type=finite_float, default=None,
+                        help="flow models: CFG only for t <= this (default 1)")  # fmt: skip
     parser.add_argument(
-        "--guidance-low", type=float, default=None, help="flow models: CFG only for t >= this (default 0)"
+        "--cfg-scale", type=finite_float, default=1.5, help="classifier-free guidance; 1.0 = none"
     )
-    parser.add_argument(
-        "--guidance-high", type=float, default=None, help="flow models: CFG only for t <= this (default 1)"
-    )
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance; 1.0 = none")
     parser.add_argument(
         "--guidance-channels", default="all", choices=("all", "3"),
         help="latent channels CFG applies to: all (DTR) or 3 (reference DiT)",

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dtr_scale.errors import finite_float
 from dtr_scale.mtl.affinity import compute_affinity
 
 
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available"
     )
     parser.add_argument(
-        "--max-memory-gb", type=float, default=32.0, help="limit on the stored group gradients"
+        "--max-memory-gb", type=finite_float, default=32.0, help="limit on the stored group gradients"
     )
     parser.add_argument("--out", type=Path, default=Path("affinity.npy"), help="output .npy")
 

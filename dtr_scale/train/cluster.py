@@ -49,10 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """`dtr-scale cluster`: print (and with --out write) ANT's interval clusters; returns 0."""
-    T = args.timesteps
-    group_size = 1
+def _task_values(args: argparse.Namespace) -> tuple[np.ndarray, int]:
+    """(what is clustered: a task-affinity matrix or the per-task SNR, tasks per group); UserError naming the
+    flag."""
+    T, group_size = args.timesteps, 1
     if args.objective == "affinity":
         if args.affinity is None:
             raise UserError("--objective affinity needs --affinity FILE.npy (see `dtr-scale affinity`)")
@@ -72,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         args.schedule = args.schedule or "linear"
         values = schedule_snr(args.schedule, T)
+    return values, group_size
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dtr-scale cluster`: print (and with --out write) ANT's interval clusters; returns 0."""
+    T = args.timesteps
+    values, group_size = _task_values(args)
     intervals = interval_clustering(values, args.k, args.objective)
     costs = [interval_cost(values, left, right, args.objective) for left, right in intervals]
     intervals = expand_group_intervals(intervals, group_size)

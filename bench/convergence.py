@@ -182,7 +182,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--flow-sampler", default="heun", choices=["euler", "heun", "sde"], help="flow runs' sampler"
     )
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every run")
+    p.add_argument("overrides", nargs="*",
+                   help="key.sub=value overrides applied to every run; after a list option (--seeds 0 1), put `--` "
+                   "before them")  # fmt: skip
 
 
 def run_name(variant: str, width: int, seed: int, objective: str = "ddpm") -> str:

@@ -49,58 +49,74 @@ class TrainModule(nn.Module):
         self.diffusion = diffusion
         self.scale = scale
         self.repa_projector = repa_projector
+        self.repa_depth = repa_depth
         self.repa_coeff = repa_coeff
-        self._hidden: list[torch.Tensor] = []
-        self._capture = False  # only this forward's pass keeps the tokens (not Gram passes, grids, recompute)
-        if repa_projector is not None:
-            # REPA aligns the tokens after block `repa_depth` as they are (after DTR's routing of that block).
-            model.blocks[repa_depth - 1].register_forward_hook(self._keep_tokens)
-
-    def _keep_tokens(self, _module, _inputs, out: torch.Tensor) -> None:
-        if self._capture:
-            self._hidden.append(out)
 
     def forward(
         self, x, t, y, noise, cluster_idx, step_counts, repa_features=None, drop=None
     ) -> dict[str, torch.Tensor]:
-        """x, noise: (B, C, H, W) latents and their noise; t, y, cluster_idx: (B,) long; step_counts: (k,)
-        float, the step's global per-cluster sample counts; repa_features: (B, M, D) encoder patch tokens of the
-        clean images, or None (no alignment this step); drop: (B,) long, 1 = train this sample on the null
-        label (None: the model's own label dropout). Returns {"loss": the balanced scalar to back-propagate
-        (+ repa_coeff x the REPA loss, added once, not per cluster), "per_sample": (B,) detached diffusion
-        losses, "mse": (B,) detached eps-MSE, "repa": detached REPA loss (0 without)}."""
-        self._hidden.clear()
-        self._capture = repa_features is not None
-        try:
-            kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
-            terms = self.diffusion.training_losses(self.model_fn, x, t, model_kwargs=kwargs, noise=noise)
-        finally:
-            self._capture = False
+        """x, noise: (B, C, H, W) latents and their noise; t, y, cluster_idx: (B,) long; step_counts:
+        (num_clusters,) float, the step's global per-cluster sample counts; repa_features: (B, M, D) encoder
+        patch tokens of the clean images, or None (no alignment this step); drop: (B,) long, 1 = train this
+        sample on the null label (None: the model's own label dropout). Returns {"loss": the objective to
+        back-propagate, "per_sample": (B,) detached diffusion losses, "mse": (B,) detached eps-MSE, "repa":
+        detached REPA loss (0 without)}."""
+        aligns = repa_features is not None and self.repa_projector is not None
+        terms, hidden = self.per_sample_losses(x, t, y, noise, drop, self.repa_depth if aligns else None)
         per_sample = terms["loss"]
-        # This micro-batch's share of the step's buffered cluster losses l_k (sums over the step / N_k).
-        means = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)
-        loss = self.balancer(means, step_counts)
-        align = torch.zeros((), device=loss.device)
-        if repa_features is not None and self.repa_projector is not None:
-            from dtr_scale.models.repa import match_token_grid, repa_loss
-
-            hidden = self._hidden[0]
-            target = match_token_grid(repa_features, hidden.shape[1])
-            align = repa_loss(self.repa_projector(hidden), target)
-            loss = loss + self.repa_coeff * align
-        self._hidden.clear()
+        # l_k: this micro-batch's share of the step's buffered cluster losses (sums over the step / N_k).
+        cluster_losses = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)
+        # The objective: loss = sum_k w_k l_k + lambda * L_REPA. The balancer's weighted sum (ANT Eq. 5; UW adds
+        # its regulariser, ANT Eq. 6), plus lambda = repa.coeff times REPA's loss (REPA Eq. 8), added once per
+        # micro-batch, not per cluster, on the steps that align.
+        loss = self.balancer(cluster_losses, step_counts)
+        repa = torch.zeros((), device=loss.device)
+        if aligns:
+            repa = self.repa_alignment(hidden, repa_features)
+            loss = loss + self.repa_coeff * repa
         return {
             "loss": loss,
             "per_sample": per_sample.detach(),
             "mse": terms["mse"].detach(),
-            "repa": align.detach(),
+            "repa": repa.detach(),
         }
 
-    def model_fn(self, x_t: torch.Tensor, timesteps: torch.Tensor, **kwargs) -> torch.Tensor:
+    def per_sample_losses(
+        self, x, t, y, noise, drop=None, hidden_at: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The objective's per-sample losses {"loss", "mse", ...} (B,) float32: `diffusion.training_losses` of
+        the objective train/build.py `build_diffusion` chose (ddpm: eps MSE + VB, DiT/ADM; flow: velocity MSE,
+        SiT), the one place the training forward and the Gram's per-cluster passes compute them. With
+        `hidden_at` = d, also the DiT's tokens after block d (REPA's input), else None."""
+        kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
+        if hidden_at is None:
+            return self.diffusion.training_losses(self.model_fn, x, t, model_kwargs=kwargs, noise=noise), None
+        kept: list[torch.Tensor] = []
+
+        def model_fn(x_t: torch.Tensor, timesteps: torch.Tensor, **kw) -> torch.Tensor:
+            out, hidden = self.model_fn(x_t, timesteps, return_hidden_at=hidden_at, **kw)
+            kept.append(hidden)
+            return out
+
+        terms = self.diffusion.training_losses(model_fn, x, t, model_kwargs=kwargs, noise=noise)
+        return terms, kept[0]
+
+    def repa_alignment(self, hidden: torch.Tensor, repa_features: torch.Tensor) -> torch.Tensor:
+        """REPA's loss (models/repa.py): the projected tokens `hidden` (B, N, hidden) against the encoder's
+        features (B, M, D), brought to the DiT's token grid; a scalar in [-1, 1]."""
+        from dtr_scale.models.repa import match_token_grid, repa_loss
+
+        return repa_loss(self.repa_projector(hidden), match_token_grid(repa_features, hidden.shape[1]))
+
+    def model_fn(self, x_t: torch.Tensor, timesteps: torch.Tensor, **kwargs):
         """The network in its parameters' dtype (bf16 under DeepSpeed's bf16), the diffusion maths in fp32:
-        the one precision mechanism of the loss and of the Gram path."""
+        the one precision mechanism of the loss and of the Gram path. With return_hidden_at, (output in fp32,
+        the tokens in the network's dtype)."""
         dtype = next(self.model.parameters()).dtype
-        return self.model(x_t.to(dtype), timesteps, **kwargs).float()
+        out = self.model(x_t.to(dtype), timesteps, **kwargs)
+        if isinstance(out, tuple):
+            return out[0].float(), out[1]
+        return out.float()
 
 
 @dataclass
@@ -289,9 +305,8 @@ def cluster_gram(
         sel = cluster_idx == i
         if not bool(sel.any()):  # no sample of cluster i here: a zero gradient (its weight is kept)
             return sum(p.sum() for p in params) * 0.0
-        kwargs = {"y": y[sel]} if drop is None else {"y": y[sel], "force_drop_ids": drop[sel]}
-        terms = module.diffusion.training_losses(
-            module.model_fn, x[sel], t[sel], model_kwargs=kwargs, noise=noise[sel]
+        terms, _ = module.per_sample_losses(
+            x[sel], t[sel], y[sel], noise[sel], None if drop is None else drop[sel]
         )
         return terms["loss"].mean()
 

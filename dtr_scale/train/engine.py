@@ -34,7 +34,7 @@ from dtr_scale.train.resume import (
     reset_lr_schedule,
 )
 from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
-from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
+from dtr_scale.train.step import LogSums, StepLayout, TrainModule, accumulate_and_step, cluster_gram
 
 # ------------------------------------------------------------------------------- the trainer
 
@@ -63,8 +63,8 @@ class Trainer:
 
     def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None, resume_tag: str | None) -> None:
         """Process group, device, the checkpoint to resume (and whether it must be resharded: train/reshard.py),
-        the run plan for this world size (train/plan.py: layout, precision, DeepSpeed JSON, diffusion, clusters,
-        timestep sampler) and the data manifest."""
+        the run plan for this world size (train/plan.py: batch layout, precision, DeepSpeed JSON, diffusion,
+        clusters, timestep sampler) and the data manifest."""
         from deepspeed.accelerator import get_accelerator
 
         from dtr_scale.data.shards import load_manifest
@@ -90,7 +90,7 @@ class Trainer:
         self.cfg, self.precision, self.accumulation = plan.cfg, plan.precision, plan.accumulation
         self.ds_config, self.diffusion, self.clusters = plan.ds_config, plan.diffusion, plan.clusters
         self.timestep_sampler = plan.timestep_sampler
-        self.k = 1 if self.clusters is None else len(self.clusters)
+        self.num_clusters = 1 if self.clusters is None else len(self.clusters)
         self.manifest = load_manifest(self.cfg.data.shards)
         self.run_dir = Path(self.cfg.run_dir)
         if self.cfg.deepspeed.zero_stage == 3 and self.device.type == "cpu":
@@ -110,7 +110,7 @@ class Trainer:
         self.flops_per_sample = model.flops_per_sample()
         # Under ZeRO-3 the balancer's parameters (UW's s) are partitioned like the model's, in its dtype.
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
-            balancer = build_balancer(cfg, self.k)
+            balancer = build_balancer(cfg, self.num_clusters)
         # REPA (train/repa.py): the frozen encoder stays outside DeepSpeed; the projector trains inside.
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         projector, self.repa_features = build_repa(
@@ -141,7 +141,7 @@ class Trainer:
             self.engine.compile()
 
     def _build_state(self) -> None:
-        """EMA, data stream, logging buffers, the step plan, and the checkpointer that owns their state."""
+        """EMA, data stream, logging buffers, the step layout, and the checkpointer that owns their state."""
         from dtr_scale.mtl.cluster_losses import ClusterLossBuffer
         from dtr_scale.train.checkpoint import BalancerState, Checkpointer, RNGState, RunRecord, TrainProgress
         from dtr_scale.train.ema import ShardedEMA
@@ -149,13 +149,13 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.ema = ShardedEMA(self.engine.module.model, t.ema_decay, t.ema_warmup, self.rank, self.world)
         self.stream = build_stream(cfg, self.manifest, self.rank, self.world, self.device, self.accumulation)
-        self.cluster_buffer = ClusterLossBuffer(self.k, num_timesteps=cfg.diffusion.diffusion_steps)
+        self.cluster_buffer = ClusterLossBuffer(self.num_clusters, cfg.diffusion.diffusion_steps)
         self.log_sums = LogSums(self.device, cfg.repa.coeff if cfg.repa.encoder is not None else None)
-        self.plan = StepPlan(
+        self.layout = StepLayout(
             micro_batch_size=t.micro_batch_size,
             accumulation=self.accumulation,
             world=self.world,
-            num_clusters=self.k,
+            num_clusters=self.num_clusters,
             device=self.device,
             drop_grads_on_nonfinite=cfg.deepspeed.zero_stage == 0 and self.precision == "fp32",
             rank=self.rank,
@@ -232,7 +232,7 @@ class Trainer:
         gradient cosines as a TensorBoard image."""
         from dtr_scale.train.monitor import cosine_image
 
-        gram = cluster_gram(self.engine.module, x, t, y, noise, cluster_idx, self.k, drop)
+        gram = cluster_gram(self.engine.module, x, t, y, noise, cluster_idx, self.num_clusters, drop)
         self.engine.module.balancer.update_from_gram(gram)
         if self.rank == 0 and getattr(self, "monitor", None) is not None:
             self.monitor.image("balancer/gradient_cosines", self.step + 1, cosine_image(gram))
@@ -245,7 +245,7 @@ class Trainer:
         marks = self.log_sums.mark(), self.cluster_buffer.mark()
         try:
             features = self.repa_features if repa_active(self.cfg, self.step) else None
-            applied = train_step(self.engine, batches, self.timestep_sampler, self.step, self.plan,
+            applied = accumulate_and_step(self.engine, batches, self.timestep_sampler, self.step, self.layout,
                                  self.cluster_buffer, self.log_sums, gram, features)  # fmt: skip
         except NonFiniteLossError as err:
             raise NonFiniteLossError(
@@ -273,10 +273,10 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
-        if self.k > 1:  # under ZeRO-3 reading UW's s is a collective gather
+        if self.num_clusters > 1:  # under ZeRO-3 reading UW's s is a collective gather
             balancer = self.engine.module.balancer
             weights = balancer.weights().detach().float().cpu()
-            for i in range(self.k):
+            for i in range(self.num_clusters):
                 if counts[i] > 0:  # a cluster without samples since the last read has no loss to log
                     scalars[f"cluster/loss_{i}"] = float(means[i])
                 scalars[f"cluster/weight_{i}"] = float(weights[i])
@@ -301,7 +301,7 @@ class Trainer:
             progress=cfg.monitor.progress,
             start_step=self.step,
             config_text=dump_yaml(cfg),
-            num_clusters=self.k,
+            num_clusters=self.num_clusters,
         )
         self.engine.train()
         batches = self.stream.batches()  # epoch mode rolls over into the next, reshuffled epoch

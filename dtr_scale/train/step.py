@@ -1,4 +1,5 @@
-"""One optimizer step: what DeepSpeed wraps (`TrainModule`) and the step over its micro-batches (`train_step`).
+"""One optimizer step: what DeepSpeed wraps (`TrainModule`) and the step over its micro-batches
+(`accumulate_and_step`; `Trainer.train_step` in train/engine.py calls it).
 
 Per step: the step's per-sample draws (timestep, label dropout, noise: train/draws.py, keyed by seed, step and
 slot in the global batch, so the step computes the same at every world size) are made up front (ANT's
@@ -120,7 +121,7 @@ class TrainModule(nn.Module):
 
 
 @dataclass
-class StepPlan:
+class StepLayout:
     """The fixed shape of every step: micro-batch size, accumulation, world, this rank, clusters, how a step
     with a non-finite loss is dropped (`drop_grads_on_nonfinite`: ZeRO-0 fp32, where DeepSpeed's optimizer is
     a plain torch one that does not skip non-finite gradients by itself), and what the per-sample draws need:
@@ -200,23 +201,25 @@ class LogSums:
         self.values = torch.cat([values, self.values.new_zeros(5 - len(values))]).clone()
 
 
-def draw_step(sampler: TimestepSampler, plan: StepPlan, step: int) -> tuple[list[tuple], torch.Tensor]:
+def draw_step(sampler: TimestepSampler, layout: StepLayout, step: int) -> tuple[list[tuple], torch.Tensor]:
     """Optimizer step `step`'s (t, cluster_idx, noise, drop) per micro-batch of this rank, on the device
-    (train/draws.py), and the global per-cluster counts N_k (k,) float32 (all-reduced over ranks: a collective,
-    no host sync)."""
+    (train/draws.py), and the global per-cluster counts N_k (num_clusters,) float32 (all-reduced over ranks:
+    a collective, no host sync)."""
     drawn = []
-    for micro in range(plan.accumulation):
-        slots = micro_batch_slots(plan.rank, plan.world, micro, plan.micro_batch_size)
-        draws = draw_slots(plan.seed, step, slots, plan.latent_shape, plan.label_dropout)
+    for micro in range(layout.accumulation):
+        slots = micro_batch_slots(layout.rank, layout.world, micro, layout.micro_batch_size)
+        draws = draw_slots(layout.seed, step, slots, layout.latent_shape, layout.label_dropout)
         t, cluster_idx = sampler.from_uniform(draws.u, torch.tensor(slots))
         # A copy from pinned memory does not wait for the device's queue (one from pageable memory would).
-        pin = plan.device.type == "cuda"
+        pin = layout.device.type == "cuda"
         values = (t, cluster_idx, draws.noise, draws.drop)
-        drawn.append(tuple((v.pin_memory() if pin else v).to(plan.device, non_blocking=True) for v in values))
-    step_counts = torch.zeros(plan.num_clusters, dtype=torch.float32, device=plan.device)
+        drawn.append(
+            tuple((v.pin_memory() if pin else v).to(layout.device, non_blocking=True) for v in values)
+        )
+    step_counts = torch.zeros(layout.num_clusters, dtype=torch.float32, device=layout.device)
     for _, cluster_idx, _, _ in drawn:
         step_counts.index_add_(0, cluster_idx, torch.ones_like(cluster_idx, dtype=step_counts.dtype))
-    if plan.world > 1:
+    if layout.world > 1:
         dist.all_reduce(step_counts)
     return drawn, step_counts
 
@@ -229,18 +232,18 @@ def _any_rank(flag: torch.Tensor, world: int) -> bool:
     return bool(flag.item() > 0)
 
 
-def train_step(
+def accumulate_and_step(
     engine,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     sampler: TimestepSampler,
     step: int,
-    plan: StepPlan,
+    layout: StepLayout,
     cluster_buffer: ClusterLossBuffer,
     log_sums: LogSums,
     gram_update: Callable[..., None] | None = None,
     repa_features: Callable[..., torch.Tensor] | None = None,
 ) -> bool:
-    """Optimizer step `step` (0-based) over `plan.accumulation` micro-batches; returns whether it was applied.
+    """Optimizer step `step` (0-based) over `layout.accumulation` micro-batches; returns whether it was applied.
 
     A non-finite loss in any micro-batch on any rank drops the whole step (returns False): DeepSpeed's
     ZeRO-1/2/3 and bf16 optimizers skip a step whose gradient norm is not finite and clear the gradients;
@@ -249,13 +252,13 @@ def train_step(
     `repa_features(x, *stored)`, given, makes each micro-batch's REPA targets (the step aligns).
     Raises NonFiniteLossError if DeepSpeed applied a step whose loss was not finite.
     """
-    drawn, step_counts = draw_step(sampler, plan, step)
-    nonfinite = torch.zeros((), device=plan.device)
+    drawn, step_counts = draw_step(sampler, layout, step)
+    nonfinite = torch.zeros((), device=layout.device)
     bad = False
     for micro, (t, cluster_idx, noise, drop) in enumerate(drawn):
         x, y, *stored = next(batches)  # + the REPA features, when the shards hold them
-        x = x.to(plan.device, non_blocking=True)
-        y = y.to(plan.device, non_blocking=True)
+        x = x.to(layout.device, non_blocking=True)
+        y = y.to(layout.device, non_blocking=True)
         if gram_update is not None and micro == 0:
             gram_update(x, t, y, noise, cluster_idx, drop)
         features = repa_features(x, *stored) if repa_features is not None else None
@@ -266,13 +269,13 @@ def train_step(
         cluster_buffer.add(out["per_sample"], cluster_idx, t)
         log_sums.add(loss, out["mse"], finite, out["repa"] if features is not None else None)
         engine.backward(loss)
-        if micro == plan.accumulation - 1:
-            bad = _any_rank(nonfinite, plan.world)
-            if bad and plan.drop_grads_on_nonfinite:
+        if micro == layout.accumulation - 1:
+            bad = _any_rank(nonfinite, layout.world)
+            if bad and layout.drop_grads_on_nonfinite:
                 for p in engine.module.parameters():
                     p.grad = None
         engine.step()
-    if bad and engine.was_step_applied() and not plan.drop_grads_on_nonfinite:
+    if bad and engine.was_step_applied() and not layout.drop_grads_on_nonfinite:
         raise NonFiniteLossError(
             "a non-finite loss reached an optimizer step that DeepSpeed applied (its gradient norm was finite); "
             "the weights may be damaged"
@@ -287,15 +290,16 @@ def cluster_gram(
     y: torch.Tensor,
     noise: torch.Tensor,
     cluster_idx: torch.Tensor,
-    k: int,
+    num_clusters: int,
     drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """NashMTL / PCGrad: the exact (k, k) float64 Gram of the global per-cluster gradients on a micro-batch.
+    """NashMTL / PCGrad: the exact (num_clusters, num_clusters) float64 Gram of the global per-cluster gradients
+    on a micro-batch.
 
     Cluster i's gradient comes from a forward/backward on cluster i's samples only (about the cost of one
-    forward/backward of the micro-batch in all), reduced across ranks inside
-    `global_cluster_gram_from_fn`; only the k x k Gram is all-reduced in full (never a k x P gather). A cluster with
-    no sample on this rank contributes a zero gradient.
+    forward/backward of the micro-batch in all), reduced across ranks inside `global_cluster_gram_from_fn`;
+    only the Gram is all-reduced in full (never a num_clusters x P gather). A cluster with no sample on this
+    rank contributes a zero gradient.
     """
     from dtr_scale.mtl.gram import global_cluster_gram_from_fn
 
@@ -310,5 +314,5 @@ def cluster_gram(
         )
         return terms["loss"].mean()
 
-    counts = torch.bincount(cluster_idx, minlength=k)
-    return global_cluster_gram_from_fn(params, cluster_loss, k, counts=counts)
+    counts = torch.bincount(cluster_idx, minlength=num_clusters)
+    return global_cluster_gram_from_fn(params, cluster_loss, num_clusters, counts=counts)

@@ -29,7 +29,7 @@ def gather(dst=0):
     return weights
 tr.ema.gather = gather
 labels = [3, 1, 4, 1, 5, 9, 2]  # 7 samples: uneven shares at world 2
-images = sharded_images(tr, labels, steps=3, cfg_scale=2.0, seed=7, batch_size=2)
+images = sharded_images(tr.ema_sampler(), labels, steps=3, cfg_scale=2.0, seed=7, batch_size=2)
 assert calls == [None], calls  # every rank holds the EMA model and samples its share
 if tr.rank == 0:
     torch.save(images, out)

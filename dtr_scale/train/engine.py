@@ -60,6 +60,7 @@ class Trainer:
             self._resume(tag, changes)
         if self.rank == 0:  # only now: a checkpoint that does not load leaves config.yaml as it was
             keep_config(self.run_dir, self.cfg, changes)
+        self._build_monitor()  # last: it trims metrics.jsonl to the step this run starts from
 
     def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None, resume_tag: str | None) -> None:
         """Process group, device, the checkpoint to resume (and whether it must be resharded: train/reshard.py),
@@ -184,6 +185,18 @@ class Trainer:
             layout={"zero_stage": cfg.deepspeed.zero_stage, "canonical_streams": cfg.data.canonical_streams},
         )  # fmt: skip
 
+    def _build_monitor(self) -> None:
+        """Progress bar, TensorBoard and metrics.jsonl (rank 0; train/monitor.py), from the current step."""
+        from dtr_scale.train.monitor import Monitor, peak_flops_per_device
+
+        cfg = self.cfg
+        self.monitor = Monitor(
+            self.run_dir, self.rank, self.world, cfg.train.max_steps, self.flops_per_sample,
+            peak_flops_per_device(self.device, cfg.monitor.peak_tflops), tensorboard=cfg.monitor.tensorboard,
+            progress=cfg.monitor.progress, start_step=self.step, config_text=dump_yaml(cfg),
+            num_clusters=self.num_clusters,
+        )  # fmt: skip
+
     # -- state -------------------------------------------------------------------------------------
 
     # The progress counters, read and set through the checkpointed TrainProgress.
@@ -220,10 +233,7 @@ class Trainer:
 
     def monitor_message(self, text: str) -> None:
         """A line to the progress bar / log on rank 0."""
-        if getattr(self, "monitor", None) is not None:
-            self.monitor.message(text)
-        elif self.rank == 0:
-            print(text, flush=True)
+        self.monitor.message(text)
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -234,7 +244,7 @@ class Trainer:
 
         gram = cluster_gram(self.engine.module, x, t, y, noise, cluster_idx, self.num_clusters, drop)
         self.engine.module.balancer.update_from_gram(gram)
-        if self.rank == 0 and getattr(self, "monitor", None) is not None:
+        if self.rank == 0:
             self.monitor.image("balancer/gradient_cosines", self.step + 1, cosine_image(gram))
 
     def train_step(self, batches) -> bool:
@@ -287,22 +297,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps: steps, logging, checkpoints, in-loop grids and evals; returns the last
         logged scalars."""
-        from dtr_scale.train.monitor import Monitor, peak_flops_per_device
-
         cfg, t = self.cfg, self.cfg.train
-        self.monitor = Monitor(
-            self.run_dir,
-            self.rank,
-            self.world,
-            t.max_steps,
-            self.flops_per_sample,
-            peak_flops_per_device(self.device, cfg.monitor.peak_tflops),
-            tensorboard=cfg.monitor.tensorboard,
-            progress=cfg.monitor.progress,
-            start_step=self.step,
-            config_text=dump_yaml(cfg),
-            num_clusters=self.num_clusters,
-        )
         self.engine.train()
         batches = self.stream.batches()  # epoch mode rolls over into the next, reshuffled epoch
         last_scalars: dict[str, float] = {}
@@ -333,14 +328,22 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.monitor.image("loss/profile_vs_t", self.step, image, png_path=path)
 
+    def ema_sampler(self):
+        """The EMA model and sampling settings for in-loop grids and evals (collective; train/inloop.py)."""
+        from dtr_scale.train.inloop import ema_sampler
+
+        return ema_sampler(self.ema, self.cfg, self.manifest, self.device, self.rank, self.world)
+
     def sample_grid(self) -> None:
         """The in-loop EMA sample grid (collective; train/inloop.py)."""
         from dtr_scale.train.inloop import sample_grid
 
-        sample_grid(self)
+        seed = self.cfg.train.seed
+        sample_grid(self.ema_sampler(), self.cfg.monitor, seed, self.step, self.run_dir, self.monitor)
 
     def evaluate_in_loop(self) -> None:
         """The in-loop KID/FID (collective; train/inloop.py)."""
         from dtr_scale.train.inloop import evaluate_in_loop
 
-        evaluate_in_loop(self)
+        seed = self.cfg.train.seed + 1
+        evaluate_in_loop(self.ema_sampler(), self.cfg.eval, seed, self.step, self.manifest, self.monitor)

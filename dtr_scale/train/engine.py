@@ -41,8 +41,8 @@ from dtr_scale.train.step import LogSums, StepLayout, TrainModule, accumulate_an
 
 class Trainer:
     """Builds everything from a RunConfig (model, diffusion, ANT clusters, balancer, DeepSpeed engine, EMA,
-    stream, checkpointer), resumes from `latest` when there is one, and trains with `fit()`. Every rank
-    constructs one."""
+    stream, checkpointer, monitor), resumes from `latest` when there is one, and trains with `fit()`. Every
+    rank constructs one."""
 
     def __init__(self, cfg: RunConfig, user_ds_config: str | None = None, resume_tag: str | None = None):
         if not cfg.data.shards:
@@ -212,7 +212,7 @@ class Trainer:
         """Checkpoint the current step (collective); returns its tag."""
         tag = self.checkpointer.save(self.step)
         if self.rank == 0:
-            self.monitor_message(f"saved checkpoint {self.checkpointer.dir / tag}")
+            self.monitor.message(f"saved checkpoint {self.checkpointer.dir / tag}")
         return tag
 
     def _resume(self, tag: str, changes: ResumeChanges) -> None:
@@ -230,10 +230,6 @@ class Trainer:
             print(f"resumed from {self.checkpointer.dir / tag} at step {self.step}", flush=True)
             for line in changes.applied:
                 print(f"resume: changed {line}", flush=True)
-
-    def monitor_message(self, text: str) -> None:
-        """A line to the progress bar / log on rank 0."""
-        self.monitor.message(text)
 
     # -- training ----------------------------------------------------------------------------------
 

@@ -324,7 +324,7 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.monitor.image("loss/profile_vs_t", self.step, image, png_path=path)
 
-    def ema_sampler(self):
+    def _ema_sampler(self):
         """The EMA model and sampling settings for in-loop grids and evals (collective; train/inloop.py)."""
         from dtr_scale.train.inloop import ema_sampler
 
@@ -335,11 +335,11 @@ class Trainer:
         from dtr_scale.train.inloop import sample_grid
 
         seed = self.cfg.train.seed
-        sample_grid(self.ema_sampler(), self.cfg.monitor, seed, self.step, self.run_dir, self.monitor)
+        sample_grid(self._ema_sampler(), self.cfg.monitor, seed, self.step, self.run_dir, self.monitor)
 
     def evaluate_in_loop(self) -> None:
         """The in-loop KID/FID (collective; train/inloop.py)."""
         from dtr_scale.train.inloop import evaluate_in_loop
 
         seed = self.cfg.train.seed + 1
-        evaluate_in_loop(self.ema_sampler(), self.cfg.eval, seed, self.step, self.manifest, self.monitor)
+        evaluate_in_loop(self._ema_sampler(), self.cfg.eval, seed, self.step, self.manifest, self.monitor)

@@ -65,11 +65,13 @@ class TrainModule(nn.Module):
         aligns = repa_features is not None and self.repa_projector is not None
         terms, hidden = self.per_sample_losses(x, t, y, noise, drop, self.repa_depth if aligns else None)
         per_sample = terms["loss"]
-        # l_k: this micro-batch's share of the step's buffered cluster losses (sums over the step / N_k).
+        # l_k: this micro-batch's share of the step's buffered cluster losses (sums over the step / N_k;
+        # ANT Eq. 5).
         cluster_losses = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)
-        # The objective: loss = sum_k w_k l_k + lambda * L_REPA. The balancer's weighted sum (ANT Eq. 5; UW adds
-        # its regulariser, ANT Eq. 6), plus lambda = repa.coeff times REPA's loss (REPA Eq. 8), added once per
-        # micro-batch, not per cluster, on the steps that align.
+        # The objective: loss = sum_k w_k l_k + lambda * L_REPA. The balancer's weighted sum of the cluster
+        # losses (mtl/balancers.py; UW's is sum_k 0.5 (exp(-s_k) l_k / k + s_k), ANT Eq. 6), plus lambda =
+        # repa.coeff times REPA's loss (models/repa.py, REPA Eq. 8), added once per micro-batch, not per
+        # cluster, on the steps that align, as REPA's train.py adds `proj_coeff * proj_loss` to the denoising loss.
         loss = self.balancer(cluster_losses, step_counts)
         repa = torch.zeros((), device=loss.device)
         if aligns:

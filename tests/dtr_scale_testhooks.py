@@ -44,7 +44,7 @@ def train_step(self, batches):
     if not os.environ.get("DTR_TEST_STEP_LOG"):
         return _train_step(self, batches)
     record = {"step": self.step, "world": self.world, "rank": self.rank, "keys": [], "t": []}
-    record["micro_batch_size"] = self.plan.micro_batch_size
+    record["micro_batch_size"] = self.layout.micro_batch_size
     module = self.engine.module
     forward = type(module).forward
 

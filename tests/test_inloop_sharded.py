@@ -16,7 +16,7 @@ SCRIPT = r"""
 import sys, torch
 from dtr_scale.config import load_config
 from dtr_scale.train.engine import Trainer
-from dtr_scale.train.inloop import sharded_images
+from dtr_scale.train.inloop import ema_sampler, sharded_images
 out = sys.argv[1]
 cfg = load_config(sys.argv[2], sys.argv[3:])
 tr = Trainer(cfg)
@@ -29,7 +29,8 @@ def gather(dst=0):
     return weights
 tr.ema.gather = gather
 labels = [3, 1, 4, 1, 5, 9, 2]  # 7 samples: uneven shares at world 2
-images = sharded_images(tr, labels, steps=3, cfg_scale=2.0, seed=7, batch_size=2)
+ema = ema_sampler(tr.ema, tr.cfg, tr.manifest, tr.device, tr.rank, tr.world)
+images = sharded_images(ema, labels, steps=3, cfg_scale=2.0, seed=7, batch_size=2)
 assert calls == [None], calls  # every rank holds the EMA model and samples its share
 if tr.rank == 0:
     torch.save(images, out)

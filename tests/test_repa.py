@@ -111,6 +111,25 @@ def test_gradient_reaches_only_the_blocks_up_to_depth_through_repa():
     assert touched(module.repa_projector)
 
 
+def test_dit_returns_the_tokens_after_block_d_on_request_and_an_unchanged_output():
+    torch.manual_seed(0)
+    model = DiT(
+        input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10
+    ).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 900]), torch.tensor([1, 7])
+    with torch.no_grad():
+        out, hidden = model(x, t, y, return_hidden_at=2)
+        # By hand: the embeddings, then the first two blocks with each sample's routing mask.
+        h = model.x_embedder(x) + model.pos_embed
+        c = model.t_embedder(t) + model.y_embedder(y, False)
+        for block in model.blocks[:2]:
+            h = block(h, c, model.routing_mask(t, h.dtype))
+        assert hidden.shape == (2, 16, 32) and torch.equal(hidden, h)
+        assert torch.equal(out, model(x, t, y))  # the default return is the output alone
+
+
 @pytest.mark.parametrize("registers", [0, 4])
 def test_encoder_gives_the_patch_tokens_of_the_dit_grid(tmp_path, registers):
     from transformers import AutoModel

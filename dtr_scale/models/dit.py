@@ -216,20 +216,31 @@ class DiT(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, p=p, q=p)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        force_drop_ids: torch.Tensor | None = None,
+        return_hidden_at: int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) latents, t (B,) original timestep indices, y (B,) labels; force_drop_ids (B,) long,
         given: 1 replaces the label by the null class, instead of the embedder's own random dropout in training
-        (the reference LabelEmbedder's argument; the trainer draws it per sample, train/draws.py)."""
+        (the reference LabelEmbedder's argument; the trainer draws it per sample, train/draws.py). Returns the
+        output (B, C_out, H, W); with return_hidden_at=d (1..depth), (output, the tokens (B, N, hidden) after
+        block d): REPA's alignment input, as REPA's SiT returns its `zs` from block `encoder_depth`."""
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         mask = self.routing_mask(t, x.dtype)
-        for block in self.blocks:
+        hidden = None
+        for depth, block in enumerate(self.blocks, 1):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, mask, use_reentrant=False)
             else:
                 x = block(x, c, mask)
-        return self.unpatchify(self.final_layer(x, c))
+            if depth == return_hidden_at:
+                hidden = x
+        out = self.unpatchify(self.final_layer(x, c))
+        return out if return_hidden_at is None else (out, hidden)
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float

@@ -57,7 +57,7 @@ def checkpoint_if_due(trainer) -> None:
         return
     if trainer.nonfinite_in_row and trainer.step < t.max_steps:
         if on_schedule:
-            trainer.monitor_message(
+            trainer.monitor.message(
                 f"step {trainer.step}: checkpoint postponed to the next step with a finite loss"
             )
         return

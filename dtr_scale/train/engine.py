@@ -34,15 +34,15 @@ from dtr_scale.train.resume import (
     reset_lr_schedule,
 )
 from dtr_scale.train.runtime import init_distributed, pin_mmap_threshold, seed_everything
-from dtr_scale.train.step import LogSums, StepPlan, TrainModule, cluster_gram, train_step
+from dtr_scale.train.step import LogSums, StepLayout, TrainModule, accumulate_and_step, cluster_gram
 
 # ------------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
     """Builds everything from a RunConfig (model, diffusion, ANT clusters, balancer, DeepSpeed engine, EMA,
-    stream, checkpointer), resumes from `latest` when there is one, and trains with `fit()`. Every rank
-    constructs one."""
+    stream, checkpointer, monitor), resumes from `latest` when there is one, and trains with `fit()`. Every
+    rank constructs one."""
 
     def __init__(self, cfg: RunConfig, user_ds_config: str | None = None, resume_tag: str | None = None):
         if not cfg.data.shards:
@@ -60,11 +60,12 @@ class Trainer:
             self._resume(tag, changes)
         if self.rank == 0:  # only now: a checkpoint that does not load leaves config.yaml as it was
             keep_config(self.run_dir, self.cfg, changes)
+        self._build_monitor()  # last: it trims metrics.jsonl to the step this run starts from
 
     def _setup_runtime(self, cfg: RunConfig, user_ds_config: str | None, resume_tag: str | None) -> None:
         """Process group, device, the checkpoint to resume (and whether it must be resharded: train/reshard.py),
-        the run plan for this world size (train/plan.py: layout, precision, DeepSpeed JSON, diffusion, clusters,
-        timestep sampler) and the data manifest."""
+        the run plan for this world size (train/plan.py: batch layout, precision, DeepSpeed JSON, diffusion,
+        clusters, timestep sampler) and the data manifest."""
         from deepspeed.accelerator import get_accelerator
 
         from dtr_scale.data.shards import load_manifest
@@ -90,7 +91,7 @@ class Trainer:
         self.cfg, self.precision, self.accumulation = plan.cfg, plan.precision, plan.accumulation
         self.ds_config, self.diffusion, self.clusters = plan.ds_config, plan.diffusion, plan.clusters
         self.timestep_sampler = plan.timestep_sampler
-        self.k = 1 if self.clusters is None else len(self.clusters)
+        self.num_clusters = 1 if self.clusters is None else len(self.clusters)
         self.manifest = load_manifest(self.cfg.data.shards)
         self.run_dir = Path(self.cfg.run_dir)
         if self.cfg.deepspeed.zero_stage == 3 and self.device.type == "cpu":
@@ -110,7 +111,7 @@ class Trainer:
         self.flops_per_sample = model.flops_per_sample()
         # Under ZeRO-3 the balancer's parameters (UW's s) are partitioned like the model's, in its dtype.
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
-            balancer = build_balancer(cfg, self.k)
+            balancer = build_balancer(cfg, self.num_clusters)
         # REPA (train/repa.py): the frozen encoder stays outside DeepSpeed; the projector trains inside.
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         projector, self.repa_features = build_repa(
@@ -141,7 +142,7 @@ class Trainer:
             self.engine.compile()
 
     def _build_state(self) -> None:
-        """EMA, data stream, logging buffers, the step plan, and the checkpointer that owns their state."""
+        """EMA, data stream, logging buffers, the step layout, and the checkpointer that owns their state."""
         from dtr_scale.mtl.cluster_losses import ClusterLossBuffer
         from dtr_scale.train.checkpoint import BalancerState, Checkpointer, RNGState, RunRecord, TrainProgress
         from dtr_scale.train.ema import ShardedEMA
@@ -149,13 +150,13 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.ema = ShardedEMA(self.engine.module.model, t.ema_decay, t.ema_warmup, self.rank, self.world)
         self.stream = build_stream(cfg, self.manifest, self.rank, self.world, self.device, self.accumulation)
-        self.cluster_buffer = ClusterLossBuffer(self.k, num_timesteps=cfg.diffusion.diffusion_steps)
+        self.cluster_buffer = ClusterLossBuffer(self.num_clusters, cfg.diffusion.diffusion_steps)
         self.log_sums = LogSums(self.device, cfg.repa.coeff if cfg.repa.encoder is not None else None)
-        self.plan = StepPlan(
+        self.layout = StepLayout(
             micro_batch_size=t.micro_batch_size,
             accumulation=self.accumulation,
             world=self.world,
-            num_clusters=self.k,
+            num_clusters=self.num_clusters,
             device=self.device,
             drop_grads_on_nonfinite=cfg.deepspeed.zero_stage == 0 and self.precision == "fp32",
             rank=self.rank,
@@ -184,6 +185,18 @@ class Trainer:
             layout={"zero_stage": cfg.deepspeed.zero_stage, "canonical_streams": cfg.data.canonical_streams},
         )  # fmt: skip
 
+    def _build_monitor(self) -> None:
+        """Progress bar, TensorBoard and metrics.jsonl (rank 0; train/monitor.py), from the current step."""
+        from dtr_scale.train.monitor import Monitor, peak_flops_per_device
+
+        cfg = self.cfg
+        self.monitor = Monitor(
+            self.run_dir, self.rank, self.world, cfg.train.max_steps, self.flops_per_sample,
+            peak_flops_per_device(self.device, cfg.monitor.peak_tflops), tensorboard=cfg.monitor.tensorboard,
+            progress=cfg.monitor.progress, start_step=self.step, config_text=dump_yaml(cfg),
+            num_clusters=self.num_clusters,
+        )  # fmt: skip
+
     # -- state -------------------------------------------------------------------------------------
 
     # The progress counters, read and set through the checkpointed TrainProgress.
@@ -199,7 +212,7 @@ class Trainer:
         """Checkpoint the current step (collective); returns its tag."""
         tag = self.checkpointer.save(self.step)
         if self.rank == 0:
-            self.monitor_message(f"saved checkpoint {self.checkpointer.dir / tag}")
+            self.monitor.message(f"saved checkpoint {self.checkpointer.dir / tag}")
         return tag
 
     def _resume(self, tag: str, changes: ResumeChanges) -> None:
@@ -218,13 +231,6 @@ class Trainer:
             for line in changes.applied:
                 print(f"resume: changed {line}", flush=True)
 
-    def monitor_message(self, text: str) -> None:
-        """A line to the progress bar / log on rank 0."""
-        if getattr(self, "monitor", None) is not None:
-            self.monitor.message(text)
-        elif self.rank == 0:
-            print(text, flush=True)
-
     # -- training ----------------------------------------------------------------------------------
 
     def _gram_update(self, x, t, y, noise, cluster_idx, drop) -> None:
@@ -232,9 +238,9 @@ class Trainer:
         gradient cosines as a TensorBoard image."""
         from dtr_scale.train.monitor import cosine_image
 
-        gram = cluster_gram(self.engine.module, x, t, y, noise, cluster_idx, self.k, drop)
+        gram = cluster_gram(self.engine.module, x, t, y, noise, cluster_idx, self.num_clusters, drop)
         self.engine.module.balancer.update_from_gram(gram)
-        if self.rank == 0 and getattr(self, "monitor", None) is not None:
+        if self.rank == 0:
             self.monitor.image("balancer/gradient_cosines", self.step + 1, cosine_image(gram))
 
     def train_step(self, batches) -> bool:
@@ -245,7 +251,7 @@ class Trainer:
         marks = self.log_sums.mark(), self.cluster_buffer.mark()
         try:
             features = self.repa_features if repa_active(self.cfg, self.step) else None
-            applied = train_step(self.engine, batches, self.timestep_sampler, self.step, self.plan,
+            applied = accumulate_and_step(self.engine, batches, self.timestep_sampler, self.step, self.layout,
                                  self.cluster_buffer, self.log_sums, gram, features)  # fmt: skip
         except NonFiniteLossError as err:
             raise NonFiniteLossError(
@@ -273,10 +279,10 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
-        if self.k > 1:  # under ZeRO-3 reading UW's s is a collective gather
+        if self.num_clusters > 1:  # under ZeRO-3 reading UW's s is a collective gather
             balancer = self.engine.module.balancer
             weights = balancer.weights().detach().float().cpu()
-            for i in range(self.k):
+            for i in range(self.num_clusters):
                 if counts[i] > 0:  # a cluster without samples since the last read has no loss to log
                     scalars[f"cluster/loss_{i}"] = float(means[i])
                 scalars[f"cluster/weight_{i}"] = float(weights[i])
@@ -287,22 +293,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.max_steps: steps, logging, checkpoints, in-loop grids and evals; returns the last
         logged scalars."""
-        from dtr_scale.train.monitor import Monitor, peak_flops_per_device
-
         cfg, t = self.cfg, self.cfg.train
-        self.monitor = Monitor(
-            self.run_dir,
-            self.rank,
-            self.world,
-            t.max_steps,
-            self.flops_per_sample,
-            peak_flops_per_device(self.device, cfg.monitor.peak_tflops),
-            tensorboard=cfg.monitor.tensorboard,
-            progress=cfg.monitor.progress,
-            start_step=self.step,
-            config_text=dump_yaml(cfg),
-            num_clusters=self.k,
-        )
         self.engine.train()
         batches = self.stream.batches()  # epoch mode rolls over into the next, reshuffled epoch
         last_scalars: dict[str, float] = {}
@@ -333,14 +324,22 @@ class Trainer:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.monitor.image("loss/profile_vs_t", self.step, image, png_path=path)
 
+    def _ema_sampler(self):
+        """The EMA model and sampling settings for in-loop grids and evals (collective; train/inloop.py)."""
+        from dtr_scale.train.inloop import ema_sampler
+
+        return ema_sampler(self.ema, self.cfg, self.manifest, self.device, self.rank, self.world)
+
     def sample_grid(self) -> None:
         """The in-loop EMA sample grid (collective; train/inloop.py)."""
         from dtr_scale.train.inloop import sample_grid
 
-        sample_grid(self)
+        seed = self.cfg.train.seed
+        sample_grid(self._ema_sampler(), self.cfg.monitor, seed, self.step, self.run_dir, self.monitor)
 
     def evaluate_in_loop(self) -> None:
         """The in-loop KID/FID (collective; train/inloop.py)."""
         from dtr_scale.train.inloop import evaluate_in_loop
 
-        evaluate_in_loop(self)
+        seed = self.cfg.train.seed + 1
+        evaluate_in_loop(self._ema_sampler(), self.cfg.eval, seed, self.step, self.manifest, self.monitor)

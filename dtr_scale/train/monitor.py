@@ -138,7 +138,7 @@ class Monitor:
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
             if config_text:
                 self.writer.add_text("config", "```yaml\n" + config_text + "\n```", start_step)
-            if num_clusters > 1:  # CUSTOM SCALARS tab: all k curves of a kind on one chart
+            if num_clusters > 1:  # CUSTOM SCALARS tab: the curves of all clusters of a kind on one chart
                 ks = range(num_clusters)
                 self.writer.add_custom_scalars({"ANT clusters": {
                     "cluster losses": ["Multiline", [f"cluster/loss_{i}" for i in ks]],

@@ -1,4 +1,5 @@
-"""One optimizer step: what DeepSpeed wraps (`TrainModule`) and the step over its micro-batches (`train_step`).
+"""One optimizer step: what DeepSpeed wraps (`TrainModule`) and the step over its micro-batches
+(`accumulate_and_step`; `Trainer.train_step` in train/engine.py calls it).
 
 Per step: the step's per-sample draws (timestep, label dropout, noise: train/draws.py, keyed by seed, step and
 slot in the global batch, so the step computes the same at every world size) are made up front (ANT's
@@ -49,62 +50,80 @@ class TrainModule(nn.Module):
         self.diffusion = diffusion
         self.scale = scale
         self.repa_projector = repa_projector
+        self.repa_depth = repa_depth
         self.repa_coeff = repa_coeff
-        self._hidden: list[torch.Tensor] = []
-        self._capture = False  # only this forward's pass keeps the tokens (not Gram passes, grids, recompute)
-        if repa_projector is not None:
-            # REPA aligns the tokens after block `repa_depth` as they are (after DTR's routing of that block).
-            model.blocks[repa_depth - 1].register_forward_hook(self._keep_tokens)
-
-    def _keep_tokens(self, _module, _inputs, out: torch.Tensor) -> None:
-        if self._capture:
-            self._hidden.append(out)
 
     def forward(
         self, x, t, y, noise, cluster_idx, step_counts, repa_features=None, drop=None
     ) -> dict[str, torch.Tensor]:
-        """x, noise: (B, C, H, W) latents and their noise; t, y, cluster_idx: (B,) long; step_counts: (k,)
-        float, the step's global per-cluster sample counts; repa_features: (B, M, D) encoder patch tokens of the
-        clean images, or None (no alignment this step); drop: (B,) long, 1 = train this sample on the null
-        label (None: the model's own label dropout). Returns {"loss": the balanced scalar to back-propagate
-        (+ repa_coeff x the REPA loss, added once, not per cluster), "per_sample": (B,) detached diffusion
-        losses, "mse": (B,) detached eps-MSE, "repa": detached REPA loss (0 without)}."""
-        self._hidden.clear()
-        self._capture = repa_features is not None
-        try:
-            kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
-            terms = self.diffusion.training_losses(self.model_fn, x, t, model_kwargs=kwargs, noise=noise)
-        finally:
-            self._capture = False
+        """x, noise: (B, C, H, W) latents and their noise; t, y, cluster_idx: (B,) long; step_counts:
+        (num_clusters,) float, the step's global per-cluster sample counts; repa_features: (B, M, D) encoder
+        patch tokens of the clean images, or None (no alignment this step); drop: (B,) long, 1 = train this
+        sample on the null label (None: the model's own label dropout). Returns {"loss": the objective to
+        back-propagate, "per_sample": (B,) detached diffusion losses, "mse": (B,) detached eps-MSE, "repa":
+        detached REPA loss (0 without)}."""
+        aligns = repa_features is not None and self.repa_projector is not None
+        terms, hidden = self.per_sample_losses(x, t, y, noise, drop, self.repa_depth if aligns else None)
         per_sample = terms["loss"]
-        # This micro-batch's share of the step's buffered cluster losses l_k (sums over the step / N_k).
-        means = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)
-        loss = self.balancer(means, step_counts)
-        align = torch.zeros((), device=loss.device)
-        if repa_features is not None and self.repa_projector is not None:
-            from dtr_scale.models.repa import match_token_grid, repa_loss
-
-            hidden = self._hidden[0]
-            target = match_token_grid(repa_features, hidden.shape[1])
-            align = repa_loss(self.repa_projector(hidden), target)
-            loss = loss + self.repa_coeff * align
-        self._hidden.clear()
+        # l_k: this micro-batch's share of the step's buffered cluster losses (sums over the step / N_k;
+        # ANT Eq. 5).
+        cluster_losses = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)
+        # The objective: loss = sum_k w_k l_k + lambda * L_REPA. The balancer's weighted sum of the cluster
+        # losses (mtl/balancers.py; UW's is sum_k 0.5 (exp(-s_k) l_k / k + s_k), ANT Eq. 6), plus lambda =
+        # repa.coeff times REPA's loss (models/repa.py, REPA Eq. 8), added once per micro-batch, not per
+        # cluster, on the steps that align, as REPA's train.py adds `proj_coeff * proj_loss` to the denoising loss.
+        loss = self.balancer(cluster_losses, step_counts)
+        repa = torch.zeros((), device=loss.device)
+        if aligns:
+            repa = self.repa_alignment(hidden, repa_features)
+            loss = loss + self.repa_coeff * repa
         return {
             "loss": loss,
             "per_sample": per_sample.detach(),
             "mse": terms["mse"].detach(),
-            "repa": align.detach(),
+            "repa": repa.detach(),
         }
 
-    def model_fn(self, x_t: torch.Tensor, timesteps: torch.Tensor, **kwargs) -> torch.Tensor:
+    def per_sample_losses(
+        self, x, t, y, noise, drop=None, hidden_at: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The objective's per-sample losses {"loss", "mse", ...} (B,) float32: `diffusion.training_losses` of
+        the objective train/build.py `build_diffusion` chose (ddpm: eps MSE + VB, DiT/ADM; flow: velocity MSE,
+        SiT), the one place the training forward and the Gram's per-cluster passes compute them. With
+        `hidden_at` = d, also the DiT's tokens after block d (REPA's input), else None."""
+        kwargs = {"y": y} if drop is None else {"y": y, "force_drop_ids": drop}
+        if hidden_at is None:
+            return self.diffusion.training_losses(self.model_fn, x, t, model_kwargs=kwargs, noise=noise), None
+        kept: list[torch.Tensor] = []
+
+        def model_fn(x_t: torch.Tensor, timesteps: torch.Tensor, **kw) -> torch.Tensor:
+            out, hidden = self.model_fn(x_t, timesteps, return_hidden_at=hidden_at, **kw)
+            kept.append(hidden)
+            return out
+
+        terms = self.diffusion.training_losses(model_fn, x, t, model_kwargs=kwargs, noise=noise)
+        return terms, kept[0]
+
+    def repa_alignment(self, hidden: torch.Tensor, repa_features: torch.Tensor) -> torch.Tensor:
+        """REPA's loss (models/repa.py): the projected tokens `hidden` (B, N, hidden) against the encoder's
+        features (B, M, D), brought to the DiT's token grid; a scalar in [-1, 1]."""
+        from dtr_scale.models.repa import match_token_grid, repa_loss
+
+        return repa_loss(self.repa_projector(hidden), match_token_grid(repa_features, hidden.shape[1]))
+
+    def model_fn(self, x_t: torch.Tensor, timesteps: torch.Tensor, **kwargs):
         """The network in its parameters' dtype (bf16 under DeepSpeed's bf16), the diffusion maths in fp32:
-        the one precision mechanism of the loss and of the Gram path."""
+        the one precision mechanism of the loss and of the Gram path. With return_hidden_at, (output in fp32,
+        the tokens in the network's dtype)."""
         dtype = next(self.model.parameters()).dtype
-        return self.model(x_t.to(dtype), timesteps, **kwargs).float()
+        out = self.model(x_t.to(dtype), timesteps, **kwargs)
+        if isinstance(out, tuple):
+            return out[0].float(), out[1]
+        return out.float()
 
 
 @dataclass
-class StepPlan:
+class StepLayout:
     """The fixed shape of every step: micro-batch size, accumulation, world, this rank, clusters, how a step
     with a non-finite loss is dropped (`drop_grads_on_nonfinite`: ZeRO-0 fp32, where DeepSpeed's optimizer is
     a plain torch one that does not skip non-finite gradients by itself), and what the per-sample draws need:
@@ -184,23 +203,25 @@ class LogSums:
         self.values = torch.cat([values, self.values.new_zeros(5 - len(values))]).clone()
 
 
-def draw_step(sampler: TimestepSampler, plan: StepPlan, step: int) -> tuple[list[tuple], torch.Tensor]:
+def draw_step(sampler: TimestepSampler, layout: StepLayout, step: int) -> tuple[list[tuple], torch.Tensor]:
     """Optimizer step `step`'s (t, cluster_idx, noise, drop) per micro-batch of this rank, on the device
-    (train/draws.py), and the global per-cluster counts N_k (k,) float32 (all-reduced over ranks: a collective,
-    no host sync)."""
+    (train/draws.py), and the global per-cluster counts N_k (num_clusters,) float32 (all-reduced over ranks:
+    a collective, no host sync)."""
     drawn = []
-    for micro in range(plan.accumulation):
-        slots = micro_batch_slots(plan.rank, plan.world, micro, plan.micro_batch_size)
-        draws = draw_slots(plan.seed, step, slots, plan.latent_shape, plan.label_dropout)
+    for micro in range(layout.accumulation):
+        slots = micro_batch_slots(layout.rank, layout.world, micro, layout.micro_batch_size)
+        draws = draw_slots(layout.seed, step, slots, layout.latent_shape, layout.label_dropout)
         t, cluster_idx = sampler.from_uniform(draws.u, torch.tensor(slots))
         # A copy from pinned memory does not wait for the device's queue (one from pageable memory would).
-        pin = plan.device.type == "cuda"
+        pin = layout.device.type == "cuda"
         values = (t, cluster_idx, draws.noise, draws.drop)
-        drawn.append(tuple((v.pin_memory() if pin else v).to(plan.device, non_blocking=True) for v in values))
-    step_counts = torch.zeros(plan.num_clusters, dtype=torch.float32, device=plan.device)
+        drawn.append(
+            tuple((v.pin_memory() if pin else v).to(layout.device, non_blocking=True) for v in values)
+        )
+    step_counts = torch.zeros(layout.num_clusters, dtype=torch.float32, device=layout.device)
     for _, cluster_idx, _, _ in drawn:
         step_counts.index_add_(0, cluster_idx, torch.ones_like(cluster_idx, dtype=step_counts.dtype))
-    if plan.world > 1:
+    if layout.world > 1:
         dist.all_reduce(step_counts)
     return drawn, step_counts
 
@@ -213,18 +234,18 @@ def _any_rank(flag: torch.Tensor, world: int) -> bool:
     return bool(flag.item() > 0)
 
 
-def train_step(
+def accumulate_and_step(
     engine,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     sampler: TimestepSampler,
     step: int,
-    plan: StepPlan,
+    layout: StepLayout,
     cluster_buffer: ClusterLossBuffer,
     log_sums: LogSums,
     gram_update: Callable[..., None] | None = None,
     repa_features: Callable[..., torch.Tensor] | None = None,
 ) -> bool:
-    """Optimizer step `step` (0-based) over `plan.accumulation` micro-batches; returns whether it was applied.
+    """Optimizer step `step` (0-based) over `layout.accumulation` micro-batches; returns whether it was applied.
 
     A non-finite loss in any micro-batch on any rank drops the whole step (returns False): DeepSpeed's
     ZeRO-1/2/3 and bf16 optimizers skip a step whose gradient norm is not finite and clear the gradients;
@@ -233,13 +254,13 @@ def train_step(
     `repa_features(x, *stored)`, given, makes each micro-batch's REPA targets (the step aligns).
     Raises NonFiniteLossError if DeepSpeed applied a step whose loss was not finite.
     """
-    drawn, step_counts = draw_step(sampler, plan, step)
-    nonfinite = torch.zeros((), device=plan.device)
+    drawn, step_counts = draw_step(sampler, layout, step)
+    nonfinite = torch.zeros((), device=layout.device)
     bad = False
     for micro, (t, cluster_idx, noise, drop) in enumerate(drawn):
         x, y, *stored = next(batches)  # + the REPA features, when the shards hold them
-        x = x.to(plan.device, non_blocking=True)
-        y = y.to(plan.device, non_blocking=True)
+        x = x.to(layout.device, non_blocking=True)
+        y = y.to(layout.device, non_blocking=True)
         if gram_update is not None and micro == 0:
             gram_update(x, t, y, noise, cluster_idx, drop)
         features = repa_features(x, *stored) if repa_features is not None else None
@@ -250,13 +271,13 @@ def train_step(
         cluster_buffer.add(out["per_sample"], cluster_idx, t)
         log_sums.add(loss, out["mse"], finite, out["repa"] if features is not None else None)
         engine.backward(loss)
-        if micro == plan.accumulation - 1:
-            bad = _any_rank(nonfinite, plan.world)
-            if bad and plan.drop_grads_on_nonfinite:
+        if micro == layout.accumulation - 1:
+            bad = _any_rank(nonfinite, layout.world)
+            if bad and layout.drop_grads_on_nonfinite:
                 for p in engine.module.parameters():
                     p.grad = None
         engine.step()
-    if bad and engine.was_step_applied() and not plan.drop_grads_on_nonfinite:
+    if bad and engine.was_step_applied() and not layout.drop_grads_on_nonfinite:
         raise NonFiniteLossError(
             "a non-finite loss reached an optimizer step that DeepSpeed applied (its gradient norm was finite); "
             "the weights may be damaged"
@@ -271,15 +292,16 @@ def cluster_gram(
     y: torch.Tensor,
     noise: torch.Tensor,
     cluster_idx: torch.Tensor,
-    k: int,
+    num_clusters: int,
     drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """NashMTL / PCGrad: the exact (k, k) float64 Gram of the global per-cluster gradients on a micro-batch.
+    """NashMTL / PCGrad: the exact (num_clusters, num_clusters) float64 Gram of the global per-cluster gradients
+    on a micro-batch.
 
     Cluster i's gradient comes from a forward/backward on cluster i's samples only (about the cost of one
-    forward/backward of the micro-batch in all), reduced across ranks inside
-    `global_cluster_gram_from_fn`; only the k x k Gram is all-reduced in full (never a k x P gather). A cluster with
-    no sample on this rank contributes a zero gradient.
+    forward/backward of the micro-batch in all), reduced across ranks inside `global_cluster_gram_from_fn`;
+    only the Gram is all-reduced in full (never a num_clusters x P gather). A cluster with no sample on this
+    rank contributes a zero gradient.
     """
     from dtr_scale.mtl.gram import global_cluster_gram_from_fn
 
@@ -289,11 +311,10 @@ def cluster_gram(
         sel = cluster_idx == i
         if not bool(sel.any()):  # no sample of cluster i here: a zero gradient (its weight is kept)
             return sum(p.sum() for p in params) * 0.0
-        kwargs = {"y": y[sel]} if drop is None else {"y": y[sel], "force_drop_ids": drop[sel]}
-        terms = module.diffusion.training_losses(
-            module.model_fn, x[sel], t[sel], model_kwargs=kwargs, noise=noise[sel]
+        terms, _ = module.per_sample_losses(
+            x[sel], t[sel], y[sel], noise[sel], None if drop is None else drop[sel]
         )
         return terms["loss"].mean()
 
-    counts = torch.bincount(cluster_idx, minlength=k)
-    return global_cluster_gram_from_fn(params, cluster_loss, k, counts=counts)
+    counts = torch.bincount(cluster_idx, minlength=num_clusters)
+    return global_cluster_gram_from_fn(params, cluster_loss, num_clusters, counts=counts)

@@ -254,6 +254,31 @@ def test_derived_micro_batch_respects_stratified_clusters_and_refuses_what_canno
         resolve_batch_layout(xl, 128)
 
 
+@pytest.mark.parametrize(
+    ("world", "accumulation", "micro"), [(1, 2, 128), (2, 4, 32), (8, 1, 32), (4, 16, 4)]
+)
+def test_a_given_accumulation_is_kept_and_the_micro_batch_follows_from_it(world, accumulation, micro):
+    # It used to be dropped silently when train.micro_batch_size was unset. 256 / world / accumulation, by hand.
+    cfg = load_config(
+        REPO / "configs/dit-b2-dtr-minsnr.yaml", [f"train.gradient_accumulation_steps={accumulation}"]
+    )
+    cfg = resolve_batch_layout(cfg, world)
+    assert (cfg.train.micro_batch_size, gradient_accumulation(cfg, world)) == (micro, accumulation)
+
+
+def test_an_accumulation_that_cannot_split_the_batch_names_its_keys():
+    cfg = load_config(REPO / "configs/dit-b2-dtr-minsnr.yaml", ["train.gradient_accumulation_steps=3"])
+    with pytest.raises(
+        ConfigError, match=r"is 128 per rank, which train.gradient_accumulation_steps=3"
+    ) as info:
+        resolve_batch_layout(cfg, 2)
+    assert info.value.keys == ("train.global_batch_size", "train.gradient_accumulation_steps")
+    xl = load_config(REPO / "configs/dit-xl2-dtr-ant.yaml", ["train.gradient_accumulation_steps=16"])
+    with pytest.raises(ConfigError, match=r"micro-batches of 4, which k=8 clusters do not divide") as info:
+        resolve_batch_layout(xl, 4)  # 256 / 4 / 16 = 4 per micro-batch, 8 stratified clusters
+    assert "mtl.sampling" in info.value.keys
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 @pytest.mark.parametrize("world", [1, 8, 32])
 def test_every_shipped_config_dry_runs_for_a_gpu_cluster_from_this_cpu_machine(path, world):

@@ -56,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg) -> int:
     if args.dry_run:
         world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-        if world < 1 or (args.gpus_per_node is not None and args.gpus_per_node < 1):
-            raise UserError(
-                f"--world-size and --gpus-per-node must be >= 1, got {world} and {args.gpus_per_node}"
-            )
+        if world < 1:
+            raise UserError(f"--world-size must be >= 1, got {world}")
+        if args.gpus_per_node is not None and args.gpus_per_node < 1:
+            raise UserError(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
         from dtr_scale.train.dryrun import dry_run
 
         print(dry_run(cfg, world, args.deepspeed_config, args.device, args.gpus_per_node))

@@ -45,6 +45,12 @@ class RepaEncoder:
         config = encoder_config(directory)
         if resolution is None and dit_grid is None:
             raise ValueError("RepaEncoder needs a resolution or the DiT's token grid")
+        patch = int(config["patch_size"])
+        if resolution is not None and (resolution < patch or resolution % patch):  # tokens would be cut off
+            raise ConfigError(
+                f"repa.resolution={resolution}: expected a positive multiple of the patch size {patch} of "
+                f"the encoder {directory}"
+            )
         from dtr_scale.compat import ensure_torchvision_importable
 
         ensure_torchvision_importable()

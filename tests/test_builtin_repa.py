@@ -75,3 +75,23 @@ def test_training_on_stored_targets_equals_the_encoder_on_the_fly(digits, tmp_pa
     a, b = final_weights(tmp_path / "fly", "step00000004"), final_weights(tmp_path / "stored", "step00000004")
     a, b = (torch.cat([w[k].detach().double().flatten() for k in sorted(a)]) for w in (a, b))
     assert float((a - b).norm() / a.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("resolution", [10, 0, -4, 2])
+def test_an_encoder_input_that_cuts_patches_is_refused_by_flag_and_by_key(digits, tmp_path, resolution):
+    # 10 px at patch 4 would keep a 2 x 2 grid and drop 2 px; 0 and -4 crashed inside the encoder.
+    with pytest.raises(ValueError, match=rf"--repa-resolution {resolution}: expected a positive multiple of the "
+                                         r"patch size 4"):  # fmt: skip
+        prepare_builtin(
+            tmp_path / "d", image_size=16, repa_encoder=digits["encoder"], repa_resolution=resolution
+        )
+    from dtr_scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"repa.resolution={resolution}: expected a positive multiple"):
+        RepaEncoder(digits["encoder"], resolution=resolution)
+    assert not (tmp_path / "d" / "train").exists()  # nothing written
+
+
+def test_an_encoder_resolution_without_an_encoder_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"--repa-resolution 16 needs --repa-encoder"):
+        prepare_builtin(tmp_path / "d", image_size=16, repa_resolution=16)

@@ -91,12 +91,20 @@ def repa_settings(
     and the bytes per sample the features add (float16, image and flip); None without an encoder. Adds what
     the shard bytes depend on to `settings` (other features: other shards)."""
     if encoder is None:
+        if resolution is not None:
+            raise ValueError(
+                f"--repa-resolution {resolution} needs --repa-encoder (the encoder it is the input of)"
+            )
         return None
     from dtr_scale.repa_encoder import encoder_config, encoder_identity
 
     config = encoder_config(encoder)
     patch, dim = int(config["patch_size"]), int(config["hidden_size"])
-    resolution = int(resolution or patch * image_size // 16)  # DiT-*/2 on an 8x VAE: image_size / 16 tokens
+    resolution = int(resolution if resolution is not None else patch * image_size // 16)  # DiT-*/2, 8x VAE
+    if resolution < patch or resolution % patch:
+        raise ValueError(
+            f"--repa-resolution {resolution}: expected a positive multiple of the patch size {patch} of {encoder}"
+        )
     tokens = (resolution // patch) ** 2
     identity = encoder_identity(encoder)
     settings["repa"] = {"config_sha256": identity["config_sha256"], "weights_sha256": identity["weights_sha256"],

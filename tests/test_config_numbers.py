@@ -142,3 +142,27 @@ def test_float_flags_refuse_nan_and_infinity_in_one_line(argv, capsys):
         main(argv)
     assert info.value.code == 2
     assert "expected a finite number, got" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--sampler", "bogus"], "argument --sampler: invalid choice: 'bogus'"),
+        (["--samples-per-class", "0"], "argument --samples-per-class: expected a positive integer, got '0'"),
+        (["--sample-steps", "0"], "argument --sample-steps: expected a positive integer, got '0'"),
+        (["--fid-samples", "-1"], "argument --fid-samples: expected a positive integer, got '-1'"),
+        (["--min-accuracy", "2"], "argument --min-accuracy: expected a number in [0, 1], got '2'"),
+        (["--threads", "1.5"], "argument --threads: expected a positive integer, got '1.5'"),
+        (["--sampler", "heun"], "--sampler heun does not sample a ddpm model"),
+    ],
+)
+def test_demo_refuses_bad_flags_before_any_work(tmp_path, capsys, flags, expected):
+    # A fresh user's `dtr-scale demo --sampler bogus` trained 2000 steps before failing.
+    from dtr_scale.cli import main
+
+    try:
+        code = main(["demo", "--out", str(tmp_path / "demo"), *flags])
+    except SystemExit as exit_:  # argparse's own exit
+        code = exit_.code
+    assert code == 2 and expected in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -107,3 +107,16 @@ def test_more_seeds_or_variants_continue_a_benchmark_and_other_settings_are_refu
     assert grown["records"] == document["records"]  # nothing run is lost
     with pytest.raises(SystemExit, match="holds results of other settings"):
         load_results(parse_args(["--out", str(tmp_path), "--variants", "vanilla", "--steps", "80"]), results)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--variants", "vanilla"], ["--repa-encoder", "enc", "--manifest", "m.json", "--reference", "r"]],
+)
+def test_precomputed_repa_features_need_an_encoder_and_the_built_in_digits(extra, capsys):
+    sys.path.insert(0, str(REPO / "bench"))
+    from convergence import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--repa-features", "precomputed", *extra])
+    assert "--repa-features precomputed stores the --repa-encoder's targets" in capsys.readouterr().err

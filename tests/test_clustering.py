@@ -326,3 +326,40 @@ def test_affinity_refuses_a_group_size_that_does_not_divide_t() -> None:
     batches = [(torch.randn(2, 4), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(ValueError, match="group_size must divide the 6"):
         compute_affinity(_Theta(), _DirectionDiffusion(torch.eye(3, 4)), batches, group_size=4)
+
+
+def test_snr_clusters_of_another_ddpm_schedule_are_refused(tmp_path, capsys) -> None:
+    out = tmp_path / "linear.json"
+    assert (
+        cli_main(["cluster", "--objective", "snr", "--k", "3", "--timesteps", "20", "--out", str(out)]) == 0
+    )
+    assert load_clusters(out, 20, "ddpm", "linear") == load_clusters(out, 20)  # the schedule it was made for
+    with pytest.raises(ValueError, match=r"SNR clusters of the linear schedule, but the run's "
+                                         r"diffusion.noise_schedule is cosine"):  # fmt: skip
+        load_clusters(out, 20, "ddpm", "cosine")
+    equal = tmp_path / "equal.json"  # equal intervals do not depend on the schedule
+    assert (
+        cli_main(["cluster", "--objective", "timestep", "--k", "4", "--timesteps", "20", "--out", str(equal)])
+        == 0
+    )
+    assert load_clusters(equal, 20, "ddpm", "cosine") == [(0, 4), (5, 9), (10, 14), (15, 19)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--timesteps", "1"], "--timesteps must be >= 2"),
+        (["--objective", "affinity", "--affinity", "{nan}"], "the matrix holds NaN or infinity"),
+        (["--objective", "affinity", "--affinity", "{missing}"], "cannot read it as a .npy matrix"),
+        (["--out", "{dir}"], "is a directory: expected the path of the JSON file"),
+    ],
+)
+def test_cluster_cli_errors_name_the_flag_and_write_nothing(tmp_path, capsys, argv, expected) -> None:
+    bad = np.eye(4)
+    bad[0, 1] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    paths = {"nan": tmp_path / "nan.npy", "missing": tmp_path / "missing.npy", "dir": tmp_path}
+    argv = [a.format(**paths) for a in argv]
+    assert cli_main(["cluster", "--k", "2", "--timesteps", "4", *argv]) == 2
+    assert expected in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy"]

@@ -201,13 +201,17 @@ def validate_intervals(
 
 
 def load_clusters(
-    path: str | Path, num_timesteps: int | None = None, diffusion_objective: str | None = None
+    path: str | Path,
+    num_timesteps: int | None = None,
+    diffusion_objective: str | None = None,
+    noise_schedule: str | None = None,
 ) -> list[Interval]:
     """Intervals from a JSON file written by ``dtr-scale cluster`` (key ``"intervals"``), validated.
 
     If ``num_timesteps`` is given the intervals must cover exactly 0..num_timesteps-1; the file's own
     ``"num_timesteps"`` entry, when present, is checked too, and so is its ``"diffusion_objective"`` (ddpm |
-    flow: DDPM timesteps and flow's bins of t have different SNRs) against ``diffusion_objective``.
+    flow: DDPM timesteps and flow's bins of t have different SNRs) against ``diffusion_objective``, and for
+    SNR clusters its DDPM ``"schedule"`` against ``noise_schedule`` (linear | cosine).
     Errors: FileNotFoundError, ValueError naming the file.
     """
     path = Path(path)
@@ -231,6 +235,13 @@ def load_clusters(
         raise ValueError(
             f"cluster file {path}: written for diffusion.objective={written_for}, but the run trains "
             f"{diffusion_objective} (write one with `dtr-scale cluster --diffusion {diffusion_objective}`)"
+        )
+    schedule = {"squaredcos_cap_v2": "cosine"}.get(data.get("schedule"), data.get("schedule"))
+    snr_based = data.get("objective") in ("snr", "log_snr")
+    if snr_based and schedule is not None and noise_schedule is not None and schedule != noise_schedule:
+        raise ValueError(
+            f"cluster file {path}: SNR clusters of the {schedule} schedule, but the run's diffusion.noise_schedule "
+            f"is {noise_schedule} (write them with `dtr-scale cluster --schedule {noise_schedule}`)"
         )
     expected = num_timesteps if num_timesteps is not None else file_timesteps
     return validate_intervals(

@@ -30,7 +30,8 @@ def resolve_clusters(cfg: RunConfig, snr_values: np.ndarray) -> list[tuple[int, 
     m, steps = cfg.mtl, cfg.diffusion.diffusion_steps
     if m.clusters_file:
         try:
-            clusters = load_clusters(m.clusters_file, steps, cfg.diffusion.objective)
+            ddpm_schedule = cfg.diffusion.noise_schedule if cfg.diffusion.objective == "ddpm" else None
+            clusters = load_clusters(m.clusters_file, steps, cfg.diffusion.objective, ddpm_schedule)
         except (OSError, ValueError) as err:
             raise ConfigError(f"mtl.clusters_file: {err}") from None
         if len(clusters) != m.num_clusters:

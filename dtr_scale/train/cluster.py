@@ -36,9 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the run's diffusion.objective: ddpm (timesteps of --schedule) or flow (T bins of t, SNR ((1-t)/t)^2)",
     )  # fmt: skip
     parser.add_argument(
-        "--schedule", default=None, help="DDPM beta schedule for the SNR (linear|cosine; default linear)"
+        "--schedule", default=None, choices=("linear", "cosine", "squaredcos_cap_v2"),
+        help="DDPM beta schedule for the SNR (linear, default; cosine = squaredcos_cap_v2)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--timesteps", type=int, default=1000, help="diffusion training timesteps T (default 1000)"
     )
-    parser.add_argument("--timesteps", type=int, default=1000, help="diffusion training timesteps T")
     parser.add_argument(
         "--affinity",
         type=Path,
@@ -53,10 +56,19 @@ def _task_values(args: argparse.Namespace) -> tuple[np.ndarray, int]:
     """(what is clustered: a task-affinity matrix or the per-task SNR, tasks per group); UserError naming the
     flag."""
     T, group_size = args.timesteps, 1
+    if T < 2:
+        raise UserError(f"--timesteps must be >= 2 (the tasks clustered), got {T}")
+    if args.out is not None and args.out.is_dir():
+        raise UserError(f"--out {args.out} is a directory: expected the path of the JSON file to write")
     if args.objective == "affinity":
         if args.affinity is None:
             raise UserError("--objective affinity needs --affinity FILE.npy (see `dtr-scale affinity`)")
-        values = np.load(args.affinity, allow_pickle=False)
+        try:
+            values = np.load(args.affinity, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--affinity {args.affinity}: cannot read it as a .npy matrix ({err})") from None
+        if not np.isfinite(values).all():
+            raise UserError(f"--affinity {args.affinity}: the matrix holds NaN or infinity")
         n = values.shape[0] if values.ndim == 2 else 0
         if n == 0 or values.shape[1] != n or T % n != 0:
             raise UserError(

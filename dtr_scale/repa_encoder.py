@@ -112,8 +112,11 @@ def encoder_config(directory: str | Path) -> dict:
             f"repa.encoder: {directory} is not a local transformers model directory (no config.json); "
             "nothing is downloaded: save the encoder with save_pretrained and give its path"
         )
-    config = json.loads(path.read_text())
-    if "patch_size" not in config or "hidden_size" not in config:
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"repa.encoder: {path} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or "patch_size" not in config or "hidden_size" not in config:
         raise ConfigError(f"repa.encoder: {path} has no patch_size / hidden_size: not a ViT-like encoder")
     return config
 

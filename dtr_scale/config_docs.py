@@ -95,7 +95,10 @@ KEY_DOCS: dict[str, tuple[str, str]] = {
     "train.global_batch_size": ("samples", "samples per optimizer step over all ranks"),
     "train.micro_batch_size": ("samples", "per rank per forward; null: derived for the world size"),
     "train.max_micro_batch_size": ("samples", "largest micro-batch a device holds (when micro is null)"),
-    "train.gradient_accumulation_steps": ("micro-batches", "per optimizer step; null: derived"),
+    "train.gradient_accumulation_steps": (
+        "micro-batches",
+        "per optimizer step; null: derived; given: kept at every world size, the micro-batch follows (<= max)",
+    ),
     "train.seed": ("-", "seed of weights, data order, timesteps and noise"),
     "train.lr": ("1/step", "AdamW learning rate after warmup (DiT: 1e-4, constant)"),
     "train.betas": ("-", "AdamW betas"),

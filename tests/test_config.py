@@ -250,13 +250,13 @@ def test_derived_micro_batch_respects_stratified_clusters_and_refuses_what_canno
     assert (cfg.train.micro_batch_size, gradient_accumulation(cfg, 4)) == (16, 4)
     with pytest.raises(ConfigError, match=r"cannot be split evenly over 24 ranks"):
         resolve_batch_layout(xl, 24)
-    with pytest.raises(ConfigError, match=r"is 2 per rank, with no micro-batch .* that k=8 clusters divide"):
+    with pytest.raises(
+        ConfigError, match=r"is 2 per rank, with no micro-batch .* that its 8 clusters divide"
+    ):
         resolve_batch_layout(xl, 128)
 
 
-@pytest.mark.parametrize(
-    ("world", "accumulation", "micro"), [(1, 2, 128), (2, 4, 32), (8, 1, 32), (4, 16, 4)]
-)
+@pytest.mark.parametrize(("world", "accumulation", "micro"), [(1, 8, 32), (2, 4, 32), (8, 1, 32), (4, 16, 4)])
 def test_a_given_accumulation_is_kept_and_the_micro_batch_follows_from_it(world, accumulation, micro):
     # It used to be dropped silently when train.micro_batch_size was unset. 256 / world / accumulation, by hand.
     cfg = load_config(
@@ -268,13 +268,19 @@ def test_a_given_accumulation_is_kept_and_the_micro_batch_follows_from_it(world,
 
 def test_an_accumulation_that_cannot_split_the_batch_names_its_keys():
     cfg = load_config(REPO / "configs/dit-b2-dtr-minsnr.yaml", ["train.gradient_accumulation_steps=3"])
-    with pytest.raises(
-        ConfigError, match=r"is 128 per rank, which train.gradient_accumulation_steps=3"
-    ) as info:
+    with pytest.raises(ConfigError, match=r"in train.gradient_accumulation_steps=3 micro-batches does not split ev"
+                                          r"enly \(128 per rank\)") as info:  # fmt: skip
         resolve_batch_layout(cfg, 2)
     assert info.value.keys == ("train.global_batch_size", "train.gradient_accumulation_steps")
+    # One device holds at most train.max_micro_batch_size (32 here): 256 / 1 / 2 = 128 is refused, not taken.
+    two = load_config(REPO / "configs/dit-b2-dtr-minsnr.yaml", ["train.gradient_accumulation_steps=2"])
+    with pytest.raises(
+        ConfigError, match=r"gives micro-batches of 128, above train.max_micro_batch_size=32"
+    ) as info:
+        resolve_batch_layout(two, 1)
+    assert "train.max_micro_batch_size" in info.value.keys
     xl = load_config(REPO / "configs/dit-xl2-dtr-ant.yaml", ["train.gradient_accumulation_steps=16"])
-    with pytest.raises(ConfigError, match=r"micro-batches of 4, which k=8 clusters do not divide") as info:
+    with pytest.raises(ConfigError, match=r"micro-batches of 4, which its 8 clusters do not divide") as info:
         resolve_batch_layout(xl, 4)  # 256 / 4 / 16 = 4 per micro-batch, 8 stratified clusters
     assert "mtl.sampling" in info.value.keys
 
@@ -365,7 +371,9 @@ def test_dry_run_plans_with_the_clusters_training_would_use(tmp_path):
         return dry_run(cfg, 2, None, device_type="cuda")
 
     assert "micro-batch 8 x gradient accumulation 3 x world size 2" in plan(equal4, 4)
-    with pytest.raises(ConfigError, match=r"is 24 per rank, with no micro-batch .* that k=5 clusters divide"):
+    with pytest.raises(
+        ConfigError, match=r"is 24 per rank, with no micro-batch .* that its 5 clusters divide"
+    ):
         plan(equal5, 5)
     assert "micro-batch 8 x gradient accumulation 3 x world size 2" in plan(
         unequal5, 5

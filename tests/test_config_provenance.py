@@ -152,7 +152,7 @@ def test_no_micro_batch_that_fits_names_the_batch_the_cap_and_the_clusters(tmp_p
         "(train.global_batch_size=64 from run.yaml, train.max_micro_batch_size=2 from override "
         "train.max_micro_batch_size=2, mtl.num_clusters=4 from run.yaml, mtl.sampling=auto from the defaults)"
     )
-    assert "32 per rank" in message and "k=4 clusters" in message
+    assert "32 per rank" in message and "its 4 clusters" in message
 
 
 def test_micro_batch_times_accumulation_times_world_names_all_three_keys(tmp_path, capsys):

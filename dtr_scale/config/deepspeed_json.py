@@ -30,25 +30,26 @@ def resolve_batch_layout(cfg: RunConfig, world_size: int, stratify_over: int | N
                 keys=("train.global_batch_size",),
             )
         per_rank = t.global_batch_size // world_size
-        k = stratify_over or (cfg.mtl.num_clusters if stratifies(cfg) else 1)
-        if (
-            t.gradient_accumulation_steps is not None
-        ):  # the user's accumulation: the micro-batch follows from it
-            return _micro_batch_for_accumulation(cfg, world_size, per_rank, k)
+        num_clusters = stratify_over or (cfg.mtl.num_clusters if stratifies(cfg) else 1)
+        # A given accumulation is the user's: the micro-batch follows from it.
+        if t.gradient_accumulation_steps is not None:
+            return _micro_batch_for_accumulation(cfg, world_size, per_rank, num_clusters)
         fits = [
-            d for d in range(1, min(per_rank, t.max_micro_batch_size) + 1) if per_rank % d == 0 and d % k == 0
+            d
+            for d in range(1, min(per_rank, t.max_micro_batch_size) + 1)
+            if per_rank % d == 0 and d % num_clusters == 0
         ]
         if not fits:
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} over {world_size} ranks is {per_rank} per rank, "
                 f"with no micro-batch <= train.max_micro_batch_size={t.max_micro_batch_size} that divides it"
                 + (
-                    f" and that k={k} clusters divide (stratified sampling; mtl.sampling=uniform lifts it)"
-                    if k > 1
+                    f" and that its {num_clusters} clusters divide (stratified sampling; mtl.sampling=uniform lifts it)"
+                    if num_clusters > 1
                     else ""
                 ),
                 keys=("train.global_batch_size", "train.max_micro_batch_size")
-                + (("mtl.num_clusters", "mtl.sampling") if k > 1 else ()),
+                + (("mtl.num_clusters", "mtl.sampling") if num_clusters > 1 else ()),
             )
         train = dataclasses.replace(t, micro_batch_size=max(fits), gradient_accumulation_steps=None)
         cfg = dataclasses.replace(cfg, train=train)
@@ -56,24 +57,31 @@ def resolve_batch_layout(cfg: RunConfig, world_size: int, stratify_over: int | N
     return cfg
 
 
-def _micro_batch_for_accumulation(cfg: RunConfig, world_size: int, per_rank: int, k: int) -> RunConfig:
-    """micro_batch_size = per rank / train.gradient_accumulation_steps, which must be whole (and split over the
-    k stratified clusters); ConfigError naming the keys otherwise."""
+def _micro_batch_for_accumulation(
+    cfg: RunConfig, world_size: int, per_rank: int, num_clusters: int
+) -> RunConfig:
+    """micro_batch_size = per rank / train.gradient_accumulation_steps, which must be whole, at most
+    train.max_micro_batch_size (what one device holds) and split over the stratified clusters; ConfigError naming
+    the keys otherwise."""
     t = cfg.train
     accumulation = t.gradient_accumulation_steps
     micro, rest = divmod(per_rank, accumulation)
     keys = ("train.global_batch_size", "train.gradient_accumulation_steps")
+    head = (
+        f"train.global_batch_size={t.global_batch_size} over {world_size} ranks in "
+        f"train.gradient_accumulation_steps={accumulation} micro-batches"
+    )
     if rest or micro < 1:
+        raise ConfigError(f"{head} does not split evenly ({per_rank} per rank)", keys=keys)
+    if micro > t.max_micro_batch_size:
         raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} over {world_size} ranks is {per_rank} per rank, "
-            f"which train.gradient_accumulation_steps={accumulation} micro-batches cannot split evenly",
-            keys=keys,
+            f"{head} gives micro-batches of {micro}, above train.max_micro_batch_size={t.max_micro_batch_size}",
+            keys=(*keys, "train.max_micro_batch_size"),
         )
-    if micro % k:
+    if micro % num_clusters:
         raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} over {world_size} ranks in "
-            f"train.gradient_accumulation_steps={accumulation} micro-batches gives micro-batches of {micro}, "
-            f"which k={k} clusters do not divide (stratified sampling; mtl.sampling=uniform lifts it)",
+            f"{head} gives micro-batches of {micro}, which its {num_clusters} clusters do not divide (stratified "
+            "sampling; mtl.sampling=uniform lifts it)",
             keys=(*keys, "mtl.num_clusters", "mtl.sampling"),
         )
     return dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch_size=micro))

@@ -126,7 +126,7 @@ class TrainConfig:
     # when that is <= max_micro_batch_size, else its largest divisor that is, with gradient accumulation.
     micro_batch_size: int | None = None
     max_micro_batch_size: int = 32  # what fits in one device's memory (used when micro_batch_size is None)
-    gradient_accumulation_steps: int | None = None  # None = derived from the world size
+    gradient_accumulation_steps: int | None = None  # None = derived from the world size; given = kept
     seed: int = 0
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

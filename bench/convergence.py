@@ -294,14 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    document = load_results(args, results_path)  # other settings are refused before any data is touched
     manifest, data = training_data(args, out)
     judge = None
     if args.judge == "digits" or (args.judge == "auto" and data is not None):
         from dtr_scale.sample.digits import DigitClassifier
 
         judge = DigitClassifier.fit_builtin(image_size=16)
-    results_path = out / "results.json"
-    document = load_results(args, results_path)
     scorer = Scorer(args, None, judge)
     scorer.reference_features = reference_features(args, out, scorer, data)
     train_all(args, document, results_path, manifest, scorer, len(load_manifest(manifest).labels))

@@ -97,8 +97,11 @@ class RepaEncoder:
 def _normalisation(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     path = directory / "preprocessor_config.json"
     if path.is_file():
-        config = json.loads(path.read_text())
-        if "image_mean" in config and "image_std" in config:
+        try:
+            config = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConfigError(f"repa.encoder: {path} is not valid JSON ({err})") from None
+        if isinstance(config, dict) and "image_mean" in config and "image_std" in config:
             return tuple(config["image_mean"]), tuple(config["image_std"])
     return IMAGENET_MEAN, IMAGENET_STD
 

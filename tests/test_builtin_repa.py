@@ -48,9 +48,29 @@ def test_the_stored_targets_are_the_encoders_tokens_of_each_digit_and_its_flip(d
         if checked == 20:
             break
     assert checked == 20
-    # The same latents as without features: only the targets were added.
+    # The same latents, in the same order, as without features: only the targets were added.
     plain = load_manifest(digits["plain"]["train"])
-    assert [s["num_samples"] for s in plain.shards] == [s["num_samples"] for s in manifest.shards]
+    for i in range(len(plain.shards)):
+        pairs = zip(
+            iter_raw_samples(plain.shard_path(i)), iter_raw_samples(manifest.shard_path(i)), strict=True
+        )
+        for a, b in pairs:
+            a = decode_sample(a, tuple(plain.latent_shape))
+            b = decode_sample(b, tuple(manifest.latent_shape), repa_shape=(16, 32))
+            assert a.key == b.key and np.array_equal(a.mean, b.mean) and a.repa is None
+
+
+def test_prepare_builtin_with_an_encoder_is_idempotent_and_rewritten_without_it(digits, tmp_path):
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(digits["stored"]["train"].parent.parent, root)
+    manifest = root / "train" / "manifest.json"
+    stamps = {p.name: p.stat().st_mtime_ns for p in (root / "train").iterdir()}
+    prepare_builtin(root, image_size=16, repa_encoder=digits["encoder"])  # the same settings: left alone
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "train").iterdir()} == stamps
+    prepare_builtin(root, image_size=16)  # no encoder now: the split is rewritten without targets
+    assert "repa" not in load_manifest(manifest).extra
 
 
 def _train(run_dir, manifest, encoder) -> list[dict]:

@@ -163,6 +163,18 @@ def test_cli_clusters_flow_bins_of_t_as_a_brute_force_does(tmp_path, capsys) -> 
         ValueError, match=r"flow\.json: written for diffusion.objective=flow, but the run trains ddpm"
     ):
         load_clusters(out, 20, "ddpm")
+    # A DDPM SNR file from before `--diffusion` (no diffusion_objective, a schedule) is a DDPM file too.
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps({"objective": "snr", "schedule": "linear", "intervals": [[0, 9], [10, 19]]}))
+    with pytest.raises(ValueError, match=r"written for diffusion.objective=ddpm, but the run trains flow"):
+        load_clusters(legacy, 20, "flow")
+    # Equal intervals mean the same under either objective.
+    equal = tmp_path / "equal.json"
+    assert (
+        cli_main(["cluster", "--objective", "timestep", "--k", "2", "--timesteps", "20", "--out", str(equal)])
+        == 0
+    )
+    assert load_clusters(equal, 20, "flow") == [(0, 9), (10, 19)]
     assert cli_main([*argv, "--schedule", "cosine"]) == 2
     assert "--schedule cosine is a DDPM beta schedule: flow matching has none" in capsys.readouterr().err
 
@@ -333,7 +345,20 @@ def test_snr_clusters_of_another_ddpm_schedule_are_refused(tmp_path, capsys) -> 
     assert (
         cli_main(["cluster", "--objective", "snr", "--k", "3", "--timesteps", "20", "--out", str(out)]) == 0
     )
-    assert load_clusters(out, 20, "ddpm", "linear") == load_clusters(out, 20)  # the schedule it was made for
+    # the schedule it was made for: the linear schedule's SNR DP optimum over 20 steps (written out by hand below)
+    abar = np.cumprod(1.0 - np.linspace(1e-4 * 50, 0.02 * 50, 20))
+    v = abar / (1 - abar)
+    splits = itertools.combinations(range(1, 20), 2)
+
+    def cost(a: int, b: int) -> float:
+        return float(np.abs(v[a : b + 1] - v[min(round((a + b + 1) / 2), b)]).sum())
+
+    best = min(splits, key=lambda s: cost(0, s[0] - 1) + cost(s[0], s[1] - 1) + cost(s[1], 19))
+    assert load_clusters(out, 20, "ddpm", "linear") == [
+        (0, best[0] - 1),
+        (best[0], best[1] - 1),
+        (best[1], 19),
+    ]
     with pytest.raises(ValueError, match=r"SNR clusters of the linear schedule, but the run's "
                                          r"diffusion.noise_schedule is cosine"):  # fmt: skip
         load_clusters(out, 20, "ddpm", "cosine")

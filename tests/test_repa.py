@@ -128,6 +128,9 @@ def test_dit_returns_the_tokens_after_block_d_on_request_and_an_unchanged_output
             h = block(h, c, model.routing_mask(t, h.dtype))
         assert hidden.shape == (2, 16, 32) and torch.equal(hidden, h)
         assert torch.equal(out, model(x, t, y))  # the default return is the output alone
+        for outside in (0, 4):
+            with pytest.raises(ValueError, match=rf"return_hidden_at={outside}: expected a block in 1..3"):
+                model(x, t, y, return_hidden_at=outside)
 
 
 @pytest.mark.parametrize("registers", [0, 4])

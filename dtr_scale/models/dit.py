@@ -227,17 +227,22 @@ class DiT(nn.Module):
         given: 1 replaces the label by the null class, instead of the embedder's own random dropout in training
         (the reference LabelEmbedder's argument; the trainer draws it per sample, train/draws.py). Returns the
         output (B, C_out, H, W); with return_hidden_at=d (1..depth), (output, the tokens (B, N, hidden) after
-        block d): REPA's alignment input, as REPA's SiT returns its `zs` from block `encoder_depth`."""
+        block d, N = (H/p)(W/p), in x's dtype): REPA's alignment input, the tokens REPA's SiT projects into its
+        `zs` at block `encoder_depth`. ValueError for d outside 1..depth."""
+        if return_hidden_at is not None and not 1 <= return_hidden_at <= len(self.blocks):
+            raise ValueError(
+                f"return_hidden_at={return_hidden_at}: expected a block in 1..{len(self.blocks)}"
+            )
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
         mask = self.routing_mask(t, x.dtype)
         hidden = None
-        for depth, block in enumerate(self.blocks, 1):
+        for index, block in enumerate(self.blocks, 1):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, mask, use_reentrant=False)
             else:
                 x = block(x, c, mask)
-            if depth == return_hidden_at:
+            if index == return_hidden_at:
                 hidden = x
         out = self.unpatchify(self.final_layer(x, c))
         return out if return_hidden_at is None else (out, hidden)

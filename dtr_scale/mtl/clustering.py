@@ -230,14 +230,16 @@ def load_clusters(
         raise ValueError(
             f"cluster file {path}: written for num_timesteps={file_timesteps}, but the diffusion has {num_timesteps}"
         )
-    written_for = data.get("diffusion_objective")
-    if written_for is not None and diffusion_objective is not None and written_for != diffusion_objective:
+    # SNR clusters depend on the objective's SNR; equal intervals and affinity clusters are judged by their T only.
+    # A file from before `--diffusion` names a DDPM schedule: it was written for DDPM.
+    snr_based = data.get("objective") in ("snr", "log_snr")
+    written_for = data.get("diffusion_objective") or ("ddpm" if data.get("schedule") else None)
+    if snr_based and None not in (written_for, diffusion_objective) and written_for != diffusion_objective:
         raise ValueError(
             f"cluster file {path}: written for diffusion.objective={written_for}, but the run trains "
             f"{diffusion_objective} (write one with `dtr-scale cluster --diffusion {diffusion_objective}`)"
         )
     schedule = {"squaredcos_cap_v2": "cosine"}.get(data.get("schedule"), data.get("schedule"))
-    snr_based = data.get("objective") in ("snr", "log_snr")
     if snr_based and schedule is not None and noise_schedule is not None and schedule != noise_schedule:
         raise ValueError(
             f"cluster file {path}: SNR clusters of the {schedule} schedule, but the run's diffusion.noise_schedule "

@@ -196,8 +196,10 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 def run_requeued_job(cluster, tmp_path: Path, steps: list[str], *updates: str) -> tuple[dict[str, str], str]:
     """`sbatch --nodes 2 launch/slurm.sbatch` on the CPU nodes (the script's GPU defaults overridden on the
     command line, as on any CPU-only partition); once rank 0 holds after step 4 (its checkpoint written;
-    tests/dtr_scale_testhooks.py), `scontrol requeuehold`, `update` with `updates` (e.g. NumNodes=1), `release`,
-    and wait for the job to end. Returns its final `scontrol show job` fields and its log (both attempts)."""
+    tests/dtr_scale_testhooks.py), requeue it and wait for the job to end. Without `updates`: a plain
+    `scontrol requeue` (what a preemption does), then StartTime=now; with them (e.g. NumNodes=1): `requeuehold`,
+    `update`, `release`. Returns the job's final `scontrol show job` fields and its log (both attempts); the job
+    is cancelled whatever happens, so a failed check cannot leave it holding the nodes for the next test."""
     held, log = tmp_path / "held", tmp_path / "job.out"
     hold = {"DTR_TEST_HOLD_AFTER_STEP": "4", "DTR_TEST_HOLD_MARK": str(held)}
     env = cluster.env({**RANK_ENV, **hold, "PYTHONPATH": HOOK_PATH, "NPROC_PER_NODE": "1"})
@@ -211,21 +213,26 @@ def run_requeued_job(cluster, tmp_path: Path, steps: list[str], *updates: str) -
         done = subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True)
         assert done.returncode == 0, f"scontrol {' '.join(args)}: {done.stderr}"
 
-    wait_for(lambda: held.is_file() or job_state(cluster, job).get("JobState") in ENDED, 300,
-             "the job to hold after step 4", interval=1)  # fmt: skip
-    text = log.read_text() if log.is_file() else "(no job log)"
-    assert held.is_file() and "attempt 1: 2 nodes x 1" in text, (
-        f"job {job} ended before step 4:\n{text[-3000:]}"
-    )
-    assert job_state(cluster, job)["JobState"] == "RUNNING", text[-3000:]
-    scontrol("requeuehold", job)
-    wait_for(lambda: job_state(cluster, job).get("JobState") == "PENDING", 60, f"job {job} held", interval=1)
-    # StartTime=now: a requeued job is otherwise not eligible for another 2 minutes.
-    scontrol("update", f"JobId={job}", *updates, "StartTime=now")
-    scontrol("release", job)
-    wait_for(lambda: job_state(cluster, job).get("JobState") in ENDED, 400, f"job {job} to finish after its requeue",
-             interval=1)  # fmt: skip
-    return job_state(cluster, job), log.read_text()
+    try:
+        wait_for(lambda: held.is_file() or job_state(cluster, job).get("JobState") in ENDED, 300,
+                 "the job to hold after step 4", interval=1)  # fmt: skip
+        text = log.read_text() if log.is_file() else "(no job log)"
+        assert held.is_file() and "attempt 1: 2 nodes x 1" in text, (
+            f"job {job} ended before step 4:\n{text[-3000:]}"
+        )
+        assert job_state(cluster, job)["JobState"] == "RUNNING", text[-3000:]
+        scontrol("requeuehold" if updates else "requeue", job)
+        wait_for(lambda: job_state(cluster, job).get("JobState") == "PENDING", 60, f"job {job} requeued",
+                 interval=1)  # fmt: skip
+        # StartTime=now: a requeued job is otherwise not eligible for another 2 minutes.
+        scontrol("update", f"JobId={job}", *updates, "StartTime=now")
+        if updates:
+            scontrol("release", job)
+        wait_for(lambda: job_state(cluster, job).get("JobState") in ENDED, 400,
+                 f"job {job} to finish after its requeue", interval=1)  # fmt: skip
+        return job_state(cluster, job), log.read_text()
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)  # a no-op once it has ended
 
 
 def test_slurm_two_node_job_requeued_mid_run_resumes_to_the_same_weights(cluster, builtin_data, tmp_path):

@@ -65,10 +65,10 @@ def test_latest_must_name_a_complete_checkpoint(tmp_path):
 
 
 def test_a_checkpoint_from_before_elastic_runs_resumes_only_at_its_own_world_size(tmp_path):
-    from dtr_scale.train.reshard import check_reshard, saved_layout
+    from dtr_scale.train.reshard import check_reshard, saved_sharding
 
     _fake_checkpoint(tmp_path / "checkpoints", 30, world_size=2)  # no layout: written before elastic runs
-    saved = saved_layout(tmp_path / "checkpoints" / "step00000030")
+    saved = saved_sharding(tmp_path / "checkpoints" / "step00000030")
     assert not saved.elastic and check_reshard(saved, 2, 2, "CONFIG") is False  # as before
     with pytest.raises(
         RuntimeError,
@@ -82,11 +82,11 @@ def test_a_checkpoint_from_before_elastic_runs_resumes_only_at_its_own_world_siz
 
 
 def test_an_elastic_checkpoint_reshards_across_world_sizes_and_zero_1_to_3_but_not_zero_0(tmp_path):
-    from dtr_scale.train.reshard import check_reshard, saved_layout
+    from dtr_scale.train.reshard import check_reshard, saved_sharding
 
     _fake_checkpoint(tmp_path, 10, world_size=2, layout={"zero_stage": 2, "canonical_streams": 8})
     _fake_checkpoint(tmp_path, 20, world_size=2, layout={"zero_stage": 0, "canonical_streams": 8})
-    saved = saved_layout(tmp_path / "step00000010")
+    saved = saved_sharding(tmp_path / "step00000010")
     assert saved.elastic and (saved.world_size, saved.zero_stage, saved.canonical_streams) == (2, 2, 8)
     assert check_reshard(saved, 2, 2, "C") is False
     assert check_reshard(saved, 1, 2, "C") is True and check_reshard(saved, 4, 1, "C") is True
@@ -98,7 +98,7 @@ def test_an_elastic_checkpoint_reshards_across_world_sizes_and_zero_1_to_3_but_n
     with pytest.raises(RuntimeError, match=r"cannot be resumed at ZeRO-0 with 1 ranks: .* ZeRO-1/2/3 only"):
         check_reshard(saved, 1, 0, "C")
     with pytest.raises(RuntimeError, match=r"\(ZeRO-0, 2 ranks\) cannot be resumed at ZeRO-0 with 1 ranks"):
-        check_reshard(saved_layout(tmp_path / "step00000020"), 1, 0, "C")
+        check_reshard(saved_sharding(tmp_path / "step00000020"), 1, 0, "C")
 
 
 DEEPSPEED_NAMES = [

@@ -181,10 +181,10 @@ class Checkpointer:
         keep_every: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        layout: dict[str, int] | None = None,
+        sharding: dict[str, int] | None = None,
     ):
         self.dir = Path(run_dir) / CHECKPOINTS_DIR
-        self.layout = layout or {}  # zero_stage, canonical_streams: what a resharding resume reads back
+        self.sharding = sharding or {}  # zero_stage, canonical_streams: what a resharding resume reads back
         self.engine = engine
         self.global_objects, self.rank_objects = global_objects or {}, rank_objects or {}
         self.keep_last, self.keep_every = keep_last, keep_every
@@ -226,7 +226,8 @@ class Checkpointer:
         if self.rank == 0:
             write_state_file(
                 global_state_path(self.dir / tag),
-                {"world_size": self.world_size, "layout": self.layout, **global_state},
+                # (key "layout" on disk, as checkpoints have always written it)
+                {"world_size": self.world_size, "layout": self.sharding, **global_state},
             )
         for path in files_written_by_rank(self.dir / tag, self.rank):
             fsync_path(path)  # DeepSpeed does not fsync its files

@@ -69,13 +69,13 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         from dtr_scale.data.shards import load_manifest
-        from dtr_scale.train.reshard import check_reshard, saved_layout
+        from dtr_scale.train.reshard import check_reshard, saved_sharding
 
         info = init_distributed()
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
         checkpoints = Path(cfg.run_dir) / CHECKPOINTS_DIR
         tag = resume_tag or read_latest(checkpoints)
-        self.saved = saved_layout(checkpoints / tag) if tag is not None else None
+        self.saved = saved_sharding(checkpoints / tag) if tag is not None else None
         if self.saved is not None and cfg.data.canonical_streams is None and self.saved.elastic:
             # the sample order is the run's: a resumed run keeps its checkpoint's canonical streams
             data = dataclasses.replace(cfg.data, canonical_streams=self.saved.canonical_streams)
@@ -182,7 +182,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.run_dir, self.engine, global_objects, rank_objects, keep_last=t.keep_last,
             keep_every=t.keep_every, rank=self.rank, world_size=self.world,
-            layout={"zero_stage": cfg.deepspeed.zero_stage, "canonical_streams": cfg.data.canonical_streams},
+            sharding={"zero_stage": cfg.deepspeed.zero_stage, "canonical_streams": cfg.data.canonical_streams},
         )  # fmt: skip
 
     def _build_monitor(self) -> None:
@@ -252,7 +252,7 @@ class Trainer:
         try:
             features = self.repa_features if repa_active(self.cfg, self.step) else None
             applied = accumulate_and_step(self.engine, batches, self.timestep_sampler, self.step, self.layout,
-                                 self.cluster_buffer, self.log_sums, gram, features)  # fmt: skip
+                                          self.cluster_buffer, self.log_sums, gram, features)  # fmt: skip
         except NonFiniteLossError as err:
             raise NonFiniteLossError(
                 f"step {self.step + 1}: {err}; last complete checkpoint: {latest_text(self.checkpointer)}"

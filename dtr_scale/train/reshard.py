@@ -1,4 +1,4 @@
-"""Resuming a run at another world size or ZeRO stage ("resharding"): what the checkpoint says about its layout,
+"""Resuming a run at another world size or ZeRO stage ("resharding"): what the checkpoint says about its sharding,
 the refusals, and DeepSpeed's Universal Checkpointing for the model and optimizer.
 
 The model, optimizer and LR schedule go through DeepSpeed's own conversion (`deepspeed.checkpoint.
@@ -25,7 +25,7 @@ AUTO_STREAMS = 8  # data.canonical_streams when unset: lcm(8, world size) at the
 
 
 @dataclass
-class SavedLayout:
+class SavedSharding:
     """How a checkpoint was written: world size, ZeRO stage (None before elastic runs), canonical streams
     (None before elastic runs)."""
 
@@ -40,11 +40,11 @@ class SavedLayout:
         return self.canonical_streams is not None
 
 
-def saved_layout(tag_dir: Path) -> SavedLayout:
-    """The layout recorded in a tag's global state file."""
+def saved_sharding(tag_dir: Path) -> SavedSharding:
+    """The sharding (world size, ZeRO stage, canonical streams) recorded in a tag's global state file (key "layout")."""
     state = read_state_file(global_state_path(tag_dir))
     layout = state.get("layout", {})
-    return SavedLayout(
+    return SavedSharding(
         Path(tag_dir), int(state["world_size"]), layout.get("zero_stage"), layout.get("canonical_streams")
     )
 
@@ -55,7 +55,7 @@ def auto_canonical_streams(world_size: int) -> int:
     return math.lcm(AUTO_STREAMS, world_size)
 
 
-def check_reshard(saved: SavedLayout, world_size: int, zero_stage: int, config_hint: str) -> bool:
+def check_reshard(saved: SavedSharding, world_size: int, zero_stage: int, config_hint: str) -> bool:
     """Whether resuming `saved` at (world_size, zero_stage) needs resharding; CheckpointError (one line) when
     it cannot be: a checkpoint from before elastic runs, ZeRO stage 0 on either side, or a move between ZeRO-1/2
     and ZeRO-3 (DeepSpeed 0.19.8's universal load looks for the new stage's model-state files, which a
@@ -85,7 +85,7 @@ def check_reshard(saved: SavedLayout, world_size: int, zero_stage: int, config_h
     return True
 
 
-def reshard_line(saved: SavedLayout, world_size: int, zero_stage: int) -> str:
+def reshard_line(saved: SavedSharding, world_size: int, zero_stage: int) -> str:
     """The one line a resharding resume prints, e.g. "resharding step 400 from world 16 to world 8"."""
     tag = saved.tag_dir.name
     step = int(tag.removeprefix("step")) if tag.startswith("step") and tag[4:].isdigit() else tag

@@ -69,8 +69,8 @@ class TrainModule(nn.Module):
         # ANT Eq. 5).
         cluster_losses = step_cluster_means(per_sample, cluster_idx, step_counts, self.scale)
         # The objective: loss = sum_k w_k l_k + lambda * L_REPA. The balancer's weighted sum of the cluster
-        # losses (mtl/balancers.py; UW's is sum_k 0.5 (exp(-s_k) l_k / k + s_k), ANT Eq. 6), plus lambda =
-        # repa.coeff times REPA's loss (models/repa.py, REPA Eq. 8), added once per micro-batch, not per
+        # losses (mtl/balancers.py; UW's is sum_k 0.5 (exp(-s_k) l_k / K + s_k), K = num_clusters, ANT Eq. 6),
+        # plus lambda = repa.coeff times REPA's loss (models/repa.py, REPA Eq. 8), added once per micro-batch, not per
         # cluster, on the steps that align, as REPA's train.py adds `proj_coeff * proj_loss` to the denoising loss.
         loss = self.balancer(cluster_losses, step_counts)
         repa = torch.zeros((), device=loss.device)

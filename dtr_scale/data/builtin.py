@@ -322,5 +322,9 @@ def run(args: argparse.Namespace) -> int:
     )
     for split, path in paths.items():
         manifest = load_manifest(path)
-        print(f"{split}: {manifest.num_samples} samples in {len(manifest.shards)} shards -> {path}")
+        repa = manifest.extra.get("repa")
+        targets = ""
+        if repa:
+            targets = f", REPA targets of {repa['path']} ({repa['resolution']} px, {repa['tokens']} x {repa['dim']})"
+        print(f"{split}: {manifest.num_samples} samples in {len(manifest.shards)} shards{targets} -> {path}")
     return 0

@@ -115,3 +115,21 @@ def test_an_encoder_input_that_cuts_patches_is_refused_by_flag_and_by_key(digits
 def test_an_encoder_resolution_without_an_encoder_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--repa-resolution 16 needs --repa-encoder"):
         prepare_builtin(tmp_path / "d", image_size=16, repa_resolution=16)
+
+
+def test_dry_run_refuses_targets_of_another_encoder_as_the_launch_does(digits, tmp_path, capsys):
+    from dtr_scale.cli import main
+
+    other = tiny_dinov2(tmp_path / "other")  # same config and seed: same weights...
+    with torch.no_grad():
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(other)
+        next(model.parameters()).add_(1.0)  # ...until changed
+        model.save_pretrained(other)
+    argv = ["train", "--config", str(REPO / "configs/demo-cpu.yaml"), "--dry-run",
+            f"data.shards={digits['stored']['train']}", "repa.depth=1"]  # fmt: skip
+    assert main([*argv, f"repa.encoder={digits['encoder']}"]) == 0
+    capsys.readouterr()
+    assert main([*argv, f"repa.encoder={other}"]) == 2
+    assert "its precomputed REPA features were made by encoder" in capsys.readouterr().err

@@ -318,7 +318,7 @@ def test_features_of_another_encoder_are_refused_by_manifest_name(repa_shards, t
     _check_stored_features(
         cfg, manifest, manifest.extra["repa"], grid=4
     )  # on the fly it would be 4 x 4 = 16 px too
-    with pytest.raises(ConfigError, match=r"repa.resolution=None \(encoder input 32 px\)"):
+    with pytest.raises(ConfigError, match=r"repa.resolution=null \(encoder input 32 px\)"):
         _check_stored_features(cfg, manifest, manifest.extra["repa"], grid=8)  # e.g. a DiT with an 8 x 8 grid
     cfg.repa.resolution = 32
     with pytest.raises(

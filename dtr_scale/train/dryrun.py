@@ -82,6 +82,10 @@ def _data_shape(cfg: RunConfig) -> tuple[tuple[int, ...], int, str]:
 
     if cfg.data.shards and Path(cfg.data.shards).exists():
         manifest = load_manifest(cfg.data.shards)
+        if cfg.repa.encoder is not None and "repa" in manifest.extra:  # what the launch would refuse
+            from dtr_scale.train.repa import _check_stored_features
+
+            _check_stored_features(cfg, manifest, manifest.extra["repa"])
         return tuple(manifest.latent_shape), len(manifest.labels), ""
     size = cfg.model.input_size or 32
     latent_shape = (cfg.model.in_channels or 4, size, size)

@@ -70,14 +70,14 @@ def _check_stored_features(cfg: RunConfig, manifest, stored: dict, grid: int | N
             raise ConfigError(
                 f"{manifest.path}: its precomputed REPA features were made by encoder {stored.get('path')} "
                 f"({key} {str(stored.get(key))[:12]}...), but repa.encoder={cfg.repa.encoder} has {found[key][:12]}...: "
-                "re-run preprocess with --repa-encoder, or point repa.encoder at that encoder"
+                "re-run preprocess (or prepare-builtin) with --repa-encoder, or point repa.encoder at that encoder"
             )
     wanted = cfg.repa.resolution
     if wanted is None and grid is not None:
         wanted = int(encoder_config(cfg.repa.encoder)["patch_size"]) * grid
     if wanted is not None and wanted != stored.get("resolution"):
         raise ConfigError(
-            f"repa.resolution={cfg.repa.resolution} (encoder input {wanted} px), but {manifest.path} holds "
+            f"repa.resolution={'null' if cfg.repa.resolution is None else cfg.repa.resolution} (encoder input {wanted} px), but {manifest.path} holds "
             f"features at {stored.get('resolution')} px; set repa.resolution={stored.get('resolution')} to "
             "train on them, or re-run preprocess with --repa-resolution"
         )

@@ -155,6 +155,8 @@ def bench_problems(text: str) -> list[str]:
     for piece in pieces:
         for match in BENCH_COMMAND.finditer(piece):
             for token in _tokens(piece[match.end() :].split(" python ")[0]):
+                if token == "--":  # argparse's end of options: key=value overrides follow
+                    break
                 flag = token.partition("=")[0]
                 if flag.startswith("--") and flag not in bench_options(match.group(1)):
                     problems.append(f"{piece.strip()!r}: bench/{match.group(1)}.py has no option {flag}")

@@ -32,34 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", default=str(DEFAULT_CONFIG), help="training config (default: configs/demo-cpu.yaml)"
     )
-    parser.add_argument(
-        "--samples-per-class",
-        type=positive_int,
-        default=50,
-        help="class-conditional samples per digit (default 50)",
-    )
-    parser.add_argument(
-        "--grid-per-class", type=positive_int, default=10, help="class-grid columns (default 10)"
-    )
+    counts = [  # (flag, default, help): positive integers, refused before any work otherwise
+        ("--samples-per-class", 50, "class-conditional samples per digit (default 50)"),
+        ("--grid-per-class", 10, "class-grid columns (default 10)"),
+        ("--sample-steps", None, "sampling steps (default: DDIM 50; flow: 25)"),
+        ("--fid-samples", 100, "samples scored with KID/FID (Inception: ~0.2 s per image; default 100)"),
+        ("--reference-size", 200, "held-out images used as FID/KID reference (default 200)"),
+    ]
+    for flag, default, text in counts:
+        parser.add_argument(flag, type=positive_int, default=default, help=text)
     parser.add_argument(
         "--cfg-scale", type=finite_float, default=CFG_SCALE, help=f"guidance scale (default {CFG_SCALE})"
-    )
-    parser.add_argument(
-        "--sample-steps", type=positive_int, default=None, help="sampling steps (default: DDIM 50; flow: 25)"
     )
     parser.add_argument(
         "--sampler", default=None, choices=("ddim", "ddpm", "euler", "heun", "sde"),  # sample/sampler.py SAMPLERS
         help="default: ddim for a DDPM config, the config's flow.sampler (heun) for a flow config",
     )  # fmt: skip
-    parser.add_argument(
-        "--fid-samples",
-        type=positive_int,
-        default=100,
-        help="samples scored with KID/FID (Inception: ~0.2 s per image)",
-    )
-    parser.add_argument(
-        "--reference-size", type=positive_int, default=200, help="held-out images used as FID/KID reference"
-    )
     parser.add_argument(
         "--min-accuracy",
         type=fraction,

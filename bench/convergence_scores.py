@@ -234,22 +234,25 @@ def table_text(records: list[dict], header: str, order: list[str]) -> str:
                 )
             lines.append("")
     lines += crossing_table(records, rank)
-    seconds = {}
+    lines += seconds_table(records, rank)
+    return "\n".join(lines) + "\n"
+
+
+def seconds_table(records: list[dict], rank) -> list[str]:
+    """Markdown lines: each variant's training seconds for the whole budget (seed mean) and its ratio to vanilla."""
+    seconds: dict[tuple[str, int], list[float]] = {}
     for r in records:
         if r["step"] == max(x["step"] for x in records) and r.get("train_seconds"):
             seconds.setdefault((r["variant"], r["width"]), []).append(r["train_seconds"])
-    if seconds:
-        lines.append(
-            "Training seconds for the whole budget (seed mean; compute per step ~ equal when the same):"
-        )
-        lines.append("")
-        lines.append("| variant | width | seconds | relative to vanilla |")
-        lines.append("|---|---|---|---|")
-        for (variant, width), values in sorted(seconds.items(), key=lambda kv: (kv[0][1], rank(kv[0][0]))):
-            base = seconds.get(("vanilla", width))
-            rel = f"{np.mean(values) / np.mean(base):.2f}x" if base else "-"
-            lines.append(f"| {variant} | {width} | {np.mean(values):.0f} | {rel} |")
-    return "\n".join(lines) + "\n"
+    if not seconds:
+        return []
+    lines = ["Training seconds for the whole budget (seed mean; compute per step ~ equal when the same):", ""]
+    lines += ["| variant | width | seconds | relative to vanilla |", "|---|---|---|---|"]
+    for (variant, width), values in sorted(seconds.items(), key=lambda kv: (kv[0][1], rank(kv[0][0]))):
+        base = seconds.get(("vanilla", width))
+        rel = f"{np.mean(values) / np.mean(base):.2f}x" if base else "-"
+        lines.append(f"| {variant} | {width} | {np.mean(values):.0f} | {rel} |")
+    return lines
 
 
 def ranker(order: list[str]):

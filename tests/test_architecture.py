@@ -143,6 +143,20 @@ def test_module_and_function_sizes(name: str) -> None:
     assert not long, f"{path}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
 
 
+@pytest.mark.parametrize("path", sorted(PACKAGE.parent.joinpath("bench").glob("*.py")), ids=lambda p: p.name)
+def test_bench_files_and_functions_stay_readable(path) -> None:
+    """bench/ is read like the product: no file over ~400 lines, no function over the package's 60."""
+    source = path.read_text()
+    assert source.count("\n") <= 400, f"{path} has {source.count(chr(10))} lines"
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"{path}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+
+
 def test_no_test_scaffolding_in_the_product() -> None:
     """Kill switches and checksums for tests live in tests/dtr_scale_testhooks.py, not in the product."""
     offenders = [

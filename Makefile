@@ -36,7 +36,7 @@ test: setup
 	$(PY) -m pytest -q -m "not minutes and not cluster" --durations=10 tests
 
 test-slow: setup
-	$(PY) -m pytest -q -m minutes -n 2 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -m minutes -n 2 --durations=15 tests
 
 # `make test-cluster`: every launch script on a real two-node cluster on this machine (loopback 127.0.0.2/3:
 # sshd + pdsh for DeepSpeed's hostfile launch, torchrun, slurmctld + 2 slurmd); installs the Debian packages.

@@ -27,29 +27,35 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # ------------------------------------------------------------------------------------- the CPU dry run
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> tuple[dict, Path, float]:
-    out = tmp_path_factory.mktemp("device-check")
-    # a roomier budget than the script's default 170 s: CI's two cores are often shared (the steps end when done)
-    env = {
-        **os.environ,
-        "PY": sys.executable,
-        "DEVICE_CHECK_BUDGET_S": os.environ.get("DEVICE_CHECK_BUDGET_S", "420"),
-    }
-    env.pop("DEVICE_CHECK_DEADLINE", None)
-    started = time.time()
-    done = subprocess.run(
-        ["bash", str(REPO / "bench/device_check.sh"), "--cpu-smoke", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    wall = time.time() - started
-    path = out / "device_check.json"
-    assert path.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(path.read_text()), out, wall
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory, worker_id) -> tuple[dict, Path, float]:
+    """The CPU smoke, run once per pytest run: under pytest-xdist (`make test-slow`) the first worker to need it
+    runs it into the run's shared temporary directory, under a file lock, and the other reads it."""
+    from filelock import FileLock  # torch's own dependency
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (
+        base.parent if worker_id != "master" else base
+    )  # pytest-of-USER/pytest-N: this run's, all workers'
+    out, timing = shared / "device-check", shared / "device-check-wall.txt"
+    with FileLock(str(shared / "device-check.lock")):
+        if not timing.is_file():
+            out.mkdir(exist_ok=True)
+            # a roomier budget than the script's default 170 s: CI's two cores are often shared
+            env = {**os.environ, "PY": sys.executable,
+                   "DEVICE_CHECK_BUDGET_S": os.environ.get("DEVICE_CHECK_BUDGET_S", "420")}  # fmt: skip
+            env.pop("DEVICE_CHECK_DEADLINE", None)
+            started = time.time()
+            done = subprocess.run(
+                ["bash", str(REPO / "bench/device_check.sh"), "--cpu-smoke", str(out)],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            assert (out / "device_check.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
+            timing.write_text(str(time.time() - started))
+    return json.loads((out / "device_check.json").read_text()), out, float(timing.read_text())
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("device-check-smoke")  # one worker runs the smoke once for both tests
 @pytest.mark.minutes  # ~2.5 min on 2 cores: `make test-slow`, which CI runs
 def test_cpu_smoke_writes_every_field_of_the_schema(smoke):
     from device_report import MAX_FILES, SCHEMA, STEPS, missing_keys
@@ -75,7 +81,6 @@ def test_cpu_smoke_writes_every_field_of_the_schema(smoke):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("device-check-smoke")  # one worker runs the smoke once for both tests
 @pytest.mark.minutes
 def test_cpu_smoke_values_are_sane(smoke):
     doc = smoke[0]

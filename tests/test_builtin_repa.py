@@ -3,15 +3,11 @@ encoder's tokens of each digit, and training on them equals REPA with the encode
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-from distributed import REPO, launcher_env
-from test_repa import tiny_dinov2
+from distributed import REPO
+from test_repa import tiny_dinov2, train_tiny_repa
 from test_train_distributed import final_weights
 
 from dtr_scale.data.builtin import mnist_images, prepare_builtin
@@ -74,15 +70,8 @@ def test_prepare_builtin_with_an_encoder_is_idempotent_and_rewritten_without_it(
 
 
 def _train(run_dir, manifest, encoder) -> list[dict]:
-    command = [sys.executable, "-m", "dtr_scale", "train", "--config", str(REPO / "configs/demo-cpu.yaml"),
-               f"run_dir={run_dir}", f"data.shards={manifest}", "model.hidden_size=32", "model.depth=2",
-               "model.num_heads=2", "train.global_batch_size=8", "train.max_steps=4", "train.log_every=1",
-               "train.checkpoint_every=4", "monitor.sample_every=0", "eval.every=0", "monitor.progress=false",
-               "monitor.tensorboard=false", "data.num_workers=0", f"repa.encoder={encoder}", "repa.depth=1",
-               "repa.projector_dim=16"]  # fmt: skip
-    done = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return train_tiny_repa(run_dir, "demo-cpu.yaml", manifest, encoder, 4, "train.global_batch_size=8",
+                           "train.checkpoint_every=4")  # fmt: skip
 
 
 def test_training_on_stored_targets_equals_the_encoder_on_the_fly(digits, tmp_path):

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from distributed import REPO, launcher_env, run_ranks
+from distributed import launcher_env, run_ranks
 from test_repa import repa_shards  # noqa: F401 - a fixture
 from test_train_distributed import read_metrics, train_args
 
@@ -119,16 +119,11 @@ def test_flow_run_logged_its_in_loop_grid_and_kid(flow_run):
 
 
 def test_repa_on_flow_trains_and_logs_the_alignment(repa_shards, tmp_path):  # noqa: F811
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "dtr_scale", "train", "--config", str(REPO / "configs/demo-cpu-flow.yaml"),
-               f"run_dir={run_dir}", f"data.shards={repa_shards['manifest']}", "model.hidden_size=32", "model.depth=2",
-               "model.num_heads=2", "train.global_batch_size=4", "train.max_steps=2", "train.log_every=1",
-               "monitor.sample_every=0", "eval.every=0", "monitor.progress=false", "monitor.tensorboard=false",
-               "data.num_workers=0", f"repa.encoder={repa_shards['encoder']}", "repa.depth=1", "repa.projector_dim=16",
-               "mtl.method=none", "mtl.num_clusters=1"]  # fmt: skip
-    done = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    metrics = read_metrics(run_dir)
+    from test_repa import train_tiny_repa
+
+    metrics = train_tiny_repa(
+        tmp_path / "run", "demo-cpu-flow.yaml", repa_shards["manifest"], repa_shards["encoder"], 2
+    )
     assert len(metrics) == 2 and all(-1.0 <= m["loss/repa"] <= 1.0 for m in metrics)
     # the objective is flow's velocity MSE plus coeff x REPA: loss/diffusion is what remains of it
     assert all(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -328,11 +330,6 @@ def test_features_of_another_encoder_are_refused_by_manifest_name(repa_shards, t
 
 
 def test_training_uses_the_stored_features_and_logs_the_repa_loss(repa_shards, tmp_path):
-    import subprocess
-    import sys
-
-    from distributed import REPO, launcher_env
-
     from dtr_scale.data.shards import load_manifest
     from dtr_scale.train.repa import build_repa
 
@@ -349,17 +346,26 @@ def test_training_uses_the_stored_features_and_logs_the_repa_loss(repa_shards, t
     )  # no encoder run: the shards' features
     assert projector[-1].out_features == 32
 
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "dtr_scale", "train", "--config", str(REPO / "configs/demo-cpu.yaml"),
-               f"run_dir={run_dir}", f"data.shards={repa_shards['manifest']}", "model.hidden_size=32", "model.depth=2",
-               "model.num_heads=2", "train.global_batch_size=4", "train.max_steps=3", "train.log_every=1",
+    metrics = train_tiny_repa(
+        tmp_path / "run", "demo-cpu.yaml", repa_shards["manifest"], repa_shards["encoder"], 3
+    )
+    assert len(metrics) == 3 and all(-1.0 <= m["loss/repa"] <= 1.0 for m in metrics)
+
+
+def train_tiny_repa(run_dir: Path, config: str, shards, encoder, steps: int, *overrides: str) -> list[dict]:
+    """`dtr-scale train` of a 2-block, 32-wide DiT with REPA at depth 1 for `steps` steps, in a subprocess
+    (configs/CONFIG, one process); returns its metrics.jsonl records."""
+    from distributed import REPO, launcher_env
+
+    command = [sys.executable, "-m", "dtr_scale", "train", "--config", str(REPO / "configs" / config),
+               f"run_dir={run_dir}", f"data.shards={shards}", "model.hidden_size=32", "model.depth=2",
+               "model.num_heads=2", "train.global_batch_size=4", f"train.max_steps={steps}", "train.log_every=1",
                "monitor.sample_every=0", "eval.every=0", "monitor.progress=false", "monitor.tensorboard=false",
-               "data.num_workers=0", f"repa.encoder={repa_shards['encoder']}", "repa.depth=1", "repa.projector_dim=16",
-               "mtl.method=none", "mtl.num_clusters=1"]  # fmt: skip
+               "data.num_workers=0", f"repa.encoder={encoder}", "repa.depth=1", "repa.projector_dim=16",
+               "mtl.method=none", "mtl.num_clusters=1", *overrides]  # fmt: skip
     done = subprocess.run(command, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 3 and all(-1.0 <= m["loss/repa"] <= 1.0 for m in metrics)
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------- two processes

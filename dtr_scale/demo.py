@@ -90,10 +90,12 @@ def _sampler(args: argparse.Namespace, cfg) -> tuple[str, int]:
     """(sampler, steps) of step 4: DDIM 50 for a DDPM config; the config's flow.sampler, 25 steps, for flow."""
     flow = cfg.diffusion.objective == "flow"
     sampler = args.sampler or (cfg.flow.sampler if flow else "ddim")
-    if flow != (sampler in ("euler", "heun", "sde")):
+    from dtr_scale.diffusion.flow_sampling import FLOW_SAMPLERS
+
+    if flow != (sampler in FLOW_SAMPLERS):
         raise UserError(
             f"--sampler {sampler} does not sample a {cfg.diffusion.objective} model (--config {args.config}): "
-            + ("euler, heun or sde" if flow else "ddim or ddpm")
+            + (", ".join(FLOW_SAMPLERS) if flow else "ddim or ddpm")
         )
     return sampler, args.sample_steps or (25 if flow else 50)
 

@@ -45,11 +45,9 @@ class RepaEncoder:
         config = encoder_config(directory)
         if resolution is None and dit_grid is None:
             raise ValueError("RepaEncoder needs a resolution or the DiT's token grid")
-        patch = int(config["patch_size"])
-        if resolution is not None and (resolution < patch or resolution % patch):  # tokens would be cut off
-            raise ConfigError(
-                f"repa.resolution={resolution}: expected a positive multiple of the patch size {patch} of "
-                f"the encoder {directory}"
+        if resolution is not None:
+            check_resolution(
+                resolution, int(config["patch_size"]), f"repa.resolution={resolution}", directory
             )
         from dtr_scale.compat import ensure_torchvision_importable
 
@@ -104,6 +102,15 @@ def _normalisation(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...
         if isinstance(config, dict) and "image_mean" in config and "image_std" in config:
             return tuple(config["image_mean"]), tuple(config["image_std"])
     return IMAGENET_MEAN, IMAGENET_STD
+
+
+def check_resolution(resolution: int, patch: int, label: str, directory: str | Path) -> None:
+    """An encoder input of `resolution` px must be a positive multiple of its `patch` (else tokens are cut off);
+    ConfigError "LABEL: expected ..." naming the encoder `directory` otherwise."""
+    if resolution < patch or resolution % patch:
+        raise ConfigError(
+            f"{label}: expected a positive multiple of the patch size {patch} of the encoder {directory}"
+        )
 
 
 def encoder_config(directory: str | Path) -> dict:

@@ -93,9 +93,8 @@ def _check_type(value: Any, annotation: Any, key: str) -> Any:
                 else ""
             )
             raise ConfigError(f"{key}: expected a number, got {value!r}{hint}")
-        if not math.isfinite(
-            value
-        ):  # no key means anything by NaN or infinity; NaN would pass every range check
+        # No key means anything by NaN or infinity, and NaN would pass every range check.
+        if not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:

@@ -96,15 +96,12 @@ def repa_settings(
                 f"--repa-resolution {resolution} needs --repa-encoder (the encoder it is the input of)"
             )
         return None
-    from dtr_scale.repa_encoder import encoder_config, encoder_identity
+    from dtr_scale.repa_encoder import check_resolution, encoder_config, encoder_identity
 
     config = encoder_config(encoder)
     patch, dim = int(config["patch_size"]), int(config["hidden_size"])
     resolution = int(resolution if resolution is not None else patch * image_size // 16)  # DiT-*/2, 8x VAE
-    if resolution < patch or resolution % patch:
-        raise ValueError(
-            f"--repa-resolution {resolution}: expected a positive multiple of the patch size {patch} of {encoder}"
-        )
+    check_resolution(resolution, patch, f"--repa-resolution {resolution}", encoder)
     tokens = (resolution // patch) ** 2
     identity = encoder_identity(encoder)
     settings["repa"] = {"config_sha256": identity["config_sha256"], "weights_sha256": identity["weights_sha256"],
